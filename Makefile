@@ -1,0 +1,31 @@
+# Two commands matter: `make train` (the main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/mnist1d_cnn.toml
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test train bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+train: $(STAMP)
+	$(BIN)/python scripts/train.py --config $(CONFIG)
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python scripts/benchmark.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
