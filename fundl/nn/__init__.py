@@ -1,0 +1,12 @@
+"""fundl.nn: layers as pairs of pure functions, and the combinators that compose them."""
+
+from fundl.nn import init
+from fundl.nn.activations import (
+    elu, gelu, identity, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, swish, tanh,
+)
+from fundl.nn.core import (
+    KeyMissingError, Layer, LayerError, ParamsError, ShapeError,
+    abstract_init, elementwise, lambda_layer, named, parallel, residual, serial,
+)
+from fundl.nn.dropout import dropout
+from fundl.nn.linear import dense, embedding, flatten, reshape

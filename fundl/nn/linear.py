@@ -1,0 +1,99 @@
+"""Dense and embedding layers, and the reshaping layers around them."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fundl.nn import init as initializers
+from fundl.nn.core import Layer, ShapeError, check_last_dim, get_param
+
+
+def dense(features: int, *, use_bias: bool = True, w_init=None, b_init=None,
+          dtype=jnp.float32) -> Layer:
+    """``y = x @ w + b`` over the last axis; any number of leading axes.
+
+    Params: ``w`` of shape (in, features), ``b`` of shape (features,).
+    Default init: LeCun normal weights, zero bias.
+    """
+    if not isinstance(features, int) or features <= 0:
+        raise ValueError(f"dense: features must be a positive int, got {features!r}")
+    w_init = w_init or initializers.lecun_normal()
+    b_init = b_init or initializers.zeros
+
+    def init(key, input_shape):
+        if len(input_shape) < 1:
+            raise ShapeError(f"dense needs an input of rank >= 1, got shape {tuple(input_shape)}")
+        k_w, k_b = jax.random.split(key)
+        params = {"w": w_init(k_w, (input_shape[-1], features), dtype)}
+        if use_bias:
+            params["b"] = b_init(k_b, (features,), dtype)
+        return params, {}, tuple(input_shape[:-1]) + (features,)
+
+    def apply(params, state, x, *, key=None, train=False):
+        w = get_param(params, "w")
+        check_last_dim(x, w.shape[0])
+        y = x @ w.astype(x.dtype)
+        if use_bias:
+            y = y + get_param(params, "b").astype(x.dtype)
+        return y, {}
+
+    return Layer(init, apply, "dense")
+
+
+def embedding(num_embeddings: int, features: int, *, w_init=None, dtype=jnp.float32) -> Layer:
+    """Look up rows of a table ``w`` (num_embeddings, features) by integer ids.
+
+    Ids outside ``[0, num_embeddings)`` are clipped by JAX's gather semantics
+    (use ``fundl.nn.check_ids`` outside ``jit`` to validate them).
+    """
+    w_init = w_init or initializers.normal(1.0)
+
+    def init(key, input_shape):
+        return {"w": w_init(key, (num_embeddings, features), dtype)}, {}, tuple(input_shape) + (features,)
+
+    def apply(params, state, x, *, key=None, train=False):
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+            raise ShapeError(f"embedding expects integer ids, got dtype {jnp.asarray(x).dtype}")
+        return jnp.take(get_param(params, "w"), x, axis=0), {}
+
+    return Layer(init, apply, "embedding")
+
+
+def flatten() -> Layer:
+    """Flatten all axes after the batch axis: (B, ...) -> (B, prod(...))."""
+
+    def init(key, input_shape):
+        if len(input_shape) < 1:
+            raise ShapeError("flatten needs an input with a batch axis, got a scalar shape ()")
+        return {}, {}, (input_shape[0], math.prod(input_shape[1:]))
+
+    def apply(params, state, x, *, key=None, train=False):
+        if x.ndim < 1:
+            raise ShapeError(f"flatten needs an input with a batch axis, got shape {x.shape}")
+        return x.reshape(x.shape[0], -1), {}
+
+    return Layer(init, apply, "flatten")
+
+
+def reshape(shape) -> Layer:
+    """Reshape the per-example axes to ``shape`` (the batch axis is kept)."""
+    shape = tuple(shape)
+
+    def out_shape(input_shape):
+        size = math.prod(input_shape[1:])
+        try:
+            return (input_shape[0],) + jax.eval_shape(
+                lambda: jnp.zeros(size).reshape(shape)).shape
+        except (TypeError, ValueError):
+            raise ShapeError(
+                f"cannot reshape per-example shape {tuple(input_shape[1:])} (size {size}) to {shape}"
+            ) from None
+
+    def init(key, input_shape):
+        return {}, {}, out_shape(tuple(input_shape))
+
+    def apply(params, state, x, *, key=None, train=False):
+        return x.reshape((x.shape[0],) + out_shape(x.shape)[1:]), {}
+
+    return Layer(init, apply, "reshape")
