@@ -1,0 +1,258 @@
+"""Experiment configs: TOML files checked against one schema before anything runs.
+
+A config has the sections model, data, optimizer, schedule, training,
+parallel and logging.  Every key has a default (the schema below is the
+reference for what exists); a file overrides some; ``--set section.key=value``
+overrides again.  Unknown sections or keys are errors that list the valid
+keys and the closest match; values of the wrong type are errors naming the
+key.  The resolved config is written back as TOML into the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+# section -> key -> default value.  A default's type is the key's type
+# (ints are accepted where floats are expected; a list default takes lists).
+SCHEMA: dict[str, dict[str, Any]] = {
+    "model": {
+        "kind": "mlp",            # mlp | cnn (2D) | cnn1d | rnn | char_lm
+        "hidden": [128],          # mlp widths / dense widths after the conv stack
+        "channels": [32, 64],     # conv channels per block
+        "kernel_size": 3,
+        "stride": 1,
+        "padding": "SAME",
+        "pool": "avg",            # avg | max | none: 2x pooling after each conv block
+        "batch_norm": False,
+        "dropout": 0.0,           # drop probability before each hidden dense layer
+        "activation": "relu",
+        "cell": "lstm",           # rnn / char_lm: lstm | gru
+        "rnn_hidden": 128,
+        "num_layers": 1,
+        "bidirectional": False,
+        "readout": "last",        # rnn: last | mean (over all outputs)
+        "embed_dim": 64,          # char_lm
+    },
+    "data": {
+        "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | synthetic
+        "dir": "",                # data folder; default FUNDL_DATA_DIR and the usual places
+        "num_train": 0,           # synthetic: examples (0 = dataset default)
+        "num_test": 0,
+        "seq_len": 64,            # shakespeare windows
+        "flatten": False,         # feed (N, prod(shape)) to the model
+        "prefetch": 2,            # batches prefetched by a background thread (0: off)
+    },
+    "optimizer": {
+        "name": "adam",           # any optax optimiser: sgd, adam, adamw, rmsprop, lion, ...
+        "learning_rate": 1e-3,
+        "momentum": 0.0,          # sgd / rmsprop
+        "nesterov": False,        # sgd
+        "weight_decay": 0.0,
+        "clip_norm": 0.0,         # global-norm clipping (0: off)
+        "accumulate_steps": 1,    # gradient accumulation via optax.MultiSteps
+    },
+    "schedule": {
+        "name": "constant",       # constant | cosine | warmup_cosine | exponential | piecewise
+        "warmup_steps": 0,
+        "end_value": 0.0,
+        "decay_rate": 0.1,
+        "transition_steps": 0,
+        "boundaries": [],
+        "scales": [],
+    },
+    "training": {
+        "seed": 0,
+        "batch_size": 128,
+        "eval_batch_size": 1000,
+        "epochs": 1,
+        "steps": 0,               # > 0 overrides epochs
+        "eval_every": 0,          # steps between evaluations (0: only at the end)
+        "log_every": 50,          # steps between host transfers of metrics
+        "checkpoint_every": 0,    # steps between checkpoints (0: only at the end)
+        "keep_checkpoints": 3,
+        "resume": False,          # continue from the run directory's latest checkpoint
+        "compute_dtype": "float32",  # float32 | bfloat16 | float16
+        "loss_scale": 0.0,        # 0: the dtype's default (float16 needs one)
+        "steps_per_call": 1,      # K optimiser steps fused into one dispatch
+        "unroll": 1,              # lax.scan unroll for fused steps (0: fully)
+        "nan_policy": "stop",     # stop | skip | ignore
+        "progress": True,         # tqdm bar when stderr is a terminal
+    },
+    "parallel": {
+        "mode": "none",           # none | pmap | sharding
+        "devices": 0,             # 0: all local devices
+    },
+    "logging": {
+        "plots": True,            # curves.png at the end
+        "tensorboard": False,     # event files via tensorboardX when installed
+    },
+}
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("model", "kind"): ("mlp", "cnn", "cnn1d", "rnn", "char_lm"),
+    ("model", "pool"): ("avg", "max", "none"),
+    ("model", "padding"): ("SAME", "VALID"),
+    ("model", "cell"): ("lstm", "gru"),
+    ("model", "readout"): ("last", "mean"),
+    ("model", "activation"): ("relu", "gelu", "tanh", "silu", "elu", "sigmoid"),
+    ("schedule", "name"): ("constant", "cosine", "warmup_cosine", "exponential", "piecewise"),
+    ("training", "compute_dtype"): ("float32", "bfloat16", "float16"),
+    ("training", "nan_policy"): ("stop", "skip", "ignore"),
+    ("parallel", "mode"): ("none", "pmap", "sharding"),
+}
+
+POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
+            ("training", "steps_per_call"), ("training", "keep_checkpoints"),
+            ("optimizer", "accumulate_steps"), ("model", "kernel_size"), ("model", "stride"),
+            ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len")}
+NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"),
+                ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
+                ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
+                ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
+                ("schedule", "warmup_steps"), ("schedule", "transition_steps")}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _type_name(value) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "string", list: "list"}.get(type(value), type(value).__name__)
+
+
+def _check_value(section: str, key: str, value, source: str):
+    default = SCHEMA[section][key]
+    where = f"{section}.{key}" + (f" (in {source})" if source else "")
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is list and isinstance(value, tuple):
+        value = list(value)
+    if type(value) is not want:
+        raise ConfigError(f"{where} must be of type {_type_name(default)} (like {default!r}), got {_type_name(value)} {value!r}")
+    if want is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value!r}")
+    choices = CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}.{_closest(str(value), choices)}")
+    if (section, key) in POSITIVE and value <= 0:
+        raise ConfigError(f"{where} must be > 0, got {value!r}")
+    if (section, key) in NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{where} must be >= 0, got {value!r}")
+    return value
+
+
+def validate(raw: dict, source: str = "") -> dict:
+    """Merge ``raw`` over the defaults, checking every section, key and value."""
+    config = copy.deepcopy(SCHEMA)
+    for section, entries in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"unknown config section [{section}]{' in ' + source if source else ''}; "
+                f"valid sections: {sorted(SCHEMA)}.{_closest(section, SCHEMA)}"
+            )
+        if not isinstance(entries, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {_type_name(entries)}")
+        for key, value in entries.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"unknown key '{section}.{key}'{' in ' + source if source else ''}; valid keys of "
+                    f"[{section}]: {sorted(SCHEMA[section])}.{_closest(key, SCHEMA[section])}"
+                )
+            config[section][key] = _check_value(section, key, value, source)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: dict) -> None:
+    t = config["training"]
+    if t["epochs"] == 0 and t["steps"] == 0:
+        raise ConfigError("training.epochs and training.steps are both 0: set one of them to a positive number")
+    opt = config["optimizer"]
+    if opt["learning_rate"] <= 0:
+        raise ConfigError(f"optimizer.learning_rate must be > 0, got {opt['learning_rate']}")
+    sched = config["schedule"]
+    if len(sched["boundaries"]) != len(sched["scales"]):
+        raise ConfigError(
+            f"schedule.boundaries ({len(sched['boundaries'])} values) and schedule.scales "
+            f"({len(sched['scales'])} values) must have the same length")
+    if not 0.0 <= config["model"]["dropout"] < 1.0:
+        raise ConfigError(f"model.dropout is a drop probability in [0, 1), got {config['model']['dropout']}")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"section.key=value"`` -> (section, key, value); value parsed as TOML, else a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict = {}
+    source = ""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        source = str(path)
+    validate(raw, source)  # report file errors against the file before overrides
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    if overrides:
+        source = f"{source} with --set overrides" if source else "--set overrides"
+    return validate(raw, source)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps(config: dict) -> str:
+    """The config as TOML text (round-trips through ``tomllib``)."""
+    lines = []
+    for section, entries in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in entries.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def structure_hash(config: dict) -> str:
+    """A hash of the settings that fix the train state's structure (model,
+    optimiser, data shapes); resuming under a different hash is refused."""
+    import hashlib
+
+    keys = {"model": config["model"], "optimizer": config["optimizer"],
+            "data": {k: config["data"][k] for k in ("name", "seq_len", "flatten")}}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

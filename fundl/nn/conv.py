@@ -1,0 +1,334 @@
+"""Convolution and pooling layers, channels-last (NWC for 1D, NHWC for 2D).
+
+Convolutions are ``jax.lax.conv_general_dilated`` with dimension numbers
+NWC/WIO (1D) and NHWC/HWIO (2D); the weight ``w`` has shape
+``(*kernel_size, in_channels // feature_group_count, features)``.
+
+``padding`` (convolutions and pooling alike) is one of
+
+* ``"SAME"``: output size ``ceil(in / stride)``; the padding needed is split
+  with the smaller half first (``lo = total // 2``), as in TensorFlow/JAX;
+* ``"VALID"``: no padding; output size ``ceil((in - span + 1) / stride)``
+  where ``span = (window - 1) * dilation + 1``;
+* an ``int`` ``p``: ``p`` zeros on both sides of every spatial axis (PyTorch's
+  ``padding=p``);
+* a sequence with one entry per spatial axis, each an ``int`` (both sides) or
+  a ``(lo, hi)`` pair, e.g. ``[(1, 2)]`` for conv1d or ``[(0, 1), (2, 2)]``.
+
+Example::
+
+    layer = conv2d(16, 3, stride=2)
+    params, state, out_shape = layer.init(jax.random.key(0), (8, 28, 28, 1))
+    # params["w"].shape == (3, 3, 1, 16); out_shape == (8, 14, 14, 16)
+    y, _ = layer.apply(params, state, x)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fundl.nn import init as initializers
+from fundl.nn.core import Layer, ShapeError, _fmt, check_input, get_param
+
+
+# --------------------------------------------------------------------------
+# Argument normalisation (at construction time, so mistakes fail early).
+
+
+def _tuple(value, nd: int, what: str, layer: str) -> tuple[int, ...]:
+    """An int or a length-``nd`` sequence of positive ints, as a tuple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * nd
+    value = tuple(value)
+    if len(value) != nd or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(
+            f"{layer}: {what} must be a positive int or {nd} positive ints, got {value!r}"
+        )
+    return value
+
+
+def _padding(padding, nd: int, layer: str):
+    """``"SAME"``/``"VALID"`` or a tuple of ``nd`` explicit ``(lo, hi)`` pairs."""
+    if isinstance(padding, str):
+        p = padding.upper()
+        if p not in ("SAME", "VALID"):
+            raise ValueError(f"{layer}: padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+        return p
+    if isinstance(padding, int):
+        padding = [padding] * nd
+    try:
+        entries = list(padding)
+    except TypeError:
+        entries = None
+    pairs = []
+    if entries is not None and len(entries) == nd:
+        for e in entries:
+            pair = (e, e) if isinstance(e, int) else tuple(e)
+            if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+                pairs = None
+                break
+            pairs.append(pair)
+    else:
+        pairs = None
+    if pairs is None:
+        example = "[(1, 2)]" if nd == 1 else "[(1, 2), (0, 1)]"
+        raise ValueError(
+            f"{layer}: explicit padding needs one int or (lo, hi) pair of non-negative "
+            f"ints per spatial axis ({nd} here), e.g. {example}; got {padding!r}"
+        )
+    return tuple(pairs)
+
+
+def _pads(in_sizes, window, stride, dilation, padding):
+    """The explicit (lo, hi) pairs a padding spec means for these input sizes."""
+    if not isinstance(padding, str):
+        return padding
+    span = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+    if padding == "VALID":
+        return tuple((0, 0) for _ in in_sizes)
+    pads = []
+    for n, s, w in zip(in_sizes, stride, span):
+        out = -(-n // s)
+        total = max((out - 1) * s + w - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def _out_sizes(layer, in_sizes, window, stride, dilation, padding):
+    """Spatial output sizes; a ShapeError when the window does not fit."""
+    pads = _pads(in_sizes, window, stride, dilation, padding)
+    out = []
+    for n, k, s, d, (lo, hi) in zip(in_sizes, window, stride, dilation, pads):
+        span = (k - 1) * d + 1
+        if n + lo + hi < span:
+            raise ShapeError(
+                f"{layer}: a window spanning {span} does not fit a spatial size "
+                f"{n} padded by ({lo}, {hi}); use a larger input, padding='SAME' "
+                f"or a smaller kernel/dilation"
+            )
+        out.append((n + lo + hi - span) // s + 1)
+    return tuple(out)
+
+
+def _check_rank(x, nd: int, layer: str, channels=None):
+    """Rank nd + 2 (batch, spatial..., channels) and, if known, the channel count."""
+    layout = "(batch, width, channels)" if nd == 1 else "(batch, height, width, channels)"
+    if jnp.ndim(x) != nd + 2:
+        raise ShapeError(
+            f"{layer} expects a rank-{nd + 2} input {layout}, got shape "
+            f"{_fmt(jnp.shape(x))} (rank {jnp.ndim(x)}); add a batch axis with x[None] "
+            f"or a channel axis with x[..., None]"
+        )
+    if channels is not None:
+        check_input(x, (None,) * (nd + 1) + (channels,))
+
+
+# --------------------------------------------------------------------------
+# Convolutions.
+
+_DIMENSION_NUMBERS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+
+
+def _conv(nd: int, features, kernel_size, stride, padding, dilation,
+          feature_group_count, use_bias, w_init, b_init, dtype) -> Layer:
+    name = f"conv{nd}d"
+    if not isinstance(features, int) or features <= 0:
+        raise ValueError(f"{name}: features must be a positive int, got {features!r}")
+    kernel = _tuple(kernel_size, nd, "kernel_size", name)
+    stride = _tuple(stride, nd, "stride", name)
+    dilation = _tuple(dilation, nd, "dilation", name)
+    padding = _padding(padding, nd, name)
+    groups = feature_group_count
+    if not isinstance(groups, int) or groups <= 0 or features % groups:
+        raise ValueError(
+            f"{name}: feature_group_count must be a positive int dividing "
+            f"features={features}, got {groups!r}"
+        )
+    w_init = w_init or initializers.lecun_normal()  # fan_in = prod(kernel) * in/groups
+    b_init = b_init or initializers.zeros
+    dimension_numbers = _DIMENSION_NUMBERS[nd]
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != nd + 2:
+            raise ShapeError(
+                f"{name} expects an input shape of rank {nd + 2} (batch, spatial..., "
+                f"channels), got {_fmt(input_shape)}"
+            )
+        channels = input_shape[-1]
+        if channels % groups:
+            raise ShapeError(
+                f"{name}: input channels {channels} are not divisible by "
+                f"feature_group_count={groups}"
+            )
+        k_w, k_b = jax.random.split(key)
+        params = {"w": w_init(k_w, kernel + (channels // groups, features), dtype)}
+        if use_bias:
+            params["b"] = b_init(k_b, (features,), dtype)
+        spatial = _out_sizes(name, input_shape[1:-1], kernel, stride, dilation, padding)
+        return params, {}, (input_shape[0],) + spatial + (features,)
+
+    def apply(params, state, x, *, key=None, train=False):
+        w = get_param(params, "w")
+        _check_rank(x, nd, name, channels=w.shape[-2] * groups)
+        y = lax.conv_general_dilated(
+            x, w.astype(x.dtype),
+            window_strides=stride,
+            padding=padding,
+            rhs_dilation=dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=groups,
+        )
+        if use_bias:
+            y = y + get_param(params, "b").astype(x.dtype)
+        return y, {}
+
+    return Layer(init, apply, name)
+
+
+def conv1d(features: int, kernel_size, stride=1, padding="SAME", dilation=1,
+           feature_group_count: int = 1, *, use_bias: bool = True, w_init=None,
+           b_init=None, dtype=jnp.float32) -> Layer:
+    """1D convolution over (batch, width, channels) inputs.
+
+    ``y[n, i, o] = b[o] + sum_{j, c} x_pad[n, i*stride + j*dilation, g*C_g + c] * w[j, c, o]``
+    with ``g = o // (features / groups)`` and ``C_g = in_channels / groups``.
+
+    Params: ``w`` (kernel, in/groups, features), ``b`` (features,).
+    Default init: LeCun normal (fan_in = kernel * in/groups), zero bias.
+    ``feature_group_count = in_channels`` with ``features = k * in_channels``
+    is a depthwise convolution.  See the module docstring for ``padding``.
+    """
+    return _conv(1, features, kernel_size, stride, padding, dilation,
+                 feature_group_count, use_bias, w_init, b_init, dtype)
+
+
+def conv2d(features: int, kernel_size, stride=1, padding="SAME", dilation=1,
+           feature_group_count: int = 1, *, use_bias: bool = True, w_init=None,
+           b_init=None, dtype=jnp.float32) -> Layer:
+    """2D convolution over (batch, height, width, channels) inputs.
+
+    ``kernel_size``, ``stride`` and ``dilation`` are an int or an (h, w) pair.
+    Params: ``w`` (kh, kw, in/groups, features), ``b`` (features,).
+    Default init: LeCun normal (fan_in = kh * kw * in/groups), zero bias.
+    To port PyTorch ``Conv2d`` weights (out, in/groups, kh, kw) use
+    ``w = torch_w.transpose(2, 3, 1, 0)``.  See the module docstring for
+    ``padding``.
+    """
+    return _conv(2, features, kernel_size, stride, padding, dilation,
+                 feature_group_count, use_bias, w_init, b_init, dtype)
+
+
+# --------------------------------------------------------------------------
+# Pooling.
+
+
+def _lowest(dtype):
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.array(-jnp.inf, dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.array(jnp.iinfo(dtype).min, dtype)
+    raise TypeError(f"max pooling needs a float or int input, got {dtype}")
+
+
+def _pool(nd: int, kind: str, window, stride, padding) -> Layer:
+    name = f"{kind}_pool{nd}d"
+    window = _tuple(window, nd, "window", name)
+    stride = window if stride is None else _tuple(stride, nd, "stride", name)
+    padding = _padding(padding, nd, name)
+    dims = (1,) + window + (1,)
+    strides = (1,) + stride + (1,)
+    ones = (1,) * nd
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != nd + 2:
+            raise ShapeError(
+                f"{name} expects an input shape of rank {nd + 2} (batch, spatial..., "
+                f"channels), got {_fmt(input_shape)}"
+            )
+        spatial = _out_sizes(name, input_shape[1:-1], window, stride, ones, padding)
+        return {}, {}, (input_shape[0],) + spatial + (input_shape[-1],)
+
+    def apply(params, state, x, *, key=None, train=False):
+        _check_rank(x, nd, name)
+        pads = ((0, 0),) + _pads(x.shape[1:-1], window, stride, ones, padding) + ((0, 0),)
+        if kind == "max":
+            return lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides, pads), {}
+        total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, strides, pads)
+        if all(lo == 0 and hi == 0 for lo, hi in pads):
+            return total / math.prod(window), {}
+        # Divide by the number of real (unpadded) elements in each window.
+        count = lax.reduce_window(jnp.ones(x.shape[1:-1], x.dtype), jnp.zeros((), x.dtype),
+                                  lax.add, window, stride, pads[1:-1])
+        return total / count[None, ..., None], {}
+
+    return Layer(init, apply, name)
+
+
+def max_pool1d(window, stride=None, padding="VALID") -> Layer:
+    """Max over windows of (batch, width, channels); ``stride`` defaults to ``window``.
+
+    Padded positions hold ``-inf`` (the dtype's minimum for ints), so they
+    never win; with ``padding=p`` this equals PyTorch's ``MaxPool1d(padding=p)``.
+    """
+    return _pool(1, "max", window, stride, padding)
+
+
+def max_pool2d(window, stride=None, padding="VALID") -> Layer:
+    """Max over windows of (batch, height, width, channels); see :func:`max_pool1d`."""
+    return _pool(2, "max", window, stride, padding)
+
+
+def avg_pool1d(window, stride=None, padding="VALID") -> Layer:
+    """Mean over windows of (batch, width, channels); ``stride`` defaults to ``window``.
+
+    With padding, each window is divided by the number of *real* elements it
+    covers, not the window size: padding never dilutes the average (Flax's
+    ``count_include_pad=False``, PyTorch's ``AvgPool1d(count_include_pad=False)``).
+    """
+    return _pool(1, "avg", window, stride, padding)
+
+
+def avg_pool2d(window, stride=None, padding="VALID") -> Layer:
+    """Mean over windows of (batch, height, width, channels); see :func:`avg_pool1d`."""
+    return _pool(2, "avg", window, stride, padding)
+
+
+def _global_pool(kind: str, reduce, keepdims: bool) -> Layer:
+    name = f"global_{kind}_pool"
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 3:
+            raise ShapeError(
+                f"{name} expects an input shape (batch, spatial..., channels) of rank "
+                f">= 3, got {_fmt(input_shape)}"
+            )
+        spatial = (1,) * (len(input_shape) - 2) if keepdims else ()
+        return {}, {}, (input_shape[0],) + spatial + (input_shape[-1],)
+
+    def apply(params, state, x, *, key=None, train=False):
+        if jnp.ndim(x) < 3:
+            raise ShapeError(
+                f"{name} expects an input (batch, spatial..., channels) of rank >= 3, "
+                f"got shape {_fmt(jnp.shape(x))} (rank {jnp.ndim(x)})"
+            )
+        return reduce(x, axis=tuple(range(1, x.ndim - 1)), keepdims=keepdims), {}
+
+    return Layer(init, apply, name)
+
+
+def global_avg_pool(keepdims: bool = False) -> Layer:
+    """Mean over all spatial axes: (batch, *spatial, C) -> (batch, C)
+    (or (batch, 1, ..., 1, C) with ``keepdims=True``)."""
+    return _global_pool("avg", jnp.mean, keepdims)
+
+
+def global_max_pool(keepdims: bool = False) -> Layer:
+    """Max over all spatial axes: (batch, *spatial, C) -> (batch, C)."""
+    return _global_pool("max", jnp.max, keepdims)

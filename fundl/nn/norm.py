@@ -1,0 +1,187 @@
+"""Normalisation layers: layer norm and batch norm (channels-last).
+
+Both compute their statistics in float32 (float64 when ``x`` is float64) even
+when ``x`` is bfloat16 or float16, and return ``y`` in ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fundl.nn.core import Layer, ShapeError, _fmt, get_param
+
+
+def _stat_dtype(dtype):
+    """float32, or wider if the input already is (float64 under x64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _axes(axis, ndim: int, name: str) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not axes:
+        raise ValueError(f"{name}: axis must name at least one axis")
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ShapeError(f"{name}: axis {a} is out of range for an input of rank {ndim}")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: repeated axis in {axis!r}")
+    return tuple(sorted(out))
+
+
+def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
+               *, dtype=jnp.float32) -> Layer:
+    """Normalise each example over ``axis`` (an int or a tuple of ints):
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + bias``
+
+    with ``mean`` and the biased ``var`` (divide by n, as PyTorch) taken over
+    ``axis``.  ``scale`` (ones) and ``bias`` (zeros) have the shape of the
+    normalised axes, so ``layer_norm()`` on (batch, ..., C) is PyTorch's
+    ``LayerNorm(C)`` and ``layer_norm((-2, -1))`` is ``LayerNorm((H, C))``.
+    Axes count from the full input, batch axis included (negative axes are
+    the natural choice); the batch axis itself cannot be normalised over.
+    """
+    name = "layer_norm"
+    if isinstance(axis, int):
+        axis_repr = axis
+    else:
+        axis = tuple(axis)
+        axis_repr = axis
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        axes = _axes(axis, len(input_shape), name)
+        if 0 in axes:
+            raise ShapeError(
+                f"{name}: axis={axis_repr} includes the batch axis 0 of input shape "
+                f"{_fmt(input_shape)}; layer norm normalises each example on its own "
+                "(use batch_norm to normalise over the batch)"
+            )
+        feat = tuple(input_shape[a] for a in axes)
+        params = {}
+        if use_scale:
+            params["scale"] = jnp.ones(feat, dtype)
+        if use_bias:
+            params["bias"] = jnp.zeros(feat, dtype)
+        return params, {}, input_shape
+
+    def apply(params, state, x, *, key=None, train=False):
+        shape = tuple(jnp.shape(x))
+        ref = params.get("scale", params.get("bias")) if isinstance(params, dict) else None
+        want = None if ref is None else tuple(ref.shape)
+        try:
+            axes = _axes(axis, len(shape), name)
+        except ShapeError:
+            axes = None
+        if axes is None or (want is not None and tuple(shape[a] for a in axes) != want):
+            expected = f"(..., {', '.join(map(str, want))})" if want else f"rank > {max(abs(a) for a in ((axis,) if isinstance(axis, int) else axis))}"
+            raise ShapeError(
+                f"{name} over axis={axis_repr} expected input of shape {expected}, "
+                f"got shape {_fmt(shape)} (rank {len(shape)})"
+            )
+        x32 = x.astype(_stat_dtype(x.dtype))
+        mean = jnp.mean(x32, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+        # scale/bias have the normalised axes' shape: put them back in place.
+        bshape = tuple(shape[a] if a in axes else 1 for a in range(len(shape)))
+        if use_scale:
+            y = y * get_param(params, "scale").astype(y.dtype).reshape(bshape)
+        if use_bias:
+            y = y + get_param(params, "bias").astype(y.dtype).reshape(bshape)
+        return y.astype(x.dtype), {}
+
+    return Layer(init, apply, name)
+
+
+def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
+               use_scale: bool = True, use_bias: bool = True, *,
+               dtype=jnp.float32) -> Layer:
+    """Normalise each channel (the last axis) over all other axes.
+
+    Training (``train=True``) uses the statistics of the batch::
+
+        mean = E[x],  var = E[(x - mean)^2]            (biased: divide by n)
+        y = (x - mean) / sqrt(var + eps) * scale + bias
+        running_mean <- momentum * running_mean + (1 - momentum) * mean
+        running_var  <- momentum * running_var  + (1 - momentum) * var * n / (n - 1)
+
+    i.e. the running variance tracks the *unbiased* batch variance while the
+    output is normalised with the biased one, exactly as PyTorch's
+    ``BatchNorm`` (whose ``momentum`` is ``1 - momentum`` here).  Evaluation
+    (``train=False``) normalises with the running statistics and returns the
+    state unchanged.
+
+    Params: ``scale`` (ones), ``bias`` (zeros), shape (C,).  State: ``mean``
+    (zeros) and ``var`` (ones), shape (C,), float32.
+
+    ``axis_name``: under ``pmap``/``vmap``/``shard_map`` with that axis name,
+    the batch statistics are averaged over the axis with ``lax.pmean`` (and
+    ``n`` is the global count), so N shards of B examples give the same
+    output and running statistics as one call on the global batch of N*B
+    (shards must be of equal size).  The variance is computed in two passes
+    (global mean first, then the global mean of squared deviations), which
+    costs a second small ``pmean`` but avoids the cancellation of
+    ``E[x^2] - E[x]^2``.
+    """
+    name = "batch_norm"
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{name}: momentum must be in [0, 1], got {momentum}")
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2:
+            raise ShapeError(
+                f"{name} expects an input shape (batch, ..., channels) of rank >= 2, "
+                f"got {_fmt(input_shape)}"
+            )
+        c = input_shape[-1]
+        params = {}
+        if use_scale:
+            params["scale"] = jnp.ones((c,), dtype)
+        if use_bias:
+            params["bias"] = jnp.zeros((c,), dtype)
+        state = {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+        return params, state, input_shape
+
+    def apply(params, state, x, *, key=None, train=False):
+        running_mean = get_param(state, "mean", "state")
+        running_var = get_param(state, "var", "state")
+        c = running_mean.shape[-1]
+        shape = tuple(jnp.shape(x))
+        if len(shape) < 2 or shape[-1] != c:
+            raise ShapeError(
+                f"{name} expected input of shape (batch, ..., {c}) (rank >= 2), "
+                f"got shape {_fmt(shape)} (rank {len(shape)})"
+            )
+        sdt = _stat_dtype(x.dtype)
+        x32 = x.astype(sdt)
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean = jnp.mean(x32, axis=axes)
+            if axis_name is not None:
+                mean = jax.lax.pmean(mean, axis_name)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            n = x.size // c
+            if axis_name is not None:
+                var = jax.lax.pmean(var, axis_name)
+                n = n * jax.lax.psum(1, axis_name)
+            unbiased = var * (n / jnp.maximum(n - 1, 1))
+            new_state = {
+                "mean": (momentum * running_mean + (1 - momentum) * mean).astype(running_mean.dtype),
+                "var": (momentum * running_var + (1 - momentum) * unbiased).astype(running_var.dtype),
+            }
+        else:
+            mean, var = running_mean.astype(sdt), running_var.astype(sdt)
+            new_state = state
+        y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+        if use_scale:
+            y = y * get_param(params, "scale").astype(sdt)
+        if use_bias:
+            y = y + get_param(params, "bias").astype(sdt)
+        return y.astype(x.dtype), new_state
+
+    return Layer(init, apply, name)

@@ -1,0 +1,48 @@
+"""The train state: everything a training run needs, as one pytree."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fundl.nn import Layer
+
+
+@struct.dataclass
+class TrainState:
+    """step, params, model state (e.g. batch-norm statistics), optimiser state, PRNG key.
+
+    A plain pytree: it can be jitted, donated, vmapped (ensembles), pmapped,
+    saved and compared leaf by leaf.
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def create_train_state(model: Layer, optimizer: optax.GradientTransformation, key, input_shape) -> TrainState:
+    """Initialise ``model`` on ``input_shape`` (batch included) and ``optimizer`` on its params.
+
+    ``key`` is split into the init key and the run's base key; the step key
+    at step ``t`` is ``fold_in(base_key, t)``.
+    """
+    if not (hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
+    init_key, base_key = jax.random.split(key)
+    params, model_state, _ = model.init(init_key, tuple(input_shape))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=optimizer.init(params),
+        key=base_key,
+    )
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
