@@ -117,14 +117,15 @@ def _out_sizes(layer, in_sizes, window, stride, dilation, padding):
 def _check_rank(x, nd: int, layer: str, channels=None):
     """Rank nd + 2 (batch, spatial..., channels) and, if known, the channel count."""
     layout = "(batch, width, channels)" if nd == 1 else "(batch, height, width, channels)"
+    expected = (None,) * (nd + 1) + (channels,)
     if jnp.ndim(x) != nd + 2:
         raise ShapeError(
-            f"{layer} expects a rank-{nd + 2} input {layout}, got shape "
-            f"{_fmt(jnp.shape(x))} (rank {jnp.ndim(x)}); add a batch axis with x[None] "
-            f"or a channel axis with x[..., None]"
+            f"{layer} expects an input of shape {_fmt(expected)} {layout} (rank {nd + 2}), "
+            f"got shape {_fmt(jnp.shape(x))} (rank {jnp.ndim(x)}); add a batch axis "
+            "with x[None] or a channel axis with x[..., None]"
         )
     if channels is not None:
-        check_input(x, (None,) * (nd + 1) + (channels,))
+        check_input(x, expected, what=f"{layer} input {layout}")
 
 
 # --------------------------------------------------------------------------

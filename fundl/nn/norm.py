@@ -31,6 +31,20 @@ def _axes(axis, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _expected(axis, sizes) -> str:
+    """The input shape a layer norm accepts, for error messages."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if sizes is None:
+        sizes = ("*",) * len(axes)
+    if all(a < 0 for a in axes):  # trailing axes: (..., *, d1, d2)
+        dims = ["*"] * -min(axes)
+        for a, d in zip(sorted(axes), sizes):
+            dims[a] = str(d)
+        return "(..., " + ", ".join(dims) + ")"
+    rank = max(a if a >= 0 else -a for a in axes) + 1
+    return f"(rank >= {rank}) with sizes {tuple(sizes)} along axes {axes}"
+
+
 def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
                *, dtype=jnp.float32) -> Layer:
     """Normalise each example over ``axis`` (an int or a tuple of ints):
@@ -77,10 +91,9 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
         except ShapeError:
             axes = None
         if axes is None or (want is not None and tuple(shape[a] for a in axes) != want):
-            expected = f"(..., {', '.join(map(str, want))})" if want else f"rank > {max(abs(a) for a in ((axis,) if isinstance(axis, int) else axis))}"
             raise ShapeError(
-                f"{name} over axis={axis_repr} expected input of shape {expected}, "
-                f"got shape {_fmt(shape)} (rank {len(shape)})"
+                f"{name} over axis={axis_repr} expected input of shape "
+                f"{_expected(axis, want)}, got shape {_fmt(shape)} (rank {len(shape)})"
             )
         x32 = x.astype(_stat_dtype(x.dtype))
         mean = jnp.mean(x32, axis=axes, keepdims=True)
@@ -176,7 +189,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
             }
         else:
             mean, var = running_mean.astype(sdt), running_var.astype(sdt)
-            new_state = state
+            new_state = {"mean": running_mean, "var": running_var}
         y = (x32 - mean) * jax.lax.rsqrt(var + eps)
         if use_scale:
             y = y * get_param(params, "scale").astype(sdt)
