@@ -66,7 +66,8 @@ def _not_found_message(spec: catalog.IdxDataset, searched: list[str], cache_dir)
         f"or a sub-folder named {' or '.join(spec.aliases[:2])}",
     ]
     if spec.apt_package:
-        ways.append(f"apt-get install {spec.apt_package}  (installs them in {spec.system_dirs[0]})")
+        where = f"  (installs them in {spec.system_dirs[0]})" if spec.system_dirs else ""
+        ways.append(f"apt-get install {spec.apt_package}{where}")
     ways.append(
         f"with internet: python -c \"import fundl.data as d; d.download('{spec.name}')\"  "
         f"(writes to {paths.cache_dir(cache_dir) / spec.name}, verified by md5)"
