@@ -1,0 +1,211 @@
+"""Measure LSTM/GRU matmul layouts for a scan-based training step.
+
+Usage:  python scripts/bench_rnn_layouts.py [--batch 128] [--steps 28] [--hidden 128]
+            [--features 28] [--repeats 7] [--iters 20] [--cells lstm,gru]
+
+For each cell and layout a full training step is timed: ``value_and_grad`` of
+a cross-entropy loss (RNN over the sequence, dense readout of the last hidden
+state to 10 classes) plus an ``optax.adam`` update, jitted, buffers reused.
+After warm-up (compile + 3 calls) each timing runs ``--iters`` steps and
+blocks on the result; the median over ``--repeats`` timings is reported as
+training steps per second.
+
+Layouts (all compute the same function):
+  fused     one ``concat([x_t, h]) @ W`` per step, W of shape (F+H, G*H)
+  separate  ``x_t @ W_ih + h @ W_hh`` per step inside the scan
+  hoisted   ``x @ W_ih`` for all steps before the scan, ``h @ W_hh`` inside
+each with ``unroll`` in {1, 2, 4}.  The last rows time ``fundl.nn.lstm``/``gru``
+with their default settings, so the library's choice is measured too.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def lstm_gates(z, c):
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+def make_lstm(layout, unroll, F, H):
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        b = 1 / np.sqrt(H)
+        w_ih = jax.random.uniform(k1, (F, 4 * H), minval=-b, maxval=b)
+        w_hh = jax.random.uniform(k2, (H, 4 * H), minval=-b, maxval=b)
+        bias = jnp.zeros((4 * H,))
+        if layout == "fused":
+            return {"w": jnp.concatenate([w_ih, w_hh]), "b": bias}
+        return {"w_ih": w_ih, "w_hh": w_hh, "b": bias}
+
+    def run(p, xs):  # xs: (T, B, F) -> last h (B, H)
+        B = xs.shape[1]
+        carry = (jnp.zeros((B, H)), jnp.zeros((B, H)))
+        if layout == "fused":
+            def step(carry, x):
+                h, c = carry
+                z = jnp.concatenate([x, h], -1) @ p["w"] + p["b"]
+                h, c = lstm_gates(z, c)
+                return (h, c), None
+            seq = xs
+        elif layout == "separate":
+            def step(carry, x):
+                h, c = carry
+                z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
+                h, c = lstm_gates(z, c)
+                return (h, c), None
+            seq = xs
+        else:  # hoisted
+            def step(carry, zx):
+                h, c = carry
+                h, c = lstm_gates(zx + h @ p["w_hh"], c)
+                return (h, c), None
+            seq = xs @ p["w_ih"] + p["b"]
+        (h, _), _ = jax.lax.scan(step, carry, seq, unroll=unroll)
+        return h
+
+    return init, run
+
+
+def make_gru(layout, unroll, F, H):
+    # torch GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); the hidden
+    # projection of n cannot be fused with the input one, so "fused" means
+    # concat([x, h]) @ W for the r, z gates plus separate n projections.
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        b = 1 / np.sqrt(H)
+        w_ih = jax.random.uniform(k1, (F, 3 * H), minval=-b, maxval=b)
+        w_hh = jax.random.uniform(k2, (H, 3 * H), minval=-b, maxval=b)
+        return {"w_ih": w_ih, "w_hh": w_hh, "b_ih": jnp.zeros(3 * H), "b_hh": jnp.zeros(3 * H)}
+
+    def cell(h, zx, zh):
+        xr, xz, xn = jnp.split(zx, 3, -1)
+        hr, hz, hn = jnp.split(zh, 3, -1)
+        r = jax.nn.sigmoid(xr + hr)
+        z = jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * hn)
+        return (1 - z) * n + z * h
+
+    def run(p, xs):
+        B = xs.shape[1]
+        h0 = jnp.zeros((B, H))
+        if layout == "fused":
+            # one matmul per step: block matrix [[W_ih, 0], [0, W_hh]] over [x, h]
+            # is wasteful; instead concat and use [[W_ir|W_iz, W_in, 0], [W_hr|W_hz, 0, W_hn]]
+            w = jnp.concatenate([
+                jnp.concatenate([p["w_ih"][:, :2 * H], p["w_ih"][:, 2 * H:], jnp.zeros((F, H))], 1),
+                jnp.concatenate([p["w_hh"][:, :2 * H], jnp.zeros((H, H)), p["w_hh"][:, 2 * H:]], 1),
+            ], 0)  # (F+H, 4H): [r|z summed, n_x, n_h]
+            b = jnp.concatenate([p["b_ih"][:2 * H] + p["b_hh"][:2 * H], p["b_ih"][2 * H:], p["b_hh"][2 * H:]])
+
+            def step(h, x):
+                zz = jnp.concatenate([x, h], -1) @ w + b
+                rz, xn, hn = zz[:, :2 * H], zz[:, 2 * H:3 * H], zz[:, 3 * H:]
+                r, z = jnp.split(jax.nn.sigmoid(rz), 2, -1)
+                n = jnp.tanh(xn + r * hn)
+                return (1 - z) * n + z * h, None
+            seq = xs
+        elif layout == "separate":
+            def step(h, x):
+                return cell(h, x @ p["w_ih"] + p["b_ih"], h @ p["w_hh"] + p["b_hh"]), None
+            seq = xs
+        else:
+            def step(h, zx):
+                return cell(h, zx, h @ p["w_hh"] + p["b_hh"]), None
+            seq = xs @ p["w_ih"] + p["b_ih"]
+        h, _ = jax.lax.scan(step, h0, seq, unroll=unroll)
+        return h
+
+    return init, run
+
+
+def make_fundl(cell_name, F, H):
+    from fundl.nn import recurrent
+
+    layer = (recurrent.lstm if cell_name == "lstm" else recurrent.gru)(
+        H, time_major=True, return_sequences=False, return_carry=True)
+    cache = {}
+
+    def init(key):
+        p, _, _ = layer.init(key, (28, 2, F))
+        return p
+
+    def run(p, xs):
+        carry, _ = layer.apply(p, {}, xs)
+        return carry[0] if cell_name == "lstm" else carry
+
+    return init, run
+
+
+def bench(init, run, args, H):
+    key = jax.random.key(0)
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {"rnn": init(k1), "head": {
+        "w": jax.random.normal(k2, (H, 10)) / np.sqrt(H), "b": jnp.zeros(10)}}
+    opt = optax.adam(1e-3)
+    opt_state = opt.init(params)
+    xs = jax.random.normal(k3, (args.steps, args.batch, args.features))
+    ys = jax.random.randint(k3, (args.batch,), 0, 10)
+
+    def loss_fn(p):
+        h = run(p["rnn"], xs)
+        logits = h @ p["head"]["w"] + p["head"]["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+
+    @jax.jit
+    def train_step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    for _ in range(3):
+        params, opt_state, loss = train_step(params, opt_state)
+    jax.block_until_ready(loss)
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            params, opt_state, loss = train_step(params, opt_state)
+        jax.block_until_ready(loss)
+        rates.append(args.iters / (time.perf_counter() - t0))
+    return statistics.median(rates), min(rates), max(rates)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--features", type=int, default=28)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--cells", default="lstm,gru")
+    ap.add_argument("--layouts", default="fused,separate,hoisted")
+    ap.add_argument("--unrolls", default="1,2,4")
+    ap.add_argument("--no-fundl", action="store_true", help="skip timing fundl's own layers")
+    args = ap.parse_args()
+    F, H = args.features, args.hidden
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, "
+          f"T {args.steps}, F {F}, H {H}; adam; median of {args.repeats} x {args.iters} steps")
+    print(f"{'cell':5} {'layout':9} {'unroll':>6} {'steps/s':>8} {'(min-max)':>15}")
+    for cell in args.cells.split(","):
+        make = make_lstm if cell == "lstm" else make_gru
+        for layout in args.layouts.split(","):
+            for unroll in map(int, args.unrolls.split(",")):
+                med, lo, hi = bench(*make(layout, unroll, F, H), args, H)
+                print(f"{cell:5} {layout:9} {unroll:6d} {med:8.1f} ({lo:6.1f}-{hi:6.1f})", flush=True)
+        if not args.no_fundl:
+            med, lo, hi = bench(*make_fundl(cell, F, H), args, H)
+            print(f"{cell:5} {'fundl':9} {'dflt':>6} {med:8.1f} ({lo:6.1f}-{hi:6.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
