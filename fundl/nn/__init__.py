@@ -8,5 +8,9 @@ from fundl.nn.core import (
     KeyMissingError, Layer, LayerError, ParamsError, ShapeError,
     abstract_init, elementwise, lambda_layer, named, parallel, residual, serial,
 )
+from fundl.nn.conv import (
+    avg_pool1d, avg_pool2d, conv1d, conv2d, global_avg_pool, global_max_pool, max_pool1d, max_pool2d,
+)
 from fundl.nn.dropout import dropout
 from fundl.nn.linear import dense, embedding, flatten, reshape
+from fundl.nn.norm import batch_norm, layer_norm

@@ -1,0 +1,214 @@
+"""From a validated config to a finished run: the glue behind ``scripts/train.py``.
+
+Sections, in order: data, model, optimiser, steps, state (fresh or resumed),
+fit, summary.  Each piece is an ordinary fundl function; this module only
+wires them as the config says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fundl import config as cfg
+from fundl import models
+from fundl.data import Dataset, Loader, load_dataset
+from fundl.losses import softmax_cross_entropy
+from fundl.metrics import classification_metrics
+from fundl.nn import Layer
+from fundl.train import checkpoint as ckpt
+from fundl.train.loop import evaluate, fit
+from fundl.train.optim import make_optimizer, make_schedule
+from fundl.train.rundir import RunDir, plot_curves
+from fundl.train.state import TrainState, count_params, create_train_state
+from fundl.train.step import make_eval_step, make_train_step
+
+PUBLISHED = {  # reference test accuracies, for the printout beside ours
+    ("mnist1d", "cnn1d"): ("MNIST-1D paper (Greydanus & Kobak 2020), CNN", 0.94),
+    ("mnist1d", "mlp"): ("MNIST-1D paper, MLP", 0.68),
+    ("mnist1d", "rnn"): ("MNIST-1D paper, GRU", 0.91),
+}
+
+
+# ----------------------------------------------------------------- data
+def load_data(config: dict) -> Dataset:
+    d = config["data"]
+    opts = {}
+    if d["name"] == "synthetic":
+        if d["num_train"]:
+            opts["num_train"] = d["num_train"]
+        if d["num_test"]:
+            opts["num_test"] = d["num_test"]
+    if d["name"] in ("shakespeare", "text"):
+        opts["seq_len"] = d["seq_len"]
+    ds = load_dataset(d["name"], data_dir=d["dir"] or None, **opts)
+    if d["flatten"]:
+        flat = lambda split: {**split, "x": split["x"].reshape(len(split["x"]), -1)}
+        ds = Dataset(ds.name, flat(ds.train), flat(ds.test), ds.num_classes,
+                     (math.prod(ds.input_shape),), ds.meta)
+    return ds
+
+
+# ---------------------------------------------------------------- model
+def build_model(model_cfg: dict, num_outputs: int) -> Layer:
+    """The model a config's ``[model]`` section describes."""
+    m = model_cfg
+    kind = m["kind"]
+    if kind == "mlp":
+        return models.mlp(m["hidden"], num_outputs, activation=m["activation"], dropout=m["dropout"])
+    if kind in ("cnn", "cnn1d"):
+        return models.cnn(m["channels"], m["hidden"], num_outputs, kernel_size=m["kernel_size"],
+                          stride=m["stride"], padding=m["padding"], pool=m["pool"],
+                          batch_norm=m["batch_norm"], activation=m["activation"], dropout=m["dropout"],
+                          nd=2 if kind == "cnn" else 1)
+    if kind == "rnn":
+        return models.rnn_classifier(m["cell"], m["rnn_hidden"], num_outputs, num_layers=m["num_layers"],
+                                     bidirectional=m["bidirectional"], readout=m["readout"],
+                                     dropout=m["dropout"])
+    if kind == "char_lm":
+        return models.char_lm(num_outputs, embed_dim=m["embed_dim"], cell=m["cell"],
+                              hidden=m["rnn_hidden"], num_layers=m["num_layers"], dropout=m["dropout"])
+    raise cfg.ConfigError(f"model.kind {kind!r} is not one of {cfg.CHOICES[('model', 'kind')]}")
+
+
+# ------------------------------------------------------------ optimiser
+def build_optimizer(config: dict, total_steps: int) -> optax.GradientTransformation:
+    o, s = config["optimizer"], config["schedule"]
+    lr = make_schedule(o["learning_rate"], total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
+                       end_value=s["end_value"], decay_rate=s["decay_rate"],
+                       transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])
+    extra = {}
+    if o["name"] in ("sgd", "rmsprop") and o["momentum"]:
+        extra["momentum"] = o["momentum"]
+    if o["name"] == "sgd" and o["nesterov"]:
+        extra["nesterov"] = True
+    opt = make_optimizer(o["name"], lr, clip_norm=o["clip_norm"], weight_decay=o["weight_decay"],
+                         accumulate_steps=o["accumulate_steps"], **extra)
+    if config["training"]["nan_policy"] == "skip":
+        # A non-finite gradient leaves params and optimiser state untouched and is counted.
+        opt = optax.apply_if_finite(opt, max_consecutive_errors=1_000_000)
+    return opt
+
+
+def total_steps_of(config: dict, steps_per_epoch: int) -> int:
+    t = config["training"]
+    return t["steps"] if t["steps"] > 0 else t["epochs"] * steps_per_epoch
+
+
+# ------------------------------------------------------------- the run
+def make_placement(config: dict):
+    mode = config["parallel"]["mode"]
+    if mode == "none":
+        from fundl.train.parallel import SingleDevice
+
+        return SingleDevice()
+    from fundl.train import parallel
+
+    factory = getattr(parallel, "make_placement", None)
+    if factory is None:
+        raise cfg.ConfigError(f"parallel.mode={mode!r} is not available in this build of fundl")
+    return factory(mode, config["parallel"]["devices"])
+
+
+def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verbose: bool = True) -> dict:
+    """Train and evaluate as ``config`` says, writing the run directory; return the summary."""
+    t = config["training"]
+    placement = make_placement(config)
+    writer = jax.process_index() == 0
+    rd = RunDir(run_dir, writer=writer, tensorboard=config["logging"]["tensorboard"])
+    structure = cfg.structure_hash(config)
+
+    # data
+    data = load_data(config)
+    placement.check_batch_size(t["batch_size"])
+    loader = Loader(data.train, t["batch_size"], seed=t["seed"], drop_last=True, prefetch=config["data"]["prefetch"],
+                    process_index=jax.process_index(), process_count=jax.process_count())
+    total = total_steps_of(config, loader.steps_per_epoch)
+
+    # model and optimiser
+    model = build_model(config["model"], data.num_classes)
+    optimizer = build_optimizer(config, total)
+    state = create_train_state(model, optimizer, jax.random.key(t["seed"]), (1,) + tuple(data.input_shape))
+    num_params = count_params(state.params)
+
+    # resume
+    if t["resume"]:
+        state = _resume(rd, state, structure, verbose)
+    rd.write_text("config.toml", cfg.dumps(config))
+    rd.truncate_metrics(int(state.step))
+
+    # steps
+    dtype = t["compute_dtype"]
+    loss_scale = t["loss_scale"] or None
+    train_step = make_train_step(model, optimizer, softmax_cross_entropy, classification_metrics(),
+                                 compute_dtype=dtype, loss_scale=loss_scale,
+                                 axis_name=getattr(placement, "axis_name", None))
+    eval_step = placement.compile_eval(make_eval_step(model, softmax_cross_entropy, classification_metrics(),
+                                                      compute_dtype=dtype,
+                                                      axis_name=getattr(placement, "axis_name", None)))
+    eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
+    eval_batch -= eval_batch % placement.num_devices
+
+    def eval_fn(s: TrainState):
+        return evaluate(eval_step, *placement.put_eval_params(s) if hasattr(placement, "put_eval_params")
+                        else (s.params, s.model_state), data.test, eval_batch, placement=placement)
+
+    if verbose and writer:
+        print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
+              f"model {config['model']['kind']} with {num_params:,} params, {total} steps of batch "
+              f"{t['batch_size']} from step {int(state.step)}; run dir {rd.path}", flush=True)
+    result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
+                 log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
+                 keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config_hash": structure},
+                 steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
+                 progress=t["progress"], placement=placement)
+    final = result.final_eval
+    summary = {
+        "final_step": total,
+        "epochs": total / loader.steps_per_epoch,
+        "test_accuracy": final.get("accuracy"),
+        "test_loss": final.get("loss"),
+        "train_seconds": result.train_seconds,
+        "examples_per_second": result.examples_per_second,
+        "num_params": num_params,
+        "config_path": str(config_path),
+        "dataset": data.name,
+        "model": config["model"]["kind"],
+        "compute_dtype": dtype,
+        "devices": placement.num_devices,
+        "processes": jax.process_count(),
+    }
+    rd.write_summary(summary)
+    if writer and config["logging"]["plots"]:
+        plot_curves(rd.path)
+    rd.close()
+    return summary
+
+
+def _resume(rd: RunDir, state: TrainState, structure: str, verbose: bool) -> TrainState:
+    path = ckpt.latest_valid(rd.checkpoint_dir)
+    if path is None:
+        if verbose:
+            print(f"fundl: no checkpoint in {rd.checkpoint_dir}; starting from step 0", flush=True)
+        return state
+    manifest = ckpt.read_manifest(path, verify=False)
+    saved = manifest.get("extras", {}).get("config_hash")
+    if saved is not None and saved != structure:
+        old = rd.path / "config.toml"
+        raise cfg.ConfigError(
+            f"cannot resume {rd.path}: its checkpoint was made with a different model/optimiser/data "
+            f"structure (hash {saved} vs {structure}); compare with {old} or start a new run directory")
+    restored, _ = ckpt.restore(path, state)
+    if verbose:
+        print(f"fundl: resuming from {path} (step {manifest['step']})", flush=True)
+    return restored
+
+
+def read_summary(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -1,0 +1,75 @@
+"""Ready-made models, each an ordinary :class:`fundl.nn.Layer`.
+
+They are short compositions of ``fundl.nn`` layers, meant to be read and
+copied: MLP, 2D CNN for images, 1D CNN for sequences, an RNN classifier and
+a character-level language model.  ``build_model`` makes one from a config's
+``[model]`` section.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fundl import nn
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": nn.tanh, "silu": nn.silu,
+               "elu": nn.elu, "sigmoid": nn.sigmoid}
+
+
+def _activation(name: str) -> nn.Layer:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _head(hidden: Sequence[int], num_outputs: int, activation: str, dropout: float) -> list[nn.Layer]:
+    layers = []
+    for width in hidden:
+        if dropout:
+            layers.append(nn.dropout(dropout))
+        layers += [nn.dense(width), _activation(activation)]
+    if dropout:
+        layers.append(nn.dropout(dropout))
+    return layers + [nn.dense(num_outputs)]
+
+
+def mlp(hidden: Sequence[int], num_outputs: int, *, activation: str = "relu", dropout: float = 0.0) -> nn.Layer:
+    """Flatten, then dense layers of the given widths, then ``dense(num_outputs)``.
+
+    ``mlp([128], 10)`` is the classic 784 -> 128 relu -> 10 MNIST model.
+    """
+    return nn.serial(nn.flatten(), *_head(hidden, num_outputs, activation, dropout), name="mlp")
+
+
+def _conv_stack(nd: int, channels, kernel_size, stride, padding, pool, batch_norm, activation):
+    conv = nn.conv1d if nd == 1 else nn.conv2d
+    pools = {"avg": nn.avg_pool1d if nd == 1 else nn.avg_pool2d,
+             "max": nn.max_pool1d if nd == 1 else nn.max_pool2d}
+    layers = []
+    for c in channels:
+        layers.append(conv(c, kernel_size, stride=stride, padding=padding, use_bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.batch_norm())
+        layers.append(_activation(activation))
+        if pool != "none":
+            layers.append(pools[pool](2))
+    return layers
+
+
+def cnn(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, *, kernel_size=3, stride=1,
+        padding="SAME", pool: str = "avg", batch_norm: bool = False, activation: str = "relu",
+        dropout: float = 0.0, nd: int = 2) -> nn.Layer:
+    """Conv blocks (conv -> [batch norm] -> activation -> [2x pool]), flatten, dense head.
+
+    ``nd=2`` for images (N, H, W, C), ``nd=1`` for sequences (N, T, C).
+    ``cnn([32, 64], [256], 10)`` is the benchmark CNN: conv3x3 32 relu, avgpool 2,
+    conv3x3 64 relu, avgpool 2, dense 256 relu, dense 10.
+    """
+    return nn.serial(
+        *_conv_stack(nd, channels, kernel_size, stride, padding, pool, batch_norm, activation),
+        nn.flatten(), *_head(hidden, num_outputs, activation, dropout), name="cnn" if nd == 2 else "cnn1d")
+
+
+def cnn1d(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, **kw) -> nn.Layer:
+    """:func:`cnn` over sequences (N, T, C)."""
+    return cnn(channels, hidden, num_outputs, nd=1, **kw)

@@ -1,0 +1,233 @@
+"""Checkpoints of a whole train state: atomic, checksummed, restored by tree path.
+
+Layout of a run's ``checkpoints/`` folder::
+
+    step_00000100/arrays.npz     every leaf, keyed by its tree path
+    step_00000100/manifest.json  step, paths, shapes, dtypes, sha256 of arrays.npz, extras
+    latest                       name of the newest complete checkpoint (written last)
+
+A checkpoint is written into a temporary folder, fsynced and renamed into
+place, so a crash mid-save never leaves a half-written ``step_*`` folder and
+never touches an older one.  Restoring verifies the checksum, then fills a
+*template* state (built the usual way) leaf by leaf by tree path, checking
+shape and dtype; mismatches are listed path by path.  The format is NumPy's
+``.npz`` (no pickle) plus JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its path and why."""
+
+
+def _path_str(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def flatten_state(state) -> dict[str, np.ndarray]:
+    """``{tree path: numpy array}``; typed PRNG keys become their key data."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        out[_path_str(path)] = np.asarray(jax.device_get(leaf))
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{int(step):08d}"
+
+
+def save(directory: str | Path, state, *, step: int | None = None, extras: dict | None = None,
+         keep: int | None = None) -> Path:
+    """Write ``state`` as ``directory/step_<step>`` atomically; return its path.
+
+    ``extras`` is any JSON-serialisable dict (loader position, config hash).
+    ``keep`` = K deletes all but the K newest checkpoints afterwards.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = flatten_state(state)
+    step = int(np.asarray(arrays.get("step", step))) if step is None else int(step)
+    final = directory / checkpoint_name(step)
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with open(tmp / "arrays.npz", "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "sha256": _sha256(tmp / "arrays.npz"),
+            "leaves": {p: {"shape": list(a.shape), "dtype": str(a.dtype)} for p, a in arrays.items()},
+            "extras": extras or {},
+        }
+        _write_atomic_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: replace the old copy last
+            old = directory / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic_text(directory / "latest", final.name + "\n")
+    if keep:
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary folders excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
+             and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def read_manifest(path: str | Path, *, verify: bool = True) -> dict:
+    """The manifest of checkpoint ``path``; with ``verify``, check the content hash."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete or not a checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt ({e})") from None
+    if not isinstance(manifest, dict) or "sha256" not in manifest or "leaves" not in manifest:
+        raise CheckpointError(f"checkpoint {path}: manifest.json lacks 'sha256'/'leaves'")
+    if verify:
+        arrays = path / "arrays.npz"
+        if not arrays.is_file():
+            raise CheckpointError(f"checkpoint {path} has no arrays.npz")
+        digest = _sha256(arrays)
+        if digest != manifest["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {arrays} is corrupt: sha256 {digest[:16]}... but the manifest "
+                f"recorded {manifest['sha256'][:16]}... (truncated or modified file)")
+    return manifest
+
+
+def _describe_mismatches(expected: dict, got: dict, limit: int = 5) -> str:
+    lines = []
+    for p in sorted(set(expected) | set(got)):
+        e, g = expected.get(p), got.get(p)
+        if e == g:
+            continue
+        if e is None:
+            lines.append(f"  {p}: in the checkpoint, not in the model's state {g}")
+        elif g is None:
+            lines.append(f"  {p}: expected {e}, missing from the checkpoint")
+        else:
+            lines.append(f"  {p}: expected {e}, checkpoint has {g}")
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n".join(lines[:limit]) + more
+
+
+def restore(path: str | Path, template) -> tuple[Any, dict]:
+    """Fill ``template`` (a state of the right structure) from checkpoint ``path``.
+
+    Returns ``(state, manifest)``.  Raises CheckpointError on a checksum
+    failure or when paths, shapes or dtypes differ from the template.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, verify=True)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    expected = {}
+    for p, leaf in leaves:
+        data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        expected[_path_str(p)] = (tuple(np.shape(data)), str(jnp.result_type(data)))
+    got = {p: (tuple(v["shape"]), v["dtype"]) for p, v in manifest["leaves"].items()}
+    if expected != got:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model/optimiser state:\n{_describe_mismatches(expected, got)}")
+    try:
+        with np.load(path / "arrays.npz", allow_pickle=False) as data:
+            values = []
+            for p, leaf in leaves:
+                arr = data[_path_str(p)]
+                if _is_key(leaf):
+                    arr = jax.random.wrap_key_data(arr, impl=jax.random.key_impl(leaf))
+                values.append(arr)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read arrays.npz ({e})") from None
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) if not _is_key(v) else v for v in values]), manifest
+
+
+def latest_valid(directory: str | Path) -> Path | None:
+    """The newest checkpoint whose manifest and checksum verify.
+
+    Corrupt newer ones are skipped with a warning naming them.  None if the
+    folder holds no checkpoint; CheckpointError if it holds only corrupt ones.
+    """
+    candidates = list_checkpoints(directory)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            read_manifest(path, verify=True)
+        except CheckpointError as e:
+            warnings.warn(f"skipping corrupt checkpoint: {e}", stacklevel=2)
+            errors.append(str(e))
+            continue
+        return path
+    if errors:
+        raise CheckpointError(
+            f"no valid checkpoint in {directory}; every one failed verification:\n  " + "\n  ".join(errors))
+    return None
