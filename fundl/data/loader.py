@@ -168,13 +168,12 @@ class Loader:
 
     def stream(self, num_batches: int | None = None) -> "BatchIterator":
         """Batches from the current position across epoch boundaries; endless unless ``num_batches``."""
-        def positions():
-            e, i = self._epoch, self._index
+        def positions(e: int, i: int):
             while True:
                 for j in range(i, self.steps_per_epoch):
                     yield e, j
                 e, i = e + 1, 0
-        pos = positions()
+        pos = positions(self._epoch, self._index)  # the position now, not when first pulled
         return self._iterate(pos if num_batches is None else itertools.islice(pos, num_batches))
 
     def close(self) -> None:
