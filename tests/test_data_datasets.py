@@ -77,3 +77,14 @@ def test_text_not_found_lists_places(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("shakespeare")
     assert str(tmp_path / "nowhere" / "text" / "tinyshakespeare.txt") in str(e.value) and "path=" in str(e.value)
+
+
+def test_import_is_light():
+    """Importing fundl.data must not pull in mnist1d (scipy, matplotlib, requests) or urllib: they load on use."""
+    import subprocess
+    import sys
+
+    heavy = ("mnist1d", "matplotlib", "scipy", "requests", "tqdm", "urllib.request")
+    code = f"import sys, fundl.data; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
