@@ -6,8 +6,10 @@ Zalando's), but the decompressed content is the same everywhere.
 
 - MNIST: the published md5 sums (see ``shared/data/README.md``).
 - Fashion-MNIST: md5 of the decompressed files of Debian's
-  ``dataset-fashion-mnist`` 0.0~git20200523; they equal the decompressed sums
-  torchvision lists next to Zalando's published ``.gz`` sums.
+  ``dataset-fashion-mnist`` 0.0~git20200523 (whose ``.gz`` files do not match
+  Zalando's published ``.gz`` md5s: Debian re-gzipped them). They equal the
+  decompressed sums that public code and tutorials list next to Zalando's
+  ``.gz`` sums after gunzipping the official files.
 """
 
 from __future__ import annotations
