@@ -1,0 +1,538 @@
+"""Recurrent layers: scan-based LSTM/GRU against NumPy, Python loops and PyTorch."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from fundl import nn
+from fundl.nn import recurrent as R
+from layer_checks import check_layer
+
+KEY = jax.random.key(0)
+B, T, F, H = 3, 5, 4, 6
+
+
+def rand(seed, *shape, scale=1.0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+
+
+# --------------------------------------------------------------------------
+# Independent references, with torch's weight layout: W_ih (G*H, F),
+# W_hh (G*H, H), b_ih, b_hh (G*H,).
+
+
+def torch_like_weights(seed, gates, f=F, h=H):
+    k = 1 / math.sqrt(h)
+    r = np.random.default_rng(seed)
+    u = lambda *s: r.uniform(-k, k, size=s).astype(np.float32)
+    return {"weight_ih_l0": u(gates * h, f), "weight_hh_l0": u(gates * h, h),
+            "bias_ih_l0": u(gates * h), "bias_hh_l0": u(gates * h)}
+
+
+def sig(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def np_lstm(sd, x, h=None, c=None):
+    """x: (T, F) one sequence; returns (ys (T, H), (h, c)), float64."""
+    W_ih, W_hh = sd["weight_ih_l0"].astype(np.float64), sd["weight_hh_l0"].astype(np.float64)
+    b = sd["bias_ih_l0"].astype(np.float64) + sd["bias_hh_l0"].astype(np.float64)
+    n = W_hh.shape[1]
+    h = np.zeros(n) if h is None else h
+    c = np.zeros(n) if c is None else c
+    ys = []
+    for x_t in x.astype(np.float64):
+        z = W_ih @ x_t + W_hh @ h + b
+        i, f, g, o = z[:n], z[n:2 * n], z[2 * n:3 * n], z[3 * n:]
+        c = sig(f) * c + sig(i) * np.tanh(g)
+        h = sig(o) * np.tanh(c)
+        ys.append(h)
+    return np.array(ys).reshape(len(x), n), (h, c)
+
+
+def np_gru(sd, x, h=None):
+    W_ih, W_hh = sd["weight_ih_l0"].astype(np.float64), sd["weight_hh_l0"].astype(np.float64)
+    b_ih, b_hh = sd["bias_ih_l0"].astype(np.float64), sd["bias_hh_l0"].astype(np.float64)
+    n = W_hh.shape[1]
+    h = np.zeros(n) if h is None else h
+    ys = []
+    for x_t in x.astype(np.float64):
+        gi, gh = W_ih @ x_t + b_ih, W_hh @ h + b_hh
+        r = sig(gi[:n] + gh[:n])
+        z = sig(gi[n:2 * n] + gh[n:2 * n])
+        m = np.tanh(gi[2 * n:] + r * gh[2 * n:])
+        h = (1 - z) * m + z * h
+        ys.append(h)
+    return np.array(ys).reshape(len(x), n), h
+
+
+def jax_loop_lstm(p, x):
+    """A plain Python loop over time (no scan), batch-major x (B, T, F)."""
+    n = p["w"].shape[1] // 4
+    h = c = jnp.zeros((x.shape[0], n))
+    ys = []
+    for t in range(x.shape[1]):
+        z = x[:, t] @ p["w"][:-n] + h @ p["w"][-n:] + p["b"]
+        i, f, g, o = (z[:, k * n:(k + 1) * n] for k in range(4))
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        ys.append(h)
+    return jnp.stack(ys, 1), (h, c)
+
+
+def jax_loop_gru(p, x):
+    n = p["w_hh"].shape[0]
+    h = jnp.zeros((x.shape[0], n))
+    ys = []
+    for t in range(x.shape[1]):
+        gi, gh = x[:, t] @ p["w_ih"] + p["b_ih"], h @ p["w_hh"] + p["b_hh"]
+        r = jax.nn.sigmoid(gi[:, :n] + gh[:, :n])
+        z = jax.nn.sigmoid(gi[:, n:2 * n] + gh[:, n:2 * n])
+        m = jnp.tanh(gi[:, 2 * n:] + r * gh[:, 2 * n:])
+        h = (1 - z) * m + z * h
+        ys.append(h)
+    return jnp.stack(ys, 1), h
+
+
+# --------------------------------------------------------------------------
+# The generic layer contract
+
+
+LAYERS = {
+    "lstm": lambda: R.lstm(H),
+    "gru": lambda: R.gru(H),
+    "lstm_time_major": lambda: R.lstm(H, time_major=True),
+    "gru_reverse": lambda: R.gru(H, reverse=True),
+    "lstm_return_carry": lambda: R.lstm(H, return_carry=True),
+    "gru_last_output": lambda: R.gru(H, return_sequences=False),
+    "lstm_carry_only": lambda: R.lstm(H, return_sequences=False, return_carry=True),
+    "lstm_unroll2": lambda: R.lstm(H, unroll=2),
+    "bidirectional_lstm": lambda: R.lstm(H, bidirectional=True),
+    "bidirectional_gru_carry": lambda: R.gru(H, bidirectional=True, return_carry=True),
+    "bidirectional_generic": lambda: R.bidirectional(R.gru(H), R.lstm(H), merge="add"),
+    "stacked_lstm": lambda: R.lstm(H, num_layers=2),
+    "stacked_bigru_carry": lambda: R.gru(H, num_layers=2, bidirectional=True, return_carry=True),
+    "stacked_generic": lambda: R.stacked(R.gru(H), R.lstm(3, return_sequences=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_contract(name):
+    check_layer(LAYERS[name](), (B, T, F))
+
+
+def test_stacked_dropout_contract_in_training():
+    check_layer(R.lstm(H, num_layers=2, dropout=0.3), (B, T, F), train=True)
+
+
+def test_rnn_inside_serial_with_dense_head():
+    model = nn.serial(R.lstm(H, return_sequences=False), nn.dense(2))
+    _, _, out = check_layer(model, (B, T, F))
+    assert out.shape == (B, 2)
+
+
+def test_output_shapes_and_param_names():
+    p, s, out = R.lstm(H, return_carry=True).init(KEY, (B, T, F))
+    assert s == {} and set(p) == {"w", "b"}
+    assert p["w"].shape == (F + H, 4 * H) and p["b"].shape == (4 * H,)
+    assert out == ((B, T, H), ((B, H), (B, H)))
+    p, _, out = R.gru(H, time_major=True, return_carry=True).init(KEY, (T, B, F))
+    assert set(p) == {"w_ih", "w_hh", "b_ih", "b_hh"}
+    assert out == ((T, B, H), (B, H))
+    _, _, out = R.lstm(H, num_layers=2, bidirectional=True, return_sequences=False).init(KEY, (B, T, F))
+    assert out == (B, 2 * H)
+
+
+# --------------------------------------------------------------------------
+# Values against NumPy, gradients against a Python loop
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_scan_equals_numpy_loop(kind, time_major):
+    sd = torch_like_weights(1, 4 if kind == "lstm" else 3)
+    x = rand(2, B, T, F)
+    params = (R.lstm_params_from_torch if kind == "lstm" else R.gru_params_from_torch)(sd)
+    layer = (R.lstm if kind == "lstm" else R.gru)(H, time_major=time_major, return_carry=True)
+    xin = np.swapaxes(x, 0, 1) if time_major else x
+    ys, carry = layer.apply(params, {}, jnp.asarray(xin))[0]
+    if time_major:
+        ys = jnp.swapaxes(ys, 0, 1)
+    for b in range(B):
+        ref_ys, ref_carry = (np_lstm if kind == "lstm" else np_gru)(sd, x[b])
+        np.testing.assert_allclose(ys[b], ref_ys, atol=1e-5)
+        got = (carry[0][b], carry[1][b]) if kind == "lstm" else carry[b]
+        jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), got, ref_carry)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_reverse_equals_numpy_on_flipped_input(kind):
+    sd = torch_like_weights(3, 4 if kind == "lstm" else 3)
+    x = rand(4, B, T, F)
+    params = (R.lstm_params_from_torch if kind == "lstm" else R.gru_params_from_torch)(sd)
+    ys, _ = (R.lstm if kind == "lstm" else R.gru)(H, reverse=True).apply(params, {}, jnp.asarray(x))
+    for b in range(B):
+        ref, _ = (np_lstm if kind == "lstm" else np_gru)(sd, x[b, ::-1])
+        np.testing.assert_allclose(ys[b], ref[::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradients_equal_python_loop(kind):
+    layer = (R.lstm if kind == "lstm" else R.gru)(H, return_carry=True)
+    loop = jax_loop_lstm if kind == "lstm" else jax_loop_gru
+    params, _, _ = layer.init(KEY, (B, T, F))
+    x = jnp.asarray(rand(5, B, T, F))
+    w = jnp.asarray(rand(6, B, T, H))
+
+    def loss(fn):
+        def f(p, x):
+            ys, carry = fn(p, x)
+            return jnp.sum(ys * w) + sum(jnp.sum(jnp.cos(c)) for c in jax.tree.leaves(carry))
+        return f
+
+    scan_fn = lambda p, x: layer.apply(p, {}, x)[0]
+    v1, g1 = jax.value_and_grad(loss(scan_fn), argnums=(0, 1))(params, x)
+    v2, g2 = jax.value_and_grad(loss(loop), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: R.lstm(3, return_carry=True),
+    lambda: R.gru(3, reverse=True),
+    lambda: R.lstm(2, bidirectional=True),
+], ids=["lstm", "gru_reverse", "bilstm"])
+def test_check_grads_small_case_with_lengths(make):
+    layer = make()
+    with jax.enable_x64(True):
+        params, _, _ = layer.init(KEY, (2, 4, 3))
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        x = jnp.asarray(rand(7, 2, 4, 3), jnp.float64)
+        lengths = jnp.array([4, 2])
+        f = lambda p, x: layer.apply(p, {}, (x, lengths))[0]
+        check_grads(f, (params, x), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_unroll_does_not_change_results():
+    x = jnp.asarray(rand(8, B, T, F))
+    lengths = jnp.array([5, 3, 0])
+    params, _, _ = R.lstm(H).init(KEY, (B, T, F))
+    ref, _ = R.lstm(H, return_carry=True).apply(params, {}, (x, lengths))
+    for u in (2, 3, 5):
+        got, _ = R.lstm(H, unroll=u, return_carry=True).apply(params, {}, (x, lengths))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, ref)
+
+
+# --------------------------------------------------------------------------
+# Masking with lengths
+
+
+LENGTHS = [5, 3, 1, 0]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("time_major", [False, True])
+def test_lengths_equal_running_each_sequence_alone(kind, reverse, time_major):
+    make = R.lstm if kind == "lstm" else R.gru
+    layer = make(H, reverse=reverse, time_major=time_major, return_carry=True)
+    single = make(H, reverse=reverse, return_carry=True)
+    nb = len(LENGTHS)
+    params, _, _ = layer.init(KEY, (nb, T, F) if not time_major else (T, nb, F))
+    x = rand(9, nb, T, F)
+    lengths = jnp.array(LENGTHS)
+    xin = np.swapaxes(x, 0, 1) if time_major else x
+    (ys, carry), _ = jax.jit(lambda p, x, n: layer.apply(p, {}, {"x": x, "lengths": n}))(
+        params, jnp.asarray(xin), lengths)
+    if time_major:
+        ys = jnp.swapaxes(ys, 0, 1)
+    for b, n in enumerate(LENGTHS):
+        carry_b = jax.tree.map(lambda c: c[b], carry)
+        if n == 0:
+            jax.tree.map(lambda c: np.testing.assert_array_equal(c, 0.0), carry_b)
+        else:
+            (ref_ys, ref_carry), _ = single.apply(params, {}, jnp.asarray(x[b:b + 1, :n]))
+            np.testing.assert_allclose(ys[b, :n], ref_ys[0], atol=1e-6)
+            jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r[0], atol=1e-6), carry_b, ref_carry)
+        np.testing.assert_array_equal(ys[b, n:], 0.0)  # padded outputs are zeros
+
+
+def test_padding_values_do_not_leak():
+    layer = R.gru(H, return_carry=True)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    x = rand(10, B, T, F)
+    lengths = jnp.array([2, 4, 5])
+    x2 = x.copy()
+    for b, n in enumerate([2, 4, 5]):
+        x2[b, n:] = 1e6  # garbage in the padding
+    out1, _ = layer.apply(params, {}, (jnp.asarray(x), lengths))
+    out2, _ = layer.apply(params, {}, (jnp.asarray(x2), lengths))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), out1, out2)
+    # and the gradient w.r.t. padded inputs is exactly zero
+    g = jax.grad(lambda x: jnp.sum(layer.apply(params, {}, (x, lengths))[0][0]))(jnp.asarray(x))
+    assert np.all(np.asarray(g)[0, 2:] == 0) and np.all(np.asarray(g)[1, 4:] == 0)
+
+
+def test_last_output_is_output_at_last_valid_step():
+    layer = R.lstm(H, return_sequences=False)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    x = jnp.asarray(rand(11, B, T, F))
+    lengths = jnp.array([5, 2, 3])
+    last, _ = layer.apply(params, {}, (x, lengths))
+    ys, _ = R.lstm(H).apply(params, {}, (x, lengths))
+    for b, n in enumerate([5, 2, 3]):
+        np.testing.assert_allclose(last[b], ys[b, n - 1], atol=1e-6)
+
+
+def test_initial_carry_is_used():
+    layer = R.lstm(H, return_carry=True)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    x = jnp.asarray(rand(12, B, T, F))
+    (ys, carry), _ = layer.apply(params, {}, x)
+    # running the first 2 steps, then the rest from the carry, equals one run
+    (y1, c1), _ = layer.apply(params, {}, x[:, :2])
+    (y2, c2), _ = layer.apply(params, {}, {"x": x[:, 2:], "carry": c1})
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), ys, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), c2, carry)
+
+
+def test_reverse_sequences_helper():
+    x = jnp.arange(2 * 4).reshape(2, 4)[..., None]
+    r = R.reverse_sequences(x, jnp.array([3, 0]))
+    np.testing.assert_array_equal(r[..., 0], [[2, 1, 0, 3], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(R.reverse_sequences(r, jnp.array([3, 0])), x)
+    np.testing.assert_array_equal(
+        R.reverse_sequences(jnp.swapaxes(x, 0, 1), jnp.array([3, 0]), time_major=True), jnp.swapaxes(r, 0, 1))
+
+
+# --------------------------------------------------------------------------
+# Bidirectional and stacked
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_bidirectional_equals_forward_plus_reversed(kind, with_lengths):
+    make = R.lstm if kind == "lstm" else R.gru
+    layer = make(H, bidirectional=True, return_carry=True)
+    nb = len(LENGTHS)
+    params, _, out = layer.init(KEY, (nb, T, F))
+    assert out[0] == (nb, T, 2 * H)
+    x = jnp.asarray(rand(13, nb, T, F))
+    lengths = jnp.array(LENGTHS if with_lengths else [T] * nb)
+    inp = (x, lengths) if with_lengths else x
+    (ys, (c_f, c_b)), _ = layer.apply(params, {}, inp)
+    fwd, bwd = make(H, return_carry=True), make(H, reverse=True, return_carry=True)
+    (y_f, rc_f), _ = fwd.apply(params["forward"], {}, inp)
+    (y_b, rc_b), _ = bwd.apply(params["backward"], {}, inp)
+    np.testing.assert_allclose(ys, jnp.concatenate([y_f, y_b], -1), atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), (c_f, c_b), (rc_f, rc_b))
+    # and against the definition: the backward direction on each flipped prefix
+    for b, n in enumerate(np.asarray(lengths)):
+        if n == 0:
+            continue
+        y_ref, _ = make(H).apply(params["backward"], {}, x[b:b + 1, :n][:, ::-1])
+        np.testing.assert_allclose(ys[b, :n, H:], y_ref[0, ::-1], atol=1e-6)
+        np.testing.assert_array_equal(ys[b, n:], 0.0)
+
+
+def test_stacked_equals_layers_in_sequence_and_dropout():
+    layer = R.gru(H, num_layers=2, dropout=0.5, return_carry=True)
+    params, _, out = layer.init(KEY, (B, T, F))
+    assert set(params) == {"layer_0", "layer_1"} and out == ((B, T, H), ((B, H), (B, H)))
+    x = jnp.asarray(rand(14, B, T, F))
+    lengths = jnp.array([5, 1, 3])
+    (ys, (h0, h1)), _ = layer.apply(params, {}, (x, lengths))
+    one = R.gru(H, return_carry=True)
+    (y0, r0), _ = one.apply(params["layer_0"], {}, (x, lengths))
+    (y1, r1), _ = one.apply(params["layer_1"], {}, (y0, lengths))
+    np.testing.assert_allclose(ys, y1, atol=1e-6)
+    np.testing.assert_allclose(h0, r0, atol=1e-6)
+    np.testing.assert_allclose(h1, r1, atol=1e-6)
+    # training mode drops units between layers: a different, key-dependent result
+    (yt, _), _ = layer.apply(params, {}, (x, lengths), key=KEY, train=True)
+    (yt2, _), _ = layer.apply(params, {}, (x, lengths), key=KEY, train=True)
+    (yt3, _), _ = layer.apply(params, {}, (x, lengths), key=jax.random.key(1), train=True)
+    assert not np.allclose(yt, ys) and np.allclose(yt, yt2) and not np.allclose(yt, yt3)
+    with pytest.raises(nn.KeyMissingError, match="PRNG key"):
+        layer.apply(params, {}, x, train=True)
+
+
+def test_stacked_rejects_non_sequence_middle_layer():
+    with pytest.raises(nn.ShapeError, match="return_sequences=True"):
+        R.stacked(R.lstm(H, return_sequences=False), R.lstm(H)).init(KEY, (B, T, F))
+
+
+def test_vmap_over_inputs_with_lengths():
+    layer = R.lstm(H, bidirectional=True)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    xs = jnp.asarray(rand(15, 2, B, T, F))
+    ls = jnp.array([[5, 2, 0], [1, 3, 4]])
+    yv = jax.vmap(lambda x, n: layer.apply(params, {}, (x, n))[0])(xs, ls)
+    for i in range(2):
+        np.testing.assert_allclose(yv[i], layer.apply(params, {}, (xs[i], ls[i]))[0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Initialisation
+
+
+def test_default_init_matches_torch_distribution():
+    h, f = 64, 10
+    k = 1 / math.sqrt(h)
+    p = R.lstm_cell(h, forget_bias=0.0).init(KEY, f)
+    w, b = np.asarray(p["w"]), np.asarray(p["b"])
+    assert np.abs(w).max() <= k and np.abs(w).max() > 0.99 * k
+    np.testing.assert_allclose(w.std(), k / math.sqrt(3), rtol=0.05)  # U(-k, k)
+    # b = b_ih + b_hh: the sum of two U(-k, k), in [-2k, 2k], std k*sqrt(2/3)
+    assert np.abs(b).max() <= 2 * k
+    np.testing.assert_allclose(b.std(), k * math.sqrt(2 / 3), rtol=0.15)
+    # default forget_bias=1 shifts only the f block (gate order i, f, g, o)
+    p1 = R.lstm_cell(h).init(KEY, f)
+    np.testing.assert_allclose(p1["b"][h:2 * h] - p["b"][h:2 * h], 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(p1["b"], np.s_[h:2 * h]), np.delete(b, np.s_[h:2 * h]))
+    np.testing.assert_array_equal(p1["w"], w)
+    g = R.gru_cell(h).init(KEY, f)
+    for name, shape in [("w_ih", (f, 3 * h)), ("w_hh", (h, 3 * h)), ("b_ih", (3 * h,)), ("b_hh", (3 * h,))]:
+        a = np.asarray(g[name])
+        assert a.shape == shape and np.abs(a).max() <= k and np.abs(a).max() > 0.95 * k
+
+
+def test_default_init_bounds_match_torch_modules():
+    torch = pytest.importorskip("torch")
+    h, f = 32, 7
+    torch.manual_seed(0)
+    t_lstm, t_gru = torch.nn.LSTM(f, h), torch.nn.GRU(f, h)
+    ours_lstm = R.lstm_params_from_torch({k: v.detach().numpy() for k, v in t_lstm.state_dict().items()})
+    p = R.lstm_cell(h, forget_bias=0.0).init(KEY, f)
+    # same bounds: weights within 1/sqrt(H), summed bias within 2/sqrt(H)
+    for ours, theirs in [(p["w"], ours_lstm["w"]), (p["b"], ours_lstm["b"])]:
+        bound = float(np.abs(theirs).max())
+        assert float(np.abs(ours).max()) <= (1 / math.sqrt(h) if ours.ndim == 2 else 2 / math.sqrt(h))
+        assert 0.8 < float(np.abs(ours).max()) / bound < 1.25
+    g = R.gru_cell(h).init(KEY, f)
+    tg = R.gru_params_from_torch({k: v.detach().numpy() for k, v in t_gru.state_dict().items()})
+    for name in g:
+        assert g[name].shape == tg[name].shape
+        assert 0.9 < float(np.abs(g[name]).max()) / float(np.abs(tg[name]).max()) < 1.1
+
+
+# --------------------------------------------------------------------------
+# PyTorch numerics
+
+
+def _torch_module(torch, kind, num_layers, bidirectional, f=F, h=H):
+    torch.manual_seed(0)
+    cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+    return cls(f, h, num_layers=num_layers, bidirectional=bidirectional, batch_first=True)
+
+
+def _port(kind, sd, num_layers, bidirectional):
+    port = R.lstm_params_from_torch if kind == "lstm" else R.gru_params_from_torch
+
+    def one(layer):
+        if bidirectional:
+            return {"forward": port(sd, layer, "forward"), "backward": port(sd, layer, "backward")}
+        return port(sd, layer)
+
+    return one(0) if num_layers == 1 else {f"layer_{l}": one(l) for l in range(num_layers)}
+
+
+def _flat_carries(kind, carries, num_layers, bidirectional):
+    """Our carries as torch's (h_n, c_n) stacks of shape (L * D, B, H)."""
+    per_layer = [carries] if num_layers == 1 else list(carries)
+    per_dir = [c for layer in per_layer for c in (layer if bidirectional else [layer])]
+    if kind == "lstm":
+        return np.stack([c[0] for c in per_dir]), np.stack([c[1] for c in per_dir])
+    return np.stack(per_dir), None
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)])
+def test_matches_torch(kind, num_layers, bidirectional):
+    torch = pytest.importorskip("torch")
+    m = _torch_module(torch, kind, num_layers, bidirectional)
+    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+    params = _port(kind, sd, num_layers, bidirectional)
+    layer = (R.lstm if kind == "lstm" else R.gru)(
+        H, num_layers=num_layers, bidirectional=bidirectional, return_carry=True)
+    _, _, out_shape = layer.init(KEY, (B, T, F))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, layer.init(KEY, (B, T, F))[0])
+    x = rand(16, B, T, F)
+    (ys, carries), _ = jax.jit(lambda p, x: layer.apply(p, {}, x))(params, jnp.asarray(x))
+    with torch.no_grad():
+        t_ys, t_state = m(torch.from_numpy(x))
+    np.testing.assert_allclose(ys, t_ys.numpy(), atol=1e-5)
+    h_n, c_n = _flat_carries(kind, carries, num_layers, bidirectional)
+    if kind == "lstm":
+        np.testing.assert_allclose(h_n, t_state[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(c_n, t_state[1].numpy(), atol=1e-5)
+    else:
+        np.testing.assert_allclose(h_n, t_state.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_lengths_match_torch_packed_sequences(kind):
+    torch = pytest.importorskip("torch")
+    m = _torch_module(torch, kind, 2, True)
+    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+    params = _port(kind, sd, 2, True)
+    layer = (R.lstm if kind == "lstm" else R.gru)(H, num_layers=2, bidirectional=True, return_carry=True)
+    lengths = [5, 2, 4]
+    x = rand(17, B, T, F)
+    (ys, carries), _ = layer.apply(params, {}, (jnp.asarray(x), jnp.array(lengths)))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        torch.from_numpy(x), torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        t_out, t_state = m(packed)
+    t_ys, _ = torch.nn.utils.rnn.pad_packed_sequence(t_out, batch_first=True, total_length=T)
+    np.testing.assert_allclose(ys, t_ys.numpy(), atol=1e-5)
+    h_n, _ = _flat_carries(kind, carries, 2, True)
+    np.testing.assert_allclose(h_n, (t_state[0] if kind == "lstm" else t_state).numpy(), atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+def test_wrong_feature_size_is_shape_error_with_expected_and_got():
+    layer = R.lstm(H)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    with pytest.raises(nn.ShapeError) as err:
+        layer.apply(params, {}, jnp.ones((B, T, F + 1)))
+    assert f"(B, T, {F})" in str(err.value) and f"({B}, {T}, {F + 1})" in str(err.value)
+    p, _, _ = R.gru(H, time_major=True).init(KEY, (T, B, F))
+    with pytest.raises(nn.ShapeError, match=rf"\(T, B, {F}\).*\(2, 3, 7\)"):
+        R.gru(H, time_major=True).apply(p, {}, jnp.ones((2, 3, 7)))
+
+
+def test_wrong_rank_is_shape_error():
+    layer = R.gru(H)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    with pytest.raises(nn.ShapeError, match=rf"rank 3.*\(3, {F}\) \(rank 2\)"):
+        layer.apply(params, {}, jnp.ones((3, F)))
+    with pytest.raises(nn.ShapeError, match="rank 3"):
+        layer.init(KEY, (T, F))
+
+
+def test_wrong_lengths_shape_and_path_in_model():
+    model = nn.serial(nn.named("encoder", R.lstm(H, bidirectional=True)), nn.dense(2))
+    params, _, _ = model.init(KEY, (B, T, F))
+    with pytest.raises(nn.ShapeError) as err:
+        model.apply(params, {}, jnp.ones((B, T, 2)))
+    assert "encoder/forward" in str(err.value) and f"(B, T, {F})" in str(err.value)
+    layer = R.gru(H)
+    p, _, _ = layer.init(KEY, (B, T, F))
+    with pytest.raises(nn.ShapeError, match=r"lengths of shape \(3,\)"):
+        layer.apply(p, {}, (jnp.ones((B, T, F)), jnp.array([1, 2])))
+
+
+def test_params_errors_are_clear():
+    layer = R.lstm(H)
+    with pytest.raises(nn.ParamsError, match="missing params entry 'w'"):
+        layer.apply({"b": jnp.zeros(4 * H)}, {}, jnp.ones((B, T, F)))
+    with pytest.raises(nn.ParamsError, match="hidden size"):
+        layer.apply(R.lstm(H + 1).init(KEY, (B, T, F))[0], {}, jnp.ones((B, T, F)))
