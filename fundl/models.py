@@ -73,3 +73,33 @@ def cnn(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, *, ker
 def cnn1d(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, **kw) -> nn.Layer:
     """:func:`cnn` over sequences (N, T, C)."""
     return cnn(channels, hidden, num_outputs, nd=1, **kw)
+
+
+def _sequence_layer(cell: str, hidden: int, **kw) -> nn.Layer:
+    if cell not in ("lstm", "gru"):
+        raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
+    return (nn.lstm if cell == "lstm" else nn.gru)(hidden, **kw)
+
+
+def rnn_classifier(cell: str, hidden: int, num_outputs: int, *, num_layers: int = 1,
+                   bidirectional: bool = False, readout: str = "last", dropout: float = 0.0) -> nn.Layer:
+    """LSTM/GRU over (B, T, F), then ``dense(num_outputs)``.
+
+    ``readout="last"`` reads the output after the last step (for a
+    bidirectional net: forward after the last step and backward after the
+    first, concatenated); ``"mean"`` averages the outputs over time.
+    """
+    if readout not in ("last", "mean"):
+        raise ValueError(f"readout must be 'last' or 'mean', got {readout!r}")
+    seq = _sequence_layer(cell, hidden, num_layers=num_layers, bidirectional=bidirectional,
+                          dropout=dropout, return_sequences=readout == "mean")
+    pool = [nn.lambda_layer(lambda y: y.mean(axis=1), "mean_over_time")] if readout == "mean" else []
+    return nn.serial(nn.named(cell, seq), *pool, nn.dense(num_outputs), name="rnn_classifier")
+
+
+def char_lm(vocab_size: int, *, embed_dim: int = 64, cell: str = "lstm", hidden: int = 128,
+            num_layers: int = 1, dropout: float = 0.0) -> nn.Layer:
+    """Character language model: ids (B, T) -> embedding -> LSTM/GRU -> logits (B, T, vocab)."""
+    return nn.serial(nn.embedding(vocab_size, embed_dim),
+                     nn.named(cell, _sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout)),
+                     nn.dense(vocab_size), name="char_lm")

@@ -18,6 +18,8 @@ chosen at call time, never at construction.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -153,13 +155,42 @@ def _check_keys(tree: dict, names: Sequence[str], kind: str) -> None:
         )
 
 
+class _ShapeRecorder(threading.local):
+    """While active, combinators record (layer path, output shape) at init."""
+
+    def __init__(self):
+        self.rows: list | None = None
+        self.stack: list[str] = []
+
+
+_RECORDER = _ShapeRecorder()
+
+
+@contextlib.contextmanager
+def record_shapes():
+    """Collect ``(path, output_shape)`` for every child inited inside the block
+    (in execution order); used by :func:`fundl.nn.summary`."""
+    saved = (_RECORDER.rows, _RECORDER.stack)
+    _RECORDER.rows, _RECORDER.stack = [], []
+    try:
+        yield _RECORDER.rows
+    finally:
+        _RECORDER.rows, _RECORDER.stack = saved
+
+
 def _init_children(key, layers, names, input_shapes):
     """Init each child on its input shape; yields (name, params, state, shape)."""
     for i, (layer, name, shape) in enumerate(zip(layers, names, input_shapes)):
+        _RECORDER.stack.append(name)
         try:
             p, s, out = layer.init(jax.random.fold_in(key, i), shape)
         except LayerError as e:
             raise e.within(name) from None
+        finally:
+            path = "/".join(_RECORDER.stack)
+            _RECORDER.stack.pop()
+        if _RECORDER.rows is not None:
+            _RECORDER.rows.append((path, out))
         yield name, p, s, out
 
 
