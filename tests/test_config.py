@@ -1,0 +1,85 @@
+"""Config validation: unknown keys, wrong types, impossible values, overrides, round trip."""
+
+import tomllib
+
+import pytest
+
+from fundl import config as cfg
+
+
+def test_defaults_validate_and_round_trip_through_toml():
+    c = cfg.load_config(None)
+    assert tomllib.loads(cfg.dumps(c)) == c
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.toml"))
+    assert len(files) >= 5
+    for f in files:
+        cfg.load_config(f)
+
+
+def test_misspelled_key_lists_valid_keys_and_suggests_closest():
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.validate({"training": {"batchsize": 32}})
+    msg = str(err.value)
+    assert "training.batchsize" in msg and "Did you mean 'batch_size'?" in msg and "eval_every" in msg
+
+
+def test_unknown_section_suggests_closest():
+    with pytest.raises(cfg.ConfigError, match=r"\[optimiser\].*Did you mean 'optimizer'"):
+        cfg.validate({"optimiser": {"name": "adam"}})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(cfg.ConfigError, match=r"training\.batch_size must be of type int.*got string '32'"):
+        cfg.validate({"training": {"batch_size": "32"}})
+    with pytest.raises(cfg.ConfigError, match=r"model\.hidden must be of type list"):
+        cfg.validate({"model": {"hidden": 128}})
+
+
+def test_impossible_values_name_the_key():
+    with pytest.raises(cfg.ConfigError, match=r"training\.batch_size must be > 0"):
+        cfg.validate({"training": {"batch_size": 0}})
+    with pytest.raises(cfg.ConfigError, match=r"model\.dropout is a drop probability"):
+        cfg.validate({"model": {"dropout": 1.5}})
+    with pytest.raises(cfg.ConfigError, match=r"parallel\.mode must be one of .*Did you mean 'pmap'"):
+        cfg.validate({"parallel": {"mode": "pmapp"}})
+    with pytest.raises(cfg.ConfigError, match="both 0"):
+        cfg.validate({"training": {"epochs": 0, "steps": 0}})
+
+
+def test_ints_are_accepted_for_floats():
+    assert cfg.validate({"optimizer": {"learning_rate": 1}})["optimizer"]["learning_rate"] == 1.0
+
+
+def test_overrides_parse_toml_values_and_fall_back_to_strings(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nkind = "mlp"\n')
+    c = cfg.load_config(f, ["training.batch_size=64", "model.hidden=[32, 16]", "model.kind=cnn1d",
+                            "training.compute_dtype=bfloat16"])
+    assert c["training"]["batch_size"] == 64 and c["model"]["hidden"] == [32, 16]
+    assert c["model"]["kind"] == "cnn1d" and c["training"]["compute_dtype"] == "bfloat16"
+    with pytest.raises(cfg.ConfigError, match="section.key=value"):
+        cfg.load_config(f, ["batch_size=3"])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[training]\nbatch_sise = 3\n")
+    with pytest.raises(cfg.ConfigError, match="bad.toml"):
+        cfg.load_config(f)
+    f.write_text("[training\n")
+    with pytest.raises(cfg.ConfigError, match="not valid TOML"):
+        cfg.load_config(f)
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load_config(tmp_path / "missing.toml")
+
+
+def test_structure_hash_ignores_duration_but_not_model():
+    a = cfg.load_config(None)
+    b = cfg.load_config(None, ["training.epochs=7"])
+    c = cfg.load_config(None, ["model.hidden=[64]"])
+    assert cfg.structure_hash(a) == cfg.structure_hash(b) != cfg.structure_hash(c)
