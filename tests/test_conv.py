@@ -19,6 +19,15 @@ from layer_checks import check_layer
 KEY = jax.random.key(0)
 
 
+def cheap_init(key, shape, dtype=jnp.float32):
+    """A deterministic initialiser: on CPU every new shape given to jax.random
+    costs a threefry compilation (seconds on a busy machine), and the contract
+    checks do not depend on the initial values.  The default LeCun init is
+    tested once on its own."""
+    n = math.prod(shape)
+    return (jnp.sin(jnp.arange(n, dtype=jnp.float32) * 0.7) * 0.3).reshape(shape).astype(dtype)
+
+
 def rand(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
@@ -122,7 +131,7 @@ def test_conv_contract_and_numpy_reference(cid, make, kw, shape):
     groups = kw.get("feature_group_count", 1)
     w_shape = k + (shape[-1] // groups, kw["features"])
     if cid in CONTRACT:
-        params, _, _ = check_layer(layer, shape)
+        params, _, _ = check_layer(make(**kw, w_init=cheap_init), shape)
         assert jax.tree.map(jnp.shape, params) == (
             {"w": w_shape, "b": (kw["features"],)} if kw.get("use_bias", True) else {"w": w_shape})
 
@@ -223,8 +232,9 @@ def test_global_pools(make, shape):
 
 def test_small_cnn_composes_with_serial():
     model = nn.serial(
-        conv2d(4, 3), nn.relu, max_pool2d(2), conv2d(8, 3, stride=2, padding="VALID"),
-        nn.relu, global_avg_pool(), nn.dense(3),
+        conv2d(4, 3, w_init=cheap_init), nn.relu, max_pool2d(2),
+        conv2d(8, 3, stride=2, padding="VALID", w_init=cheap_init),
+        nn.relu, global_avg_pool(), nn.dense(3, w_init=cheap_init),
     )
     params, state, out = model.init(KEY, (2, 8, 8, 1))
     assert set(params) == {"conv2d_0", "conv2d_1", "dense_0"} and state == {}
@@ -247,8 +257,9 @@ def test_small_cnn_composes_with_serial():
 ], ids=["conv1d", "conv2d", "max_pool2d", "avg_pool1d", "avg_pool2d", "global_avg_pool"])
 def test_gradients_match_finite_differences(layer, shape, request):
     with jax.enable_x64(True):
-        params, _, _ = layer.init(KEY, shape)
-        params = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, params)
+        params, _, _ = nn.abstract_init(layer, shape)
+        params = {k: jnp.asarray(rand(v.shape, 11 + i), jnp.float64)
+                  for i, (k, v) in enumerate(sorted(params.items()))}
         # distinct values so max pooling has a unique, stable winner
         x = jnp.asarray(np.random.default_rng(5).permutation(math.prod(shape)).reshape(shape) / 7.0)
         f = lambda p, x: layer.apply(p, {}, x)[0]
@@ -328,7 +339,7 @@ def test_pool_matches_torch(nd, kind, window, stride, pad):
 ])
 def test_wrong_channel_count_is_a_shape_error(make, shape, bad):
     layer = make()
-    params, state, _ = layer.init(KEY, shape)
+    params, state, _ = nn.abstract_init(layer, shape)  # errors fire before any FLOP
     with pytest.raises(nn.ShapeError) as err:
         layer.apply(params, state, jnp.ones(bad))
     msg = str(err.value)
@@ -346,7 +357,7 @@ def test_wrong_channel_count_is_a_shape_error(make, shape, bad):
 ])
 def test_wrong_rank_is_a_shape_error(make, shape, bad):
     layer = make()
-    params, state, _ = layer.init(KEY, shape)
+    params, state, _ = nn.abstract_init(layer, shape)  # errors fire before any FLOP
     with pytest.raises(nn.ShapeError) as err:
         layer.apply(params, state, jnp.ones(bad))
     msg = str(err.value)
@@ -354,7 +365,7 @@ def test_wrong_rank_is_a_shape_error(make, shape, bad):
 
 
 def test_shape_error_under_jit_and_inside_serial_names_the_layer():
-    model = nn.serial(conv2d(4, 3), nn.relu, conv2d(2, 3))
+    model = nn.serial(conv2d(4, 3, w_init=cheap_init), nn.relu, conv2d(2, 3, w_init=cheap_init))
     params, state, _ = model.init(KEY, (1, 5, 5, 3))
     with pytest.raises(nn.ShapeError, match=r"conv2d_0.*\(\*, \*, \*, 3\).*\(1, 5, 5, 2\)"):
         jax.jit(lambda p, x: model.apply(p, state, x))(params, jnp.ones((1, 5, 5, 2)))
