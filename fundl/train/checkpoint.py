@@ -16,6 +16,7 @@ shape and dtype; mismatches are listed path by path.  The format is NumPy's
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +35,15 @@ _PREFIX = "step_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names its path and why."""
+
+
+class CheckpointWriteError(OSError):
+    """Saving a checkpoint failed (disk full, permissions, ...).
+
+    Raised by :func:`save` with the errno of the underlying OSError; the
+    message names the checkpoint, the reason and the newest intact one.  The
+    temporary folder has been removed and older checkpoints are untouched.
+    """
 
 
 def _path_str(path) -> str:
@@ -92,15 +102,16 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
     ``keep`` = K deletes all but the K newest checkpoints afterwards.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     arrays = flatten_state(state)
     step = int(np.asarray(arrays.get("step", step))) if step is None else int(step)
     final = directory / checkpoint_name(step)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale(directory)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         with open(tmp / "arrays.npz", "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -118,18 +129,68 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
             old = directory / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(directory)
+        _write_atomic_text(directory / "latest", final.name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tmp_file(directory / "latest")
+        intact = list_checkpoints(directory)
+        newest = f"the newest intact checkpoint is {intact[-1]}" if intact else "no earlier checkpoint exists"
+        reason = e.strerror or str(e)
+        hint = " Free some disk space or choose another run directory." if e.errno == errno.ENOSPC else ""
+        raise CheckpointWriteError(
+            e.errno, f"could not write checkpoint {final}: {reason}. The partial copy was removed and "
+                     f"earlier checkpoints are untouched; {newest}.{hint}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic_text(directory / "latest", final.name + "\n")
     if keep:
         for old in list_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete(old)
     return final
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint folder: first renamed out of sight (atomic), then deleted."""
+    trash = path.with_name(f".{path.name}.del-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_tmp_file(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
+def _remove_stale(directory: Path) -> None:
+    """Delete leftovers of saves that died midway (``.step_*.tmp-*``, ``.old-*``, ``.del-*``).
+
+    Only one process writes a run's checkpoints, so any such folder is from a
+    crashed earlier run.  A ``.old-*`` folder is renamed back when its step
+    folder is missing (a crash between the two renames of a same-step re-save).
+    """
+    for p in directory.iterdir():
+        name = p.name
+        if not name.startswith("." + _PREFIX):
+            continue
+        base, _, kind = name[1:].rpartition(".")
+        if kind.startswith("old-") and not (directory / base).exists():
+            try:
+                os.replace(p, directory / base)
+                continue
+            except OSError:
+                pass
+        if kind.startswith(("tmp-", "old-", "del-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
