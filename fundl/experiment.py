@@ -56,8 +56,12 @@ def load_data(config: dict) -> Dataset:
 
 
 # ---------------------------------------------------------------- model
-def build_model(model_cfg: dict, num_outputs: int) -> Layer:
-    """The model a config's ``[model]`` section describes."""
+def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = None) -> Layer:
+    """The model a config's ``[model]`` section describes.
+
+    ``axis_name``: the ``pmap`` axis over which batch-norm statistics are
+    averaged (``placement.axis_name``; None on one device or with sharding).
+    """
     m = model_cfg
     kind = m["kind"]
     if kind == "mlp":
@@ -66,7 +70,7 @@ def build_model(model_cfg: dict, num_outputs: int) -> Layer:
         return models.cnn(m["channels"], m["hidden"], num_outputs, kernel_size=m["kernel_size"],
                           stride=m["stride"], padding=m["padding"], pool=m["pool"],
                           batch_norm=m["batch_norm"], activation=m["activation"], dropout=m["dropout"],
-                          nd=2 if kind == "cnn" else 1)
+                          nd=2 if kind == "cnn" else 1, axis_name=axis_name)
     if kind == "rnn":
         return models.rnn_classifier(m["cell"], m["rnn_hidden"], num_outputs, num_layers=m["num_layers"],
                                      bidirectional=m["bidirectional"], readout=m["readout"],
@@ -103,17 +107,13 @@ def total_steps_of(config: dict, steps_per_epoch: int) -> int:
 
 # ------------------------------------------------------------- the run
 def make_placement(config: dict):
-    mode = config["parallel"]["mode"]
-    if mode == "none":
-        from fundl.train.parallel import SingleDevice
-
-        return SingleDevice()
+    """The placement ``[parallel]`` asks for (see ``fundl.train.parallel.make_placement``)."""
     from fundl.train import parallel
 
-    factory = getattr(parallel, "make_placement", None)
-    if factory is None:
-        raise cfg.ConfigError(f"parallel.mode={mode!r} is not available in this build of fundl")
-    return factory(mode, config["parallel"]["devices"])
+    try:
+        return parallel.make_placement(config["parallel"]["mode"], config["parallel"]["devices"])
+    except ValueError as e:
+        raise cfg.ConfigError(str(e)) from None
 
 
 def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verbose: bool = True) -> dict:
@@ -126,20 +126,23 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
 
     # data
     data = load_data(config)
-    placement.check_batch_size(t["batch_size"])
+    try:
+        placement.check_batch_size(t["batch_size"])
+    except ValueError as e:
+        raise cfg.ConfigError(f"training.batch_size: {e}") from None
     loader = Loader(data.train, t["batch_size"], seed=t["seed"], drop_last=True, prefetch=config["data"]["prefetch"],
                     process_index=jax.process_index(), process_count=jax.process_count())
     total = total_steps_of(config, loader.steps_per_epoch)
 
     # model and optimiser
-    model = build_model(config["model"], data.num_classes)
+    model = build_model(config["model"], data.num_classes, axis_name=getattr(placement, "axis_name", None))
     optimizer = build_optimizer(config, total)
     state = create_train_state(model, optimizer, jax.random.key(t["seed"]), (1,) + tuple(data.input_shape))
     num_params = count_params(state.params)
 
     # resume
     if t["resume"]:
-        state = _resume(rd, state, structure, verbose)
+        state = _resume(rd, state, structure, verbose and writer)
     rd.write_text("config.toml", cfg.dumps(config))
     rd.truncate_metrics(int(state.step))
 
@@ -157,7 +160,8 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
 
     def eval_fn(s: TrainState):
         return evaluate(eval_step, *placement.put_eval_params(s) if hasattr(placement, "put_eval_params")
-                        else (s.params, s.model_state), data.test, eval_batch, placement=placement)
+                        else (s.params, s.model_state), data.test, eval_batch,
+                        placement=placement.for_eval() if hasattr(placement, "for_eval") else placement)
 
     if verbose and writer:
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "

@@ -41,7 +41,7 @@ def mlp(hidden: Sequence[int], num_outputs: int, *, activation: str = "relu", dr
     return nn.serial(nn.flatten(), *_head(hidden, num_outputs, activation, dropout), name="mlp")
 
 
-def _conv_stack(nd: int, channels, kernel_size, stride, padding, pool, batch_norm, activation):
+def _conv_stack(nd: int, channels, kernel_size, stride, padding, pool, batch_norm, activation, axis_name=None):
     conv = nn.conv1d if nd == 1 else nn.conv2d
     pools = {"avg": nn.avg_pool1d if nd == 1 else nn.avg_pool2d,
              "max": nn.max_pool1d if nd == 1 else nn.max_pool2d}
@@ -49,7 +49,7 @@ def _conv_stack(nd: int, channels, kernel_size, stride, padding, pool, batch_nor
     for c in channels:
         layers.append(conv(c, kernel_size, stride=stride, padding=padding, use_bias=not batch_norm))
         if batch_norm:
-            layers.append(nn.batch_norm())
+            layers.append(nn.batch_norm(axis_name=axis_name))
         layers.append(_activation(activation))
         if pool != "none":
             layers.append(pools[pool](2))
@@ -58,15 +58,17 @@ def _conv_stack(nd: int, channels, kernel_size, stride, padding, pool, batch_nor
 
 def cnn(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, *, kernel_size=3, stride=1,
         padding="SAME", pool: str = "avg", batch_norm: bool = False, activation: str = "relu",
-        dropout: float = 0.0, nd: int = 2) -> nn.Layer:
+        dropout: float = 0.0, nd: int = 2, axis_name: str | None = None) -> nn.Layer:
     """Conv blocks (conv -> [batch norm] -> activation -> [2x pool]), flatten, dense head.
 
     ``nd=2`` for images (N, H, W, C), ``nd=1`` for sequences (N, T, C).
     ``cnn([32, 64], [256], 10)`` is the benchmark CNN: conv3x3 32 relu, avgpool 2,
     conv3x3 64 relu, avgpool 2, dense 256 relu, dense 10.
+    ``axis_name``: under ``pmap`` with that axis name, batch-norm statistics
+    are averaged over devices (global-batch statistics).
     """
     return nn.serial(
-        *_conv_stack(nd, channels, kernel_size, stride, padding, pool, batch_norm, activation),
+        *_conv_stack(nd, channels, kernel_size, stride, padding, pool, batch_norm, activation, axis_name),
         nn.flatten(), *_head(hidden, num_outputs, activation, dropout), name="cnn" if nd == 2 else "cnn1d")
 
 

@@ -10,13 +10,25 @@ single-device, ``pmap`` and ``jit``-with-shardings paths share one loop:
 * ``compile_eval(eval_step)`` -> ``fn(params, model_state, batch) -> sums``;
 * ``put_state`` / ``get_state``: to the devices / back to one plain state;
 * ``put_batch(batch, stacked)``: a host batch (NumPy) to what ``fn`` takes;
-* ``host_metrics(metrics)``: per-step metrics as NumPy, from one shard.
+* ``host_metrics(metrics)``: per-step metrics as NumPy, from one shard;
+* ``check_batch_size(B)``, ``num_devices`` (global), ``sync_every``
+  (dispatches between forced host syncs), and optionally ``barrier(name)``,
+  ``put_eval_params(state)`` and ``for_eval()``.
+
+``make_placement(mode, devices)`` builds one of :class:`SingleDevice`,
+:class:`PmapPlacement` (``jax.pmap``, the step averages over the named axis
+``"batch"``) and :class:`ShardingPlacement` (``jax.jit`` with a ``Mesh`` and
+``NamedSharding``; the plain single-device step, XLA inserts the reductions).
+All three give the same parameters on the same global batches (see
+``tests/test_parallel.py`` and ``docs/parallel.md``).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fundl.train.step import make_multi_step
 
@@ -50,13 +62,275 @@ class SingleDevice:
         pass
 
 
+# ------------------------------------------------------------------ helpers
+SYNC_STEPS = 16  # optimiser steps between forced host syncs on multi-device placements
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_host(x):
+    """A leaf as NumPy (typed PRNG keys stay keys: they are handled by ``_place``)."""
+    if _is_key(x):
+        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def _place(x, sharding, leading: int | None = None):
+    """Copy the host value ``x`` onto every device of ``sharding``.
+
+    ``leading=n`` broadcasts to a new leading axis of n (one slice per device,
+    for ``pmap``); ``None`` places ``x`` as it is (for a replicated
+    ``NamedSharding``).  Built with ``make_array_from_callback``, which works
+    for multi-process shardings too (each process fills its own devices), so
+    no cross-host transfer or equality check is needed.  Typed PRNG keys
+    travel as their key data and are re-wrapped on the devices.
+    """
+    if _is_key(x):
+        data = _place(jax.random.key_data(x), sharding, leading)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    x = _to_host(x)
+    if leading is not None:
+        x = np.broadcast_to(x, (leading,) + x.shape)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
+
+
+def _select_devices(devices: int, mode: str) -> list:
+    """The first ``devices`` local devices of this process (0: all of them)."""
+    local = jax.local_devices()
+    if devices < 0 or devices > len(local):
+        raise ValueError(
+            f"parallel.devices={devices} but this process has {len(local)} local device(s) "
+            f"({local[0].platform}); use 0 for all, or at most {len(local)}. On CPU, fake devices come from "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N or --local-devices N (scripts/train.py)")
+    return local[:devices or len(local)]
+
+
 def local_batches_divisible(batch_size: int, num_devices: int) -> None:
     if batch_size % num_devices:
+        lower = batch_size - batch_size % num_devices
         raise ValueError(
             f"the global batch size {batch_size} must be divisible by the number of devices "
-            f"{num_devices}; choose e.g. {max(num_devices, batch_size - batch_size % num_devices)}")
+            f"{num_devices} (each device gets an equal share); choose e.g. "
+            f"{lower or num_devices} or {lower + num_devices}")
 
 
 def stack_batches(batches: list[dict]) -> dict:
     """K host batches -> one batch whose leaves have a leading K axis."""
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+class _MultiDevice:
+    """What the pmap and sharding placements share: devices, sizes, syncs, barriers."""
+
+    num_devices: int          # global: all processes together
+    num_local: int            # this process's devices
+    sync_every = SYNC_STEPS
+
+    def _set_sync(self, steps_per_call: int) -> None:
+        # Queueing ~48 collective steps without a host sync deadlocks (DESIGN.md);
+        # count optimiser steps, not dispatches, when steps are fused.
+        self.sync_every = min(self.sync_every, max(1, SYNC_STEPS // max(1, steps_per_call)))
+
+    def check_batch_size(self, batch_size: int) -> None:
+        local_batches_divisible(batch_size, self.num_devices)
+
+    def barrier(self, name: str) -> None:
+        """All processes wait here (a no-op with one process); e.g. after process 0 writes a checkpoint."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)
+
+    def put_global_batch(self, batch: dict):
+        """A *global* host batch (every process holds all of it, e.g. evaluation):
+        keep this process's contiguous slice, then ``put_batch``."""
+        p, n = jax.process_index(), jax.process_count()
+        if n > 1:
+            size = len(next(iter(batch.values())))
+            if size % n:
+                raise ValueError(f"a global batch of {size} cannot be split over {n} processes")
+            per = size // n
+            batch = {k: v[p * per:(p + 1) * per] for k, v in batch.items()}
+        return self.put_batch(batch)
+
+    def for_eval(self):
+        """The view ``fundl.train.loop.evaluate`` should get: it hands out global batches."""
+        return _GlobalBatches(self)
+
+
+class _GlobalBatches:
+    def __init__(self, placement):
+        self._placement = placement
+        self.num_devices = placement.num_devices
+
+    def put_batch(self, batch, stacked: bool = False):
+        return self._placement.put_global_batch(batch)
+
+    def host_metrics(self, metrics):
+        return self._placement.host_metrics(metrics)
+
+
+# --------------------------------------------------------------------- pmap
+class PmapPlacement(_MultiDevice):
+    """``jax.pmap`` over the local devices (all devices of all processes in multi-host runs).
+
+    * the train state is *broadcast*: every leaf gets a leading device axis and
+      one copy per device (``make_array_from_callback``), the replacement for
+      the removed ``jax.device_put_replicated``;
+    * a host batch (B_local, ...) becomes (D, B_local/D, ...), split on the
+      leading axis; K fused steps take (K, B_local, ...) -> (D, K, B_local/D, ...);
+    * the step is built with ``axis_name=PmapPlacement.axis_name`` so gradients,
+      metrics and batch-norm statistics are ``lax.pmean``-ed over devices and
+      each device folds its index into the step key;
+    * logged values come from the first addressable shard (``addressable_data(0)``),
+      which is valid in multi-process runs where ``x[0]`` is not.
+    """
+
+    axis_name = "batch"
+
+    def __init__(self, devices: int = 0):
+        self.devices = _select_devices(devices, "pmap")
+        self.num_local = len(self.devices)
+        if jax.process_count() > 1 and self.num_local != jax.local_device_count():
+            raise ValueError(
+                f"parallel.mode='pmap' across {jax.process_count()} processes uses every local device "
+                f"({jax.local_device_count()} here); set parallel.devices=0 or use parallel.mode='sharding'")
+        self.num_devices = self.num_local * jax.process_count()
+        mesh = jax.sharding.Mesh(np.array(self.devices), (self.axis_name,))
+        self._sharded = NamedSharding(mesh, P(self.axis_name))
+
+    def _pmap(self, fn, donate=()):
+        # With several processes pmap must span all global devices (devices=None).
+        devices = None if jax.process_count() > 1 else self.devices
+        return jax.pmap(fn, axis_name=self.axis_name, devices=devices, donate_argnums=donate)
+
+    def compile_train(self, step, steps_per_call: int = 1, unroll=1):
+        self._set_sync(steps_per_call)
+        fn = step if steps_per_call == 1 else make_multi_step(step, unroll=True if unroll == 0 else unroll)
+        return self._pmap(fn, donate=0)
+
+    def compile_eval(self, eval_step):
+        return self._pmap(eval_step)
+
+    def _replicate(self, tree):
+        return jax.tree.map(lambda x: _place(x, self._sharded, self.num_local), tree)
+
+    def _placed(self, x) -> bool:
+        s = getattr(x, "sharding", None)
+        return isinstance(s, NamedSharding) and len(s.spec) > 0 and s.spec[0] == self.axis_name
+
+    def put_state(self, state):
+        return self._replicate(state)
+
+    def put_eval_params(self, state):
+        return self._replicate(state.params), self._replicate(state.model_state)
+
+    def get_state(self, state):
+        """One plain copy of a broadcast state (device 0's; all copies are equal)."""
+        return jax.tree.map(lambda x: x.addressable_data(0)[0] if self._placed(x) else x, state)
+
+    def put_batch(self, batch, stacked: bool = False):
+        d = self.num_local
+
+        def split(a):
+            a = np.asarray(a)
+            if stacked:  # (K, B, ...) -> (D, K, B/D, ...): pmap maps the leading axis
+                a = a.reshape((a.shape[0], d, a.shape[1] // d) + a.shape[2:]).swapaxes(0, 1)
+            else:
+                a = a.reshape((d, a.shape[0] // d) + a.shape[1:])
+            return jax.device_put(a, self._sharded)
+
+        first = np.shape(next(iter(batch.values())))
+        local_batches_divisible(first[1] if stacked else first[0], d)
+        return {k: split(v) for k, v in batch.items()}
+
+    def host_metrics(self, metrics):
+        return jax.tree.map(lambda m: np.asarray(m.addressable_data(0))[0], metrics)
+
+
+# ------------------------------------------------------------------ sharding
+class ShardingPlacement(_MultiDevice):
+    """``jax.jit`` over a ``Mesh`` with ``NamedSharding``: batch split on ``data``, state replicated.
+
+    The step is the plain single-device step (``axis_name=None``): XLA's
+    partitioner inserts the gradient all-reduce itself, and batch-norm
+    statistics are global-batch statistics without any ``pmean``.  The state
+    is donated.  In multi-host runs the mesh spans every process's devices
+    (in process order) and each process contributes its contiguous slice of
+    the global batch (``jax.make_array_from_process_local_data``).
+    """
+
+    axis_name = None
+    data_axis = "data"
+
+    def __init__(self, devices: int = 0):
+        local = _select_devices(devices, "sharding")
+        self.num_local = len(local)
+        if jax.process_count() > 1:
+            by_process = {}
+            for d in jax.devices():
+                by_process.setdefault(d.process_index, []).append(d)
+            counts = {p: len(ds) for p, ds in by_process.items()}
+            if min(counts.values()) < self.num_local:
+                raise ValueError(f"parallel.devices={devices} but some process has fewer devices: {counts}")
+            self.devices = [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:self.num_local]]
+        else:
+            self.devices = list(local)
+        self.num_devices = len(self.devices)
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), (self.data_axis,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axis))
+        self.stacked_sharding = NamedSharding(self.mesh, P(None, self.data_axis))
+
+    def compile_train(self, step, steps_per_call: int = 1, unroll=1):
+        self._set_sync(steps_per_call)
+        if steps_per_call == 1:
+            return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
+                           out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        multi = make_multi_step(step, unroll=True if unroll == 0 else unroll)
+        return jax.jit(multi, in_shardings=(self.replicated, self.stacked_sharding),
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    def compile_eval(self, eval_step):
+        return jax.jit(eval_step, in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+                       out_shardings=self.replicated)
+
+    def put_state(self, state):
+        return jax.tree.map(lambda x: _place(x, self.replicated), state)
+
+    def put_eval_params(self, state):
+        return self.put_state(state.params), self.put_state(state.model_state)
+
+    def get_state(self, state):
+        """The replicated state as plain single-device arrays (this process's first copy)."""
+        return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state)
+
+    def put_batch(self, batch, stacked: bool = False):
+        sharding = self.stacked_sharding if stacked else self.batch_sharding
+        axis = 1 if stacked else 0
+        local_batches_divisible(np.shape(next(iter(batch.values())))[axis], self.num_local)
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+    def host_metrics(self, metrics):
+        return jax.tree.map(lambda m: np.asarray(m.addressable_data(0)), metrics)
+
+
+# ------------------------------------------------------------------- factory
+def make_placement(mode: str = "none", devices: int = 0):
+    """``"none"`` -> :class:`SingleDevice`, ``"pmap"`` -> :class:`PmapPlacement`,
+    ``"sharding"`` -> :class:`ShardingPlacement`; ``devices`` local devices per process (0: all)."""
+    if mode == "none":
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"this is a {jax.process_count()}-process run but parallel.mode='none' would train each "
+                f"process on its own slice; set parallel.mode='sharding' or 'pmap'")
+        return SingleDevice()
+    if mode == "pmap":
+        return PmapPlacement(devices)
+    if mode == "sharding":
+        return ShardingPlacement(devices)
+    raise ValueError(f"parallel.mode must be 'none', 'pmap' or 'sharding', got {mode!r}")
