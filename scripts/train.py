@@ -3,9 +3,22 @@
 
     python scripts/train.py --config configs/mnist1d_cnn.toml [--set training.epochs=3 ...]
                             [--run-dir runs/NAME] [--resume]
+    python scripts/train.py --resume runs/NAME [--set training.epochs=6 ...]
+
+``--resume RUN_DIR`` continues RUN_DIR from its newest valid checkpoint with
+the config saved there (``--config`` may still be given).  Resuming is also
+automatic with ``training.resume = true``: start fresh when there is no
+checkpoint, continue otherwise (suits requeued jobs).
+
+Exit codes: 0 done; 1 an error stopped the run (message on stderr: non-finite
+loss, corrupt checkpoints, disk full, bad data or shapes, unwritable run
+directory); 2 a bad command line or config; 130 / 143 stopped by SIGINT /
+SIGTERM after saving a checkpoint (resume with the command printed).
+Set FUNDL_TRACEBACK=1 to see the traceback of an error.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,29 +28,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from fundl import config as cfg  # noqa: E402
 
 
+def _config_path(args, p) -> str:
+    """The config to load: --config, or RUN_DIR/config.toml for ``--resume RUN_DIR``."""
+    if args.config:
+        return args.config
+    if isinstance(args.resume, str):
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            p.error(f"--resume {args.resume}: {saved} does not exist (not a fundl run directory?); "
+                    f"give --config FILE as well")
+        return str(saved)
+    p.error("the following arguments are required: --config (or --resume RUN_DIR)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="TOML config file (see configs/)")
+    p.add_argument("--config", help="TOML config file (see configs/); default with --resume RUN_DIR: RUN_DIR/config.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable); VALUE is parsed as TOML")
     p.add_argument("--run-dir", help="where to write the run (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest valid checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue from the newest valid checkpoint of RUN_DIR (or of --run-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
     args = p.parse_args(argv)
+    if isinstance(args.resume, str) and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
+        p.error(f"--resume {args.resume} and --run-dir {args.run_dir} name different run directories")
+    config_path = _config_path(args, p)
 
     overrides = list(args.set) + (["training.resume=true"] if args.resume else [])
     overrides += ["training.progress=false"] if args.quiet else []
     try:
-        config = cfg.load_config(args.config, overrides)
+        config = cfg.load_config(config_path, overrides)
     except cfg.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    run_dir = args.run_dir or (args.resume if isinstance(args.resume, str) else None) \
+        or str(Path("runs") / Path(config_path).stem)
 
     from fundl.experiment import PUBLISHED, run  # heavy imports after validation
+    from fundl.train.signals import TrainingInterrupted
 
     t0 = time.perf_counter()
-    summary = run(config, run_dir, config_path=args.config, verbose=not args.quiet)
+    try:
+        summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet)
+    except TrainingInterrupted as e:
+        print(f"fundl: {e}", file=sys.stderr)
+        if e.checkpoint:
+            print(f"fundl: resume with: {sys.executable} {sys.argv[0]} --resume {run_dir}", file=sys.stderr)
+        return e.exit_code
+    except cfg.ConfigError as e:
+        if os.environ.get("FUNDL_TRACEBACK"):
+            raise
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except _user_errors() as e:
+        if os.environ.get("FUNDL_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e}\n(set FUNDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
     wall = time.perf_counter() - t0
     acc = summary["test_accuracy"]
     line = f"test accuracy {acc:.4f}, test loss {summary['test_loss']:.4f} after {summary['final_step']} steps"
@@ -45,8 +93,21 @@ def main(argv=None) -> int:
     if ref:
         line += f" (published: {ref[1]:.2f}, {ref[0]})"
     print(line)
+    if summary.get("skipped_updates"):
+        print(f"{summary['skipped_updates']} updates skipped for non-finite gradients (training.nan_policy='skip')")
     print(f"{summary['examples_per_second']:.0f} train examples/s; {wall:.1f} s in all; run dir {run_dir}")
     return 0
+
+
+def _user_errors() -> tuple:
+    """Errors whose message says all a user needs: printed without a traceback."""
+    from fundl.data.errors import DataError, DataNotFoundError, DownloadError
+    from fundl.nn.core import LayerError
+    from fundl.train.checkpoint import CheckpointError, CheckpointWriteError
+    from fundl.train.loop import NonFiniteLossError
+
+    return (LayerError, DataError, DataNotFoundError, DownloadError, CheckpointError, CheckpointWriteError,
+            NonFiniteLossError, PermissionError)
 
 
 if __name__ == "__main__":
