@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fundl import config as cfg
@@ -126,6 +127,7 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
 
     # data
     data = load_data(config)
+    check_labels(data)
     try:
         placement.check_batch_size(t["batch_size"])
     except ValueError as e:
@@ -142,6 +144,7 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
 
     # resume
     if t["resume"]:
+        check_resumable(rd, config)
         state = _resume(rd, state, structure, verbose and writer)
     rd.write_text("config.toml", cfg.dumps(config))
     rd.truncate_metrics(int(state.step))
@@ -171,7 +174,8 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
                  log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
                  keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config_hash": structure},
                  steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
-                 progress=t["progress"], placement=placement)
+                 progress=t["progress"], placement=placement,
+                 resume_hint=f"resume with: python scripts/train.py --resume {rd.path}")
     final = result.final_eval
     summary = {
         "final_step": total,
@@ -188,11 +192,69 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
         "devices": placement.num_devices,
         "processes": jax.process_count(),
     }
+    if result.skipped_updates is not None:
+        summary["skipped_updates"] = result.skipped_updates  # nan_policy="skip"
     rd.write_summary(summary)
     if writer and config["logging"]["plots"]:
         plot_curves(rd.path)
     rd.close()
     return summary
+
+
+def check_labels(data: Dataset) -> None:
+    """Labels must be integer class ids in [0, num_classes), checked on the host before training
+    (inside a jitted step an out-of-range label silently gives a wrong loss)."""
+    from fundl.data.errors import DataError
+
+    for split, arrays in (("train", data.train), ("test", data.test)):
+        y = np.asarray(arrays["y"])
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"dataset {data.name!r}, {split} split: labels must be integer class ids, "
+                            f"got dtype {y.dtype}")
+        bad = (y < 0) | (y >= data.num_classes)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            where = first[0] if len(first) == 1 else first
+            raise DataError(
+                f"dataset {data.name!r}, {split} split: {int(bad.sum())} labels outside the class range "
+                f"[0, {data.num_classes}); the first is {int(y[first])} at index {where}. "
+                f"Labels must be integer class ids 0..{data.num_classes - 1}")
+
+
+_STRUCTURE_KEYS = {"model": None, "optimizer": None, "data": ("name", "seq_len", "flatten")}
+
+
+def structure_diff(old: dict, new: dict) -> list[str]:
+    """``section.key: old -> new`` for the settings that fix the train state's structure
+    (those hashed by ``fundl.config.structure_hash``)."""
+    lines = []
+    for section, keys in _STRUCTURE_KEYS.items():
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in keys or sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                lines.append(f"{section}.{key}: {a.get(key, '<unset>')!r} in the run, {b.get(key, '<unset>')!r} now")
+    return lines
+
+
+def check_resumable(rd: RunDir, config: dict) -> None:
+    """Refuse to resume ``rd`` when its saved config.toml differs in model/optimiser/data
+    structure from ``config``; the message lists the keys that differ.  Changing only
+    training settings (epochs, steps, eval or checkpoint intervals) is allowed."""
+    saved = rd.path / "config.toml"
+    if not saved.is_file() or not ckpt.list_checkpoints(rd.checkpoint_dir):
+        return
+    try:
+        old = cfg.load_config(saved)
+    except cfg.ConfigError:
+        return  # an unreadable old config: the checkpoint's structure hash still guards the resume
+    if cfg.structure_hash(old) == cfg.structure_hash(config):
+        return
+    diff = structure_diff(old, config)
+    raise cfg.ConfigError(
+        f"cannot resume {rd.path}: the config changes the model/optimiser/data structure of the run "
+        f"(saved in {saved}):\n  " + "\n  ".join(diff) +
+        "\nOnly training settings (e.g. training.epochs or training.steps) may change on resume; "
+        "undo these changes or start a new run directory")
 
 
 def _resume(rd: RunDir, state: TrainState, structure: str, verbose: bool) -> TrainState:
