@@ -56,13 +56,15 @@ def np_batch_norm_train(x, scale, bias, mean_r, var_r, momentum, eps):
 # --------------------------------------------------------------------------
 # Layer norm.
 
+# The cases share input shapes: check_layer draws its inputs with jax.random,
+# which compiles once per shape.
 LN_CASES = [
-    ("last", dict(), (3, 6)),
-    ("last_3d", dict(eps=1e-3), (2, 4, 5)),
+    ("last", dict(), (2, 3, 4)),
+    ("last_2d", dict(eps=1e-3), (4, 3)),
     ("two_axes", dict(axis=(-2, -1)), (2, 3, 4)),
-    ("positive_axes", dict(axis=(1, 3)), (2, 3, 2, 4)),
-    ("no_scale", dict(use_scale=False), (2, 5)),
-    ("no_affine", dict(use_scale=False, use_bias=False), (2, 3, 5)),
+    ("middle_axis", dict(axis=1), (2, 3, 4)),
+    ("no_scale", dict(use_scale=False), (2, 3, 4)),
+    ("no_affine", dict(use_scale=False, use_bias=False), (2, 3, 4)),
 ]
 
 
@@ -106,7 +108,7 @@ def test_layer_norm_gradients_match_finite_differences():
                   for k, v in with_random_affine(layer.init(KEY, (2, 3, 4))[0]).items()}
         x = jnp.asarray(rand((2, 3, 4), 5), jnp.float64)
         f = lambda p, x: layer.apply(p, {}, x)[0]
-        check_grads(f, (params, x), order=2, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(f), (params, x), order=2, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_norm_matches_torch():
@@ -130,9 +132,9 @@ def test_layer_norm_matches_torch():
 BN_CASES = [
     ("2d_train", dict(), (4, 3), True),
     ("2d_eval", dict(), (4, 3), False),
-    ("nhwc_train", dict(momentum=0.8), (2, 3, 3, 4), True),
-    ("nhwc_eval", dict(), (2, 3, 3, 4), False),
-    ("nwc_no_affine_train", dict(use_scale=False, use_bias=False), (3, 5, 2), True),
+    ("nwc_train", dict(momentum=0.8), (2, 3, 4), True),
+    ("nwc_eval", dict(), (2, 3, 4), False),
+    ("nhwc_no_affine_train", dict(use_scale=False, use_bias=False), (2, 3, 2, 4), True),
 ]
 
 
@@ -197,7 +199,7 @@ def test_batch_norm_gradients_match_finite_differences(train):
                  "var": jnp.asarray(rand((3,), 3) ** 2 + 0.5, jnp.float64)}
         x = jnp.asarray(rand((4, 2, 3), 4), jnp.float64)
         f = lambda p, x: layer.apply(p, state, x, train=train)[0]
-        check_grads(f, (params, x), order=2, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(f), (params, x), order=2, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_norm_matches_torch():

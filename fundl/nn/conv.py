@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fundl.nn import init as initializers
@@ -229,10 +230,12 @@ def conv2d(features: int, kernel_size, stride=1, padding="SAME", dilation=1,
 
 
 def _lowest(dtype):
+    # A NumPy scalar, not a jnp array: under jit a jnp constant is a tracer, and
+    # lax.reduce_window then falls back to its generic (non-differentiable) form.
     if jnp.issubdtype(dtype, jnp.floating):
-        return jnp.array(-jnp.inf, dtype)
+        return np.array(-np.inf, dtype)
     if jnp.issubdtype(dtype, jnp.integer):
-        return jnp.array(jnp.iinfo(dtype).min, dtype)
+        return np.array(jnp.iinfo(dtype).min, dtype)
     raise TypeError(f"max pooling needs a float or int input, got {dtype}")
 
 
@@ -260,11 +263,11 @@ def _pool(nd: int, kind: str, window, stride, padding) -> Layer:
         pads = ((0, 0),) + _pads(x.shape[1:-1], window, stride, ones, padding) + ((0, 0),)
         if kind == "max":
             return lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides, pads), {}
-        total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, strides, pads)
+        total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, dims, strides, pads)
         if all(lo == 0 and hi == 0 for lo, hi in pads):
             return total / math.prod(window), {}
         # Divide by the number of real (unpadded) elements in each window.
-        count = lax.reduce_window(jnp.ones(x.shape[1:-1], x.dtype), jnp.zeros((), x.dtype),
+        count = lax.reduce_window(np.ones(x.shape[1:-1], x.dtype), np.array(0, x.dtype),
                                   lax.add, window, stride, pads[1:-1])
         return total / count[None, ..., None], {}
 
