@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -347,6 +348,35 @@ def reverse_sequences(x, lengths=None, *, time_major=False):
 # The sequence layer
 
 
+@functools.partial(jax.jit, static_argnames=("cell", "time_major", "reverse", "unroll"))
+def _scan_cell(params, carry0, x, lengths, *, cell, time_major, reverse, unroll):
+    """Scan ``cell`` over time; returns (final carry, ys in the input's layout).
+
+    Jitted (and inlined when called under an outer ``jit``) so that eager
+    calls of one layer compile the scan once per input shape.
+    """
+    xs = x if time_major else jnp.swapaxes(x, 0, 1)            # (T, B, F)
+    if lengths is None:
+        def body(carry, x_t):
+            return cell.step(params, carry, x_t)
+
+        carry, ys = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
+    else:
+        mask = jnp.arange(xs.shape[0])[:, None] < jnp.asarray(lengths)[None, :]  # (T, B)
+
+        def body(carry, inp):
+            x_t, m = inp
+            new, y = cell.step(params, carry, x_t)
+            m = m[:, None]
+            carry = jax.tree.map(lambda a, b: jnp.where(m, a, b), new, carry)
+            return carry, jnp.where(m, y, jnp.zeros((), y.dtype))
+
+        # In reverse, the padded steps t >= len come first and are skipped,
+        # so each sequence starts at its own last valid step.
+        carry, ys = jax.lax.scan(body, carry0, (xs, mask), reverse=reverse, unroll=unroll)
+    return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+
+
 def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: int = 1,
         return_sequences: bool = True, return_carry: bool = False, name: str | None = None) -> Layer:
     """Run ``cell`` over the time axis with ``jax.lax.scan``.
@@ -415,38 +445,16 @@ def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: 
         if carry0 is None:
             carry0 = cell.initial_carry((B,), x.dtype)
         else:
-            got = jax.tree.map(jnp.shape, carry0)
+            got = jax.tree.map(lambda a: tuple(jnp.shape(a)), carry0)
             want = cell.carry_shape((B,))
-            if jax.tree.structure(got, is_leaf=lambda s: isinstance(s, tuple)) != jax.tree.structure(
-                    want, is_leaf=lambda s: isinstance(s, tuple)) or jax.tree.leaves(
-                    got, is_leaf=lambda s: isinstance(s, tuple)) != jax.tree.leaves(
-                    want, is_leaf=lambda s: isinstance(s, tuple)):
+            if got != want:
                 raise ShapeError(f"expected an initial carry of shapes {want}, got {got}")
-        xs = x if time_major else jnp.swapaxes(x, 0, 1)        # (T, B, F)
-
-        if lengths is None:
-            def body(carry, x_t):
-                return cell.step(params, carry, x_t)
-
-            carry, ys = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
-        else:
+        if lengths is not None:
             _check_lengths(lengths, x, time_major)
-            mask = jnp.arange(xs.shape[0])[:, None] < jnp.asarray(lengths)[None, :]  # (T, B)
-
-            def body(carry, inp):
-                x_t, m = inp
-                new, y = cell.step(params, carry, x_t)
-                m = m[:, None]
-                carry = jax.tree.map(lambda a, b: jnp.where(m, a, b), new, carry)
-                return carry, jnp.where(m, y, jnp.zeros((), y.dtype))
-
-            # In reverse, the padded steps t >= len come first and are skipped,
-            # so each sequence starts at its own last valid step.
-            carry, ys = jax.lax.scan(body, carry0, (xs, mask), reverse=reverse, unroll=unroll)
-
+        carry, ys = _scan_cell(params, carry0, x, lengths, cell=cell, time_major=time_major,
+                               reverse=reverse, unroll=unroll)
         if not return_sequences:
             return (carry if return_carry else cell.output(carry)), {}
-        ys = ys if time_major else jnp.swapaxes(ys, 0, 1)
         return ((ys, carry) if return_carry else ys), {}
 
     return Layer(init, apply, name or cell.name)
