@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from fundl import config as cfg  # noqa: E402
+from fundl import distributed  # noqa: E402  (flags only; imports JAX lazily)
 
 
 def _config_path(args, p) -> str:
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                    help="continue from the newest valid checkpoint of RUN_DIR (or of --run-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
+    distributed.add_arguments(p)
     args = p.parse_args(argv)
     if isinstance(args.resume, str) and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
         p.error(f"--resume {args.resume} and --run-dir {args.run_dir} name different run directories")
@@ -65,6 +67,11 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or (args.resume if isinstance(args.resume, str) else None) \
         or str(Path("runs") / Path(config_path).stem)
 
+    try:  # multi-process set-up and fake CPU devices: before anything touches JAX devices
+        distributed.initialize(distributed.settings_from(args))
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from fundl.experiment import PUBLISHED, run  # heavy imports after validation
     from fundl.train.signals import TrainingInterrupted
 
