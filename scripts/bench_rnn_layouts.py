@@ -19,6 +19,7 @@ with their default settings, so the library's choice is measured too.
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -132,8 +133,6 @@ def make_fundl(cell_name, F, H):
 
     layer = (recurrent.lstm if cell_name == "lstm" else recurrent.gru)(
         H, time_major=True, return_sequences=False, return_carry=True)
-    cache = {}
-
     def init(key):
         p, _, _ = layer.init(key, (28, 2, F))
         return p
@@ -194,7 +193,9 @@ def main():
     args = ap.parse_args()
     F, H = args.features, args.hidden
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, "
-          f"T {args.steps}, F {F}, H {H}; adam; median of {args.repeats} x {args.iters} steps")
+          f"T {args.steps}, F {F}, H {H}; adam; median of {args.repeats} x {args.iters} steps; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (timings are only "
+          "comparable on an otherwise idle machine)")
     print(f"{'cell':5} {'layout':9} {'unroll':>6} {'steps/s':>8} {'(min-max)':>15}")
     for cell in args.cells.split(","):
         make = make_lstm if cell == "lstm" else make_gru
@@ -203,6 +204,7 @@ def main():
                 med, lo, hi = bench(*make(layout, unroll, F, H), args, H)
                 print(f"{cell:5} {layout:9} {unroll:6d} {med:8.1f} ({lo:6.1f}-{hi:6.1f})", flush=True)
         if not args.no_fundl:
+            print(f"{'':5} (load average now {os.getloadavg()[0]:.1f})")
             med, lo, hi = bench(*make_fundl(cell, F, H), args, H)
             print(f"{cell:5} {'fundl':9} {'dflt':>6} {med:8.1f} ({lo:6.1f}-{hi:6.1f})", flush=True)
 

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fundl.nn.core import (
-    KeyMissingError, Layer, LayerError, ParamsError, ShapeError, _fmt, check_input, get_param,
+    KeyMissingError, Layer, LayerError, ParamsError, ShapeError, _fmt, get_param,
 )
 
 __all__ = [
