@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -196,6 +197,12 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
             return
         fetch_and_check()  # never checkpoint a state that already went non-finite
         host_state = placement.get_state(state)
+        if nan_policy == "stop" and not bool(_all_finite(host_state)):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
+            raise NonFiniteLossError(
+                f"non-finite parameters or optimiser state after step {s} (the training loss was still finite); "
+                f"{where}. Lower the learning rate, clip gradients (optimizer.clip_norm) or set "
+                f"training.nan_policy='skip'.", step=s, metric="params", checkpoint=last_ckpt)
         extras = {"loader": loader.state_at_step(s), **(checkpoint_extras or {})}
         if getattr(run_dir, "writer", True):
             last_ckpt = ckpt.save(run_dir.checkpoint_dir, host_state, step=s, extras=extras, keep=keep_checkpoints)
@@ -284,6 +291,13 @@ def _raise_if_non_finite(row: dict, before: int, last_ckpt) -> None:
                     f"non-finite training {k} ({value}) at step {step} (metric '{k}'); {where}. "
                     f"Lower the learning rate, clip gradients (optimizer.clip_norm) or set "
                     f"training.nan_policy='skip' to skip such updates.", step=step, metric=k, checkpoint=last_ckpt)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """True when every float leaf of ``tree`` is finite (one small reduction on device)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
 def skipped_updates(opt_state) -> int | None:
