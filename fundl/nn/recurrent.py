@@ -348,9 +348,11 @@ def reverse_sequences(x, lengths=None, *, time_major=False):
 # The sequence layer
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "time_major", "reverse", "unroll"))
-def _scan_cell(params, carry0, x, lengths, *, cell, time_major, reverse, unroll):
+@functools.partial(jax.jit, static_argnames=("cell", "time_major", "reverse", "unroll", "collect"))
+def _scan_cell(params, carry0, x, lengths, *, cell, time_major, reverse, unroll, collect=True):
     """Scan ``cell`` over time; returns (final carry, ys in the input's layout).
+
+    With ``collect=False`` the outputs are not stacked (``ys`` is None).
 
     Jitted (and inlined when called under an outer ``jit``) so that eager
     calls of one layer compile the scan once per input shape.
@@ -358,7 +360,8 @@ def _scan_cell(params, carry0, x, lengths, *, cell, time_major, reverse, unroll)
     xs = x if time_major else jnp.swapaxes(x, 0, 1)            # (T, B, F)
     if lengths is None:
         def body(carry, x_t):
-            return cell.step(params, carry, x_t)
+            carry, y = cell.step(params, carry, x_t)
+            return carry, (y if collect else None)
 
         carry, ys = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
     else:
@@ -369,12 +372,14 @@ def _scan_cell(params, carry0, x, lengths, *, cell, time_major, reverse, unroll)
             new, y = cell.step(params, carry, x_t)
             m = m[:, None]
             carry = jax.tree.map(lambda a, b: jnp.where(m, a, b), new, carry)
-            return carry, jnp.where(m, y, jnp.zeros((), y.dtype))
+            return carry, (jnp.where(m, y, jnp.zeros((), y.dtype)) if collect else None)
 
         # In reverse, the padded steps t >= len come first and are skipped,
         # so each sequence starts at its own last valid step.
         carry, ys = jax.lax.scan(body, carry0, (xs, mask), reverse=reverse, unroll=unroll)
-    return carry, (ys if time_major else jnp.swapaxes(ys, 0, 1))
+    if collect and not time_major:
+        ys = jnp.swapaxes(ys, 0, 1)
+    return carry, ys
 
 
 def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: int = 1,
@@ -452,7 +457,7 @@ def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: 
         if lengths is not None:
             _check_lengths(lengths, x, time_major)
         carry, ys = _scan_cell(params, carry0, x, lengths, cell=cell, time_major=time_major,
-                               reverse=reverse, unroll=unroll)
+                               reverse=reverse, unroll=unroll, collect=return_sequences)
         if not return_sequences:
             return (carry if return_carry else cell.output(carry)), {}
         return ((ys, carry) if return_carry else ys), {}
