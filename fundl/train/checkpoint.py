@@ -228,7 +228,7 @@ def read_manifest(path: str | Path, *, verify: bool = True) -> dict:
 
 def _describe_mismatches(expected: dict, got: dict, limit: int = 5) -> str:
     lines = []
-    for p in sorted(set(expected) | set(got)):
+    for p in list(expected) + [p for p in got if p not in expected]:  # the template's order: params first
         e, g = expected.get(p), got.get(p)
         if e == g:
             continue
