@@ -6,9 +6,11 @@ Usage:  python scripts/bench_rnn_layouts.py [--batch 128] [--steps 28] [--hidden
 For each cell and layout a full training step is timed: ``value_and_grad`` of
 a cross-entropy loss (RNN over the sequence, dense readout of the last hidden
 state to 10 classes) plus an ``optax.adam`` update, jitted, buffers reused.
-After warm-up (compile + 3 calls) each timing runs ``--iters`` steps and
-blocks on the result; the median over ``--repeats`` timings is reported as
-training steps per second.
+Every variant is compiled and warmed up (3 calls) first; then ``--repeats``
+rounds each time ``--iters`` steps of every variant in turn (interleaved, so
+load changes hit all variants alike), blocking on the result; the median over
+rounds is reported as training steps per second.  Figures are comparable only
+on an otherwise idle machine: the load average is printed.
 
 Layouts (all compute the same function):
   fused     one ``concat([x_t, h]) @ W`` per step, W of shape (F+H, G*H)
@@ -144,7 +146,8 @@ def make_fundl(cell_name, F, H):
     return init, run
 
 
-def bench(init, run, args, H):
+def make_step(init, run, args, H):
+    """A compiled, warmed-up training step and a function timing ``n`` calls of it."""
     key = jax.random.key(0)
     k1, k2, k3 = jax.random.split(key, 3)
     params = {"rnn": init(k1), "head": {
@@ -165,17 +168,19 @@ def bench(init, run, args, H):
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
+    box = [params, opt_state]
     for _ in range(3):
-        params, opt_state, loss = train_step(params, opt_state)
+        box[0], box[1], loss = train_step(*box)
     jax.block_until_ready(loss)
-    rates = []
-    for _ in range(args.repeats):
+
+    def timed(n):
         t0 = time.perf_counter()
-        for _ in range(args.iters):
-            params, opt_state, loss = train_step(params, opt_state)
+        for _ in range(n):
+            box[0], box[1], loss = train_step(*box)
         jax.block_until_ready(loss)
-        rates.append(args.iters / (time.perf_counter() - t0))
-    return statistics.median(rates), min(rates), max(rates)
+        return n / (time.perf_counter() - t0)
+
+    return timed
 
 
 def main():
@@ -193,20 +198,27 @@ def main():
     args = ap.parse_args()
     F, H = args.features, args.hidden
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, "
-          f"T {args.steps}, F {F}, H {H}; adam; median of {args.repeats} x {args.iters} steps; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (timings are only "
-          "comparable on an otherwise idle machine)")
-    print(f"{'cell':5} {'layout':9} {'unroll':>6} {'steps/s':>8} {'(min-max)':>15}")
+          f"T {args.steps}, F {F}, H {H}; adam; median of {args.repeats} rounds x {args.iters} steps; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    # Compile every variant first, then time them in interleaved rounds, so
+    # that a change in machine load affects all variants alike.
+    variants = []
     for cell in args.cells.split(","):
         make = make_lstm if cell == "lstm" else make_gru
         for layout in args.layouts.split(","):
             for unroll in map(int, args.unrolls.split(",")):
-                med, lo, hi = bench(*make(layout, unroll, F, H), args, H)
-                print(f"{cell:5} {layout:9} {unroll:6d} {med:8.1f} ({lo:6.1f}-{hi:6.1f})", flush=True)
+                variants.append((cell, layout, str(unroll), make_step(*make(layout, unroll, F, H), args, H)))
         if not args.no_fundl:
-            print(f"{'':5} (load average now {os.getloadavg()[0]:.1f})")
-            med, lo, hi = bench(*make_fundl(cell, F, H), args, H)
-            print(f"{cell:5} {'fundl':9} {'dflt':>6} {med:8.1f} ({lo:6.1f}-{hi:6.1f})", flush=True)
+            variants.append((cell, "fundl", "dflt", make_step(*make_fundl(cell, F, H), args, H)))
+    rates = {v[:3]: [] for v in variants}
+    for _ in range(args.repeats):
+        for cell, layout, unroll, timed in variants:
+            rates[(cell, layout, unroll)].append(timed(args.iters))
+    print(f"load average at end {os.getloadavg()[0]:.1f} (compare figures only from an idle machine)")
+    print(f"{'cell':5} {'layout':9} {'unroll':>6} {'steps/s':>8} {'(min-max)':>15}")
+    for (cell, layout, unroll), r in rates.items():
+        print(f"{cell:5} {layout:9} {unroll:>6} {statistics.median(r):8.1f} "
+              f"({min(r):6.1f}-{max(r):6.1f})")
 
 
 if __name__ == "__main__":

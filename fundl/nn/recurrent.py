@@ -729,12 +729,25 @@ def lstm(hidden: int, *, num_layers: int = 1, bidirectional: bool = False, dropo
          return_sequences: bool = True, return_carry: bool = False, merge: str = "concat") -> Layer:
     """An LSTM sequence layer: :func:`rnn` over :func:`lstm_cell` (see both for details).
 
-    With ``num_layers > 1`` it is a :func:`stacked` of layers (params
-    ``layer_0``, ``layer_1``, ... and ``dropout`` between them in training);
-    with ``bidirectional=True`` each layer is a :func:`bidirectional` pair,
-    merged with ``merge``.  ``forget_bias=0.0`` gives torch's exact default
-    init.  Output as :func:`rnn`, with carries per layer and per direction as
-    documented by :func:`stacked` and :func:`bidirectional`.
+    ``num_layers > 1`` stacks layers (params ``layer_0``, ``layer_1``, ...;
+    ``dropout``, the drop probability, acts between layers when
+    ``train=True`` and then needs a key).  ``bidirectional=True`` makes each
+    layer a :func:`bidirectional` pair (params ``forward``/``backward``) whose
+    outputs are merged with ``merge`` (``"concat"``: feature size ``2H``).
+    ``forget_bias=0.0`` gives torch's exact default init (1.0 by default).
+
+    ``apply`` returns, as in :func:`rnn`: ``ys`` (return_sequences), ``(ys,
+    carry)`` (both), ``carry`` (return_carry only), or the last output.
+    Here ``ys`` is the last layer's output sequence and ``carry`` is
+
+    * one layer: ``(h, c)``, each ``(B, H)``;
+    * bidirectional: ``((h_fwd, c_fwd), (h_bwd, c_bwd))``, the backward
+      direction's carry being taken after it has processed step 0;
+    * ``num_layers = L``: a tuple of ``L`` such per-layer carries (torch's
+      ``h_n[l * D + d]`` is ``carry[l][d][0]``).
+
+    The last output is the last layer's ``h`` (bidirectional: ``merge(h_fwd,
+    h_bwd)``), i.e. after each sequence's last valid step.
     """
     _check_hidden("lstm", hidden)
     return _build(lstm_cell(hidden, forget_bias=forget_bias), "lstm", num_layers,
@@ -745,7 +758,10 @@ def lstm(hidden: int, *, num_layers: int = 1, bidirectional: bool = False, dropo
 def gru(hidden: int, *, num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
         time_major: bool = False, reverse: bool = False, unroll: int = 1,
         return_sequences: bool = True, return_carry: bool = False, merge: str = "concat") -> Layer:
-    """A GRU sequence layer: :func:`rnn` over :func:`gru_cell`; options as :func:`lstm`."""
+    """A GRU sequence layer: :func:`rnn` over :func:`gru_cell`; options and outputs as
+    :func:`lstm`, except that a GRU's carry is ``h`` alone (``(B, H)``), so a
+    bidirectional carry is ``(h_fwd, h_bwd)`` and torch's ``h_n[l * D + d]``
+    is ``carry[l][d]``."""
     _check_hidden("gru", hidden)
     return _build(gru_cell(hidden), "gru", num_layers, bidirectional, dropout,
                   time_major, reverse, unroll, return_sequences, return_carry, merge)
