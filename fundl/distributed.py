@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -149,6 +150,11 @@ def initialize(settings: Settings) -> Settings:
     if not settings.multi_process:
         return settings
     t0 = time.monotonic()
+    # JAX's own start-up timeout ends in a C++ abort a few seconds after
+    # init_timeout; this watchdog says what happened in plain words first.
+    watchdog = threading.Timer(settings.init_timeout + 0.5, _start_up_timed_out, args=(settings,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=settings.coordinator,
@@ -168,8 +174,17 @@ def initialize(settings: Settings) -> Settings:
             f"{settings.init_timeout} s): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
             f"Check that all {settings.num_processes} processes were started with the same coordinator "
             f"and distinct process ids, and that process 0 is running.") from e
+    finally:
+        watchdog.cancel()
     _install_exit_hook(settings)
     return settings
+
+
+def _start_up_timed_out(settings: Settings) -> None:
+    print(f"fundl: process {settings.process_id} of {settings.num_processes}: not all processes joined the run "
+          f"at {settings.coordinator} within init_timeout={settings.init_timeout} s - a peer never started, "
+          f"crashed at start-up or uses another coordinator address; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _install_exit_hook(settings: Settings) -> None:
@@ -184,6 +199,7 @@ def _install_exit_hook(settings: Settings) -> None:
         if os.environ.get("FUNDL_TRACEBACK"):
             previous(exc_type, exc, tb)
         text = str(exc).splitlines()[0] if str(exc) else ""
+        text = text.replace("Error dispatching computation: ", "")
         if _is_peer_failure(exc_type, text):
             msg = (f"fundl: {who}: a peer process failed or disconnected during a collective "
                    f"({exc_type.__name__}: {text[:300]}); stopping this process too")

@@ -1,0 +1,120 @@
+"""Subprocess body of tests/test_parallel.py and tests/test_multihost.py.
+
+Trains the same three small models (an MLP, a CNN with batch norm, an LSTM)
+for 20 steps of SGD with momentum from the same initial state on the same
+global batches, through ``fundl.train.loop.fit`` with each placement asked
+for, then evaluates; writes the final states, logged losses and eval
+results to an .npz (process 0 only).  SGD rather than Adam on purpose: Adam
+would hide gradients that are N times too large.
+
+    python tests/parallel_worker.py OUT.npz MODE[:DEVICES[:K[:MODELS]]] ...
+
+MODE is none | pmap | sharding, DEVICES the local devices (0: all), K the
+fused steps per call, MODELS e.g. ``mlp+lstm`` (default: all three).  Device counts and multi-process settings come from
+the environment (FUNDL_* variables, see fundl/distributed.py).  ``bn`` as a
+MODE instead compares a pmapped batch-norm layer with one call on the global
+batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fundl import distributed  # noqa: E402
+
+distributed.initialize(distributed.settings_from())
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from fundl import models, nn  # noqa: E402
+from fundl.data import Loader  # noqa: E402
+from fundl.train.checkpoint import flatten_state  # noqa: E402
+from fundl.train.loop import evaluate, fit  # noqa: E402
+from fundl.train.parallel import make_placement  # noqa: E402
+from fundl.train.state import create_train_state  # noqa: E402
+from fundl.train.step import make_eval_step, make_train_step  # noqa: E402
+
+GLOBAL_BATCH, STEPS, NUM_TRAIN, NUM_TEST = 32, 20, 160, 40
+SHAPES = {"mlp": (20,), "cnn_bn": (8, 8, 3), "lstm": (12, 6)}
+
+
+def build(kind: str, axis_name):
+    if kind == "mlp":
+        return models.mlp([32], 10)
+    if kind == "cnn_bn":
+        return models.cnn([8, 16], [32], 10, batch_norm=True, axis_name=axis_name)
+    return models.rnn_classifier("lstm", 16, 10)
+
+
+def data(kind: str, seed: int = 0):
+    rng = np.random.default_rng([seed, len(kind)])
+    shape = SHAPES[kind]
+    make = lambda n: {"x": rng.normal(size=(n,) + shape).astype(np.float32),
+                      "y": rng.integers(0, 10, size=n).astype(np.int32)}
+    return make(NUM_TRAIN), make(NUM_TEST)
+
+
+def train(kind: str, mode: str, devices: int, k: int) -> dict:
+    placement = make_placement(mode, devices)
+    axis = getattr(placement, "axis_name", None)
+    model = build(kind, axis)
+    opt = optax.sgd(0.05, momentum=0.9)
+    state = create_train_state(model, opt, jax.random.key(0), (1,) + SHAPES[kind])
+    train_arrays, test_arrays = data(kind)
+    loader = Loader(train_arrays, GLOBAL_BATCH, seed=1, drop_last=True, prefetch=0,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+    result = fit(state, make_train_step(model, opt, axis_name=axis), loader, num_steps=STEPS, log_every=5,
+                 steps_per_call=k, progress=False, placement=placement)
+    eval_fn = placement.compile_eval(make_eval_step(model, axis_name=axis))
+    params = (placement.put_eval_params(result.state) if hasattr(placement, "put_eval_params")
+              else (result.state.params, result.state.model_state))
+    view = placement.for_eval() if hasattr(placement, "for_eval") else placement
+    ev = evaluate(eval_fn, *params, test_arrays, 16, placement=view)
+    out = {f"state/{p}": v for p, v in flatten_state(result.state).items()}
+    out["losses"] = np.array([r["loss"] for r in result.history if r["split"] == "train"])
+    out["eval"] = np.array([ev["loss"], ev["accuracy"]])
+    out["num_devices"] = np.array(placement.num_devices)
+    return out
+
+
+def batch_norm_check() -> dict:
+    """A pmapped batch norm (axis_name) vs one call on the global batch: outputs and running stats."""
+    d = jax.local_device_count()
+    layer_p, layer_1 = nn.batch_norm(axis_name="i"), nn.batch_norm()
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(8 * d, 5, 4)).astype(np.float32)
+    params, state, _ = layer_1.init(jax.random.key(0), x.shape)
+    y1, s1 = layer_1.apply(params, state, x, train=True)
+    f = jax.pmap(lambda xs: layer_p.apply(params, state, xs, train=True), axis_name="i")
+    yp, sp = f(x.reshape((d, 8) + x.shape[1:]))
+    return {"y1": np.asarray(y1), "yp": np.asarray(yp).reshape(x.shape),
+            "mean1": np.asarray(s1["mean"]), "meanp": np.asarray(sp["mean"][0]),
+            "var1": np.asarray(s1["var"]), "varp": np.asarray(sp["var"][0]),
+            "meanp_all": np.asarray(sp["mean"]), "num_devices": np.array(d)}
+
+
+def main(argv) -> int:
+    out_path, specs = argv[0], argv[1:]
+    results = {}
+    for spec in specs:
+        if spec == "bn":
+            results.update({f"bn/{k}": v for k, v in batch_norm_check().items()})
+            continue
+        mode, devices, k, kinds = (spec.split(":") + ["0", "1", "+".join(SHAPES)][len(spec.split(":")) - 1:])[:4]
+        for kind in kinds.split("+"):
+            results.update({f"{spec}/{kind}/{name}": v
+                            for name, v in train(kind, mode, int(devices), int(k)).items()})
+    if jax.process_index() == 0:
+        np.savez(out_path, **results)
+    print(f"worker done: process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.device_count()} devices", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
