@@ -352,6 +352,15 @@ def test_init_errors():
         batch_norm(momentum=1.5)
 
 
+def test_unbound_axis_name_explains_what_to_do():
+    layer = batch_norm(axis_name="d")
+    params, state, _ = nn.abstract_init(layer, (4, 3))
+    with pytest.raises(nn.LayerError, match=r"axis_name='d'.*jax.pmap"):
+        layer.apply(params, state, jnp.ones((4, 3)), train=True)
+    params, state = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), (params, state))
+    layer.apply(params, state, jnp.ones((4, 3)))  # eval needs no collective: fine
+
+
 def test_missing_state_is_a_params_error():
     layer = batch_norm()
     params, _, _ = nn.abstract_init(layer, (4, 3))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fundl.nn.core import Layer, ShapeError, _fmt, get_param
+from fundl.nn.core import Layer, LayerError, ShapeError, _fmt, get_param
 
 
 def _stat_dtype(dtype):
@@ -59,18 +59,14 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
     the natural choice); the batch axis itself cannot be normalised over.
     """
     name = "layer_norm"
-    if isinstance(axis, int):
-        axis_repr = axis
-    else:
-        axis = tuple(axis)
-        axis_repr = axis
+    axis = axis if isinstance(axis, int) else tuple(axis)
 
     def init(key, input_shape):
         input_shape = tuple(input_shape)
         axes = _axes(axis, len(input_shape), name)
         if 0 in axes:
             raise ShapeError(
-                f"{name}: axis={axis_repr} includes the batch axis 0 of input shape "
+                f"{name}: axis={axis} includes the batch axis 0 of input shape "
                 f"{_fmt(input_shape)}; layer norm normalises each example on its own "
                 "(use batch_norm to normalise over the batch)"
             )
@@ -84,15 +80,16 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
 
     def apply(params, state, x, *, key=None, train=False):
         shape = tuple(jnp.shape(x))
-        ref = params.get("scale", params.get("bias")) if isinstance(params, dict) else None
-        want = None if ref is None else tuple(ref.shape)
+        want = None  # the normalised axes' sizes, known from scale or bias
+        if use_scale or use_bias:
+            want = tuple(jnp.shape(get_param(params, "scale" if use_scale else "bias")))
         try:
             axes = _axes(axis, len(shape), name)
         except ShapeError:
             axes = None
         if axes is None or (want is not None and tuple(shape[a] for a in axes) != want):
             raise ShapeError(
-                f"{name} over axis={axis_repr} expected input of shape "
+                f"{name} over axis={axis} expected input of shape "
                 f"{_expected(axis, want)}, got shape {_fmt(shape)} (rank {len(shape)})"
             )
         x32 = x.astype(_stat_dtype(x.dtype))
@@ -108,6 +105,22 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
         return y.astype(x.dtype), {}
 
     return Layer(init, apply, name)
+
+
+def _pmean(value, axis_name):
+    """``lax.pmean`` over ``axis_name`` (None: no averaging), with a hint when
+    the axis is not bound."""
+    if axis_name is None:
+        return value
+    try:
+        return jax.lax.pmean(value, axis_name)
+    except NameError as e:
+        raise LayerError(
+            f"batch_norm(axis_name={axis_name!r}) in training mode must run inside "
+            f"a transform that binds that axis, e.g. jax.pmap(..., axis_name={axis_name!r}), "
+            f"jax.vmap(..., axis_name={axis_name!r}) or jax.shard_map; for a single "
+            f"device use batch_norm(axis_name=None) ({e})"
+        ) from None
 
 
 def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
@@ -174,13 +187,10 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
         x32 = x.astype(sdt)
         axes = tuple(range(x.ndim - 1))
         if train:
-            mean = jnp.mean(x32, axis=axes)
-            if axis_name is not None:
-                mean = jax.lax.pmean(mean, axis_name)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            mean = _pmean(jnp.mean(x32, axis=axes), axis_name)
+            var = _pmean(jnp.mean(jnp.square(x32 - mean), axis=axes), axis_name)
             n = x.size // c
             if axis_name is not None:
-                var = jax.lax.pmean(var, axis_name)
                 n = n * jax.lax.psum(1, axis_name)
             unbiased = var * (n / jnp.maximum(n - 1, 1))
             new_state = {
