@@ -62,18 +62,13 @@ def _padding(padding, nd: int, layer: str):
     if isinstance(padding, int):
         padding = [padding] * nd
     try:
-        entries = list(padding)
-    except TypeError:
-        entries = None
-    pairs = []
-    if entries is not None and len(entries) == nd:
-        for e in entries:
-            pair = (e, e) if isinstance(e, int) else tuple(e)
-            if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
-                pairs = None
-                break
-            pairs.append(pair)
-    else:
+        pairs = [(e, e) if isinstance(e, int) else tuple(e) for e in padding]
+    except TypeError:  # not iterable, or an entry that is neither int nor pair
+        pairs = None
+    if pairs is not None and not (
+        len(pairs) == nd
+        and all(len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in pairs)
+    ):
         pairs = None
     if pairs is None:
         example = "[(1, 2)]" if nd == 1 else "[(1, 2), (0, 1)]"
