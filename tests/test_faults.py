@@ -112,15 +112,17 @@ def test_sigkill_at_steps_and_inside_saves_resumes_bit_identically(tmp_path, ref
 
 
 def _kill_at_random_time(args, rng, log):
-    """Start a slowed-down run, SIGKILL it a random time after its first step."""
+    """Start a slowed-down run, SIGKILL it a random time after its first step (once compiled)."""
     proc = launch(*args, slow=0.02, wait=False)
-    t_start = None
+    t_start, seen = None, 0
     for line in proc.stderr:
         if line.startswith("fault_driver: step"):
-            t_start = time.monotonic()
-            break
-    assert t_start is not None, "the run ended before its first step"
-    delay = rng.uniform(0.0, 1.1)
+            seen += 1
+            if seen == 2:
+                t_start = time.monotonic()
+                break
+    assert t_start is not None, "the run ended before its second step"
+    delay = rng.uniform(0.0, 1.2)
     time.sleep(max(0.0, t_start + delay - time.monotonic()))
     proc.send_signal(signal.SIGKILL)
     rest = proc.stderr.read()
@@ -203,6 +205,30 @@ def test_sigint_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path):
     resumed = fit(restored, step, loader, num_steps=20, log_every=3, progress=False)
     for x, y in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
         x, y = (jax.random.key_data(v) if jnp_is_key(v) else v for v in (x, y))
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_stop_at_an_eval_resumes_exactly_with_fused_steps(tmp_path):
+    """SIGTERM between fused chunks: the resumed run chunks differently, and still matches bit for bit."""
+    model, opt, _, loader = _tiny_fit_setup()
+    fresh = lambda: create_train_state(model, opt, jax.random.key(0), (1, 8))
+    step = make_train_step(model, opt)
+    kw = dict(num_steps=21, log_every=8, steps_per_call=4, progress=False)
+    full = fit(fresh(), step, loader, **kw)
+
+    def eval_fn(s):
+        if int(s.step) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    rd = RunDir(tmp_path)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 5") as info:
+        fit(fresh(), step, loader, eval_fn=eval_fn, eval_every=5, run_dir=rd, **kw)
+    assert info.value.exit_code == 143
+    restored, _ = ckpt.restore(ckpt.latest_valid(rd.checkpoint_dir), fresh())
+    resumed = fit(restored, step, loader, **kw)
+    leaves_a = jax.tree.leaves(jax.tree.map(lambda x: x, full.state.params))
+    for x, y in zip(leaves_a, jax.tree.leaves(resumed.state.params)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
