@@ -79,9 +79,7 @@ def main(argv=None) -> int:
     try:
         summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet)
     except TrainingInterrupted as e:
-        print(f"fundl: {e}", file=sys.stderr)
-        if e.checkpoint:
-            print(f"fundl: resume with: {sys.executable} {sys.argv[0]} --resume {run_dir}", file=sys.stderr)
+        print(f"fundl: {e}", file=sys.stderr)  # names the checkpoint and the command that resumes
         return e.exit_code
     except cfg.ConfigError as e:
         if os.environ.get("FUNDL_TRACEBACK"):
