@@ -19,6 +19,7 @@ batch.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -107,8 +108,10 @@ def main(argv) -> int:
             continue
         mode, devices, k, kinds = (spec.split(":") + ["0", "1", "+".join(SHAPES)][len(spec.split(":")) - 1:])[:4]
         for kind in kinds.split("+"):
+            t0 = time.perf_counter()
             results.update({f"{spec}/{kind}/{name}": v
                             for name, v in train(kind, mode, int(devices), int(k)).items()})
+            print(f"{spec} {kind}: {time.perf_counter() - t0:.1f} s", flush=True)
     if jax.process_index() == 0:
         np.savez(out_path, **results)
     print(f"worker done: process {jax.process_index()} of {jax.process_count()}, "

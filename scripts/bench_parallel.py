@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Throughput of the data-parallel placements against the single-device step, in one run.
+
+    python scripts/bench_parallel.py [--local-devices 4] [--model mlp|cnn] [--batch 256] [--steps 30]
+
+Every placement trains the same model at the same *global* batch: the
+single-device ``jax.jit`` step, then ``pmap`` and sharded ``jit`` on 1, 2,
+4, ... of the local devices.  Each timing includes what the loop pays per
+step: the host batch split and sent to the devices, the step, and the
+periodic host sync (``placement.sync_every``).  Rounds are interleaved and
+the median is reported.
+
+On a CPU the "devices" are fake (``--local-devices``, the default here: 4)
+and share the same cores, so the figures show the overhead of each path,
+not a speed-up.  On a machine with several accelerators, pass
+``--local-devices 0`` to use the real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local-devices", type=int, default=4, help="fake CPU devices (0: the platform's own devices)")
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument("--batch", type=int, default=256, help="global batch size")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+
+    import jax
+
+    if args.local_devices:
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
+    import numpy as np
+    import optax
+
+    from fundl import models
+    from fundl.train.parallel import SingleDevice, make_placement
+    from fundl.train.state import create_train_state
+    from fundl.train.step import make_train_step
+
+    n = jax.local_device_count()
+    counts = [c for c in (1, 2, 4, 8, 16) if c <= n and args.batch % c == 0]
+    shape = (784,) if args.model == "mlp" else (28, 28, 1)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(args.batch,) + shape).astype(np.float32),
+             "y": rng.integers(0, 10, args.batch).astype(np.int32)}
+
+    def build(axis):
+        if args.model == "mlp":
+            return models.mlp([512, 512], 10)
+        return models.cnn([32, 64], [256], 10, batch_norm=True, axis_name=axis)
+
+    setups = [("single device (jit)", SingleDevice())]
+    setups += [(f"pmap, {c} device{'s' * (c > 1)}", make_placement("pmap", c)) for c in counts]
+    setups += [(f"sharding, {c} device{'s' * (c > 1)}", make_placement("sharding", c)) for c in counts]
+    runners = []
+    for name, placement in setups:
+        axis = getattr(placement, "axis_name", None)
+        model = build(axis)
+        opt = optax.adam(1e-3)
+        state = placement.put_state(create_train_state(model, opt, jax.random.key(0), (1,) + shape))
+        fn = placement.compile_train(make_train_step(model, opt, axis_name=axis), 1)
+        runners.append([name, placement, fn, state, []])
+
+    def run(r, steps):
+        name, placement, fn, state, _ = r
+        t0 = time.perf_counter()
+        metrics = None
+        for i in range(steps):
+            state, metrics = fn(state, placement.put_batch(batch))
+            if placement.sync_every and (i + 1) % placement.sync_every == 0:
+                jax.block_until_ready(metrics)
+        jax.block_until_ready((state, metrics))
+        r[3] = state
+        return time.perf_counter() - t0
+
+    for r in runners:  # compile and warm up
+        run(r, 3)
+    for _ in range(args.rounds):
+        for r in runners:
+            r[4].append(args.steps * args.batch / run(r, args.steps))
+
+    platform = jax.devices()[0].platform
+    print(f"{args.model}, global batch {args.batch}, {args.steps} steps x {args.rounds} rounds, "
+          f"{n} local {platform} devices, jax {jax.__version__}")
+    base = statistics.median(runners[0][4])
+    print(f"{'placement':<24}{'examples/s':>12}{'vs single':>11}")
+    for name, *_, rates in runners:
+        med = statistics.median(rates)
+        print(f"{name:<24}{med:>12.0f}{med / base:>10.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
