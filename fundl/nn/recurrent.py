@@ -559,7 +559,6 @@ def bidirectional(forward_layer: Layer, backward_layer: Layer | None = None, *,
     if merge not in _BIDI_MERGES:
         raise ValueError(f"merge must be one of {_BIDI_MERGES}, got {merge!r}")
     backward_layer = forward_layer if backward_layer is None else backward_layer
-    t_ax, b_ax = _time_axes(time_major)
 
     def init(key, input_shape):
         k_f, k_b = jax.random.split(key)
