@@ -63,7 +63,7 @@ def check_layer(layer: nn.Layer, input_shape, *, dtype=jnp.float32, maxval=None,
     xs = jnp.stack([x, x2][:vmap_size])
     yv, _ = jax.vmap(lambda x: layer.apply(params, state, x, key=call_key, train=train))(xs)
     for i in range(xs.shape[0]):
-        yi, _ = layer.apply(params, state, xs[i], key=call_key, train=train)
+        yi, _ = f(params, state, xs[i])  # compiled above for this shape
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=rtol, atol=atol), yv, yi)
 
     # grad is finite w.r.t. params and (float) inputs
