@@ -33,7 +33,8 @@ sets.  With no coordinator this is a single-process run and
 ``jax.distributed`` is not used; ``local_devices`` still sets the number of
 (fake) CPU devices.
 
-This module imports JAX lazily, so reading flags costs nothing.
+Nothing here touches a JAX device before :func:`initialize` (which must
+come first: JAX refuses to join a run once its backend has started).
 """
 
 from __future__ import annotations

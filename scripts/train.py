@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from fundl import config as cfg  # noqa: E402
-from fundl import distributed  # noqa: E402  (flags only; imports JAX lazily)
+from fundl import distributed  # noqa: E402  (touches no JAX device before initialize)
 
 
 def _config_path(args, p) -> str:
