@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fundl.train import checkpoint as ckpt  # noqa: E402
@@ -50,23 +51,29 @@ def install(spec: str, slow: float) -> None:
     elif kind:
         raise SystemExit(f"fault_driver: unknown FUNDL_FAULT {spec!r}")
 
-    if kill_step is not None or slow:
-        original = parallel.SingleDevice.compile_train
+    def patch(cls):
+        original = cls.compile_train
 
         def compile_train(self, step, steps_per_call=1, unroll=1):
             fn = original(self, step, steps_per_call, unroll)
 
             def wrapped(state, batch):
+                now = int(np.asarray(jax.device_get(self.get_state(state).step)))
                 if slow:
-                    print(f"fault_driver: step {int(state.step)}", file=sys.stderr, flush=True)
+                    print(f"fault_driver: step {now}", file=sys.stderr, flush=True)
                     time.sleep(slow)
-                if kill_step is not None and int(state.step) == kill_step:
+                if kill_step is not None and now == kill_step:
                     die()
                 return fn(state, batch)
 
             return wrapped
 
-        parallel.SingleDevice.compile_train = compile_train
+        cls.compile_train = compile_train
+
+    if kill_step is not None or slow:
+        for cls in vars(parallel).values():  # every placement: one device, pmap, sharding
+            if isinstance(cls, type) and hasattr(cls, "compile_train") and hasattr(cls, "get_state"):
+                patch(cls)
 
     if kind == "enospc":
         real_savez = np.savez

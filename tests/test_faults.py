@@ -128,7 +128,8 @@ def _kill_at_random_time(args, rng, log):
     rest = proc.stderr.read()
     proc.wait(60)
     steps = [int(x.split()[-1]) for x in rest.splitlines() if x.startswith("fault_driver: step")]
-    log.append(steps[-1] if steps else None)
+    if proc.returncode == KILLED:
+        log.append(steps[-1] if steps else None)
     return proc.returncode
 
 
@@ -315,3 +316,38 @@ def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path):
     assert r.returncode == 1
     assert "NonFiniteLossError: non-finite" in r.stderr and "at step" in r.stderr
     assert "Traceback" not in r.stderr and "nan_policy='skip'" in r.stderr
+
+
+# ------------------------------------------------- multi-process SIGTERM
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """JAX's preemption service catches SIGTERM; the sync point makes both processes save one step."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    multihost = pytest.importorskip("test_multihost")
+    import launch_local
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, DRIVER, "--config", "configs/tiny_synthetic.toml", "--quiet",
+            "--set", 'parallel.mode="sharding"', "--set", "training.steps=200", "--set", "training.checkpoint_every=100",
+            "--set", "logging.plots=false", "--run-dir", str(run_dir)]
+    port = launch_local.free_port()
+    procs = [multihost.start(args, multihost.mp_env(port, i, FUNDL_SLOW="0.03")) for i in range(2)]
+    try:
+        for line in procs[1].stdout:
+            if line.startswith("fault_driver: step 20"):
+                break
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [procs[1].stdout.read(), procs[0].communicate(timeout=120)[0]]
+        procs[1].wait(120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [143, 143], outs
+    stops = [x for out in outs for x in out.splitlines() if "training stopped by SIGTERM" in x]
+    assert len(stops) == 2 and stops[0] == stops[1], stops  # the same step and checkpoint on both
+    step = int(stops[0].split("at step ")[1].split(";")[0])
+    assert 20 < step < 200
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == [ckpt.checkpoint_name(step)]
+    assert f"resume with: python scripts/train.py --resume {run_dir}" in stops[0]

@@ -206,6 +206,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         extras = {"loader": loader.state_at_step(s), **(checkpoint_extras or {})}
         if getattr(run_dir, "writer", True):
             last_ckpt = ckpt.save(run_dir.checkpoint_dir, host_state, step=s, extras=extras, keep=keep_checkpoints)
+        else:  # process 0 writes it (the barrier below waits for that)
+            last_ckpt = run_dir.checkpoint_dir / ckpt.checkpoint_name(s)
         last_ckpt_step = s
         placement.barrier(f"checkpoint_{s}") if hasattr(placement, "barrier") else None
 
