@@ -170,12 +170,16 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
               f"model {config['model']['kind']} with {num_params:,} params, {total} steps of batch "
               f"{t['batch_size']} from step {int(state.step)}; run dir {rd.path}", flush=True)
-    result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
-                 log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
-                 keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config_hash": structure},
-                 steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
-                 progress=t["progress"], placement=placement,
-                 resume_hint=f"resume with: python scripts/train.py --resume {rd.path}")
+    try:
+        result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
+                     log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
+                     keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config_hash": structure},
+                     steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
+                     progress=t["progress"], placement=placement,
+                     resume_hint=f"resume with: python scripts/train.py --resume {rd.path}")
+    except BaseException:  # signal, NaN, disk full: flush what was logged (tensorboard) before leaving
+        rd.close()
+        raise
     final = result.final_eval
     summary = {
         "final_step": total,
