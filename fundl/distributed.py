@@ -202,8 +202,8 @@ def _install_exit_hook(settings: Settings) -> None:
         text = str(exc).splitlines()[0] if str(exc) else ""
         text = text.replace("Error dispatching computation: ", "")
         if _is_peer_failure(exc_type, text):
-            msg = (f"fundl: {who}: a peer process failed or disconnected during a collective "
-                   f"({exc_type.__name__}: {text[:300]}); stopping this process too")
+            msg = (f"fundl: {who}: a peer process failed, disconnected or stopped responding during a "
+                   f"collective ({exc_type.__name__}: {text[:300]}); stopping this process too")
         else:
             msg = f"fundl: {who} failed: {exc_type.__name__}: {text[:500]}"
         print(msg, file=sys.stderr, flush=True)
@@ -215,9 +215,13 @@ def _install_exit_hook(settings: Settings) -> None:
 
 
 def _is_peer_failure(exc_type, text: str) -> bool:
+    """Errors of the runtime or the CPU collectives that mean a peer is gone or stuck.
+
+    (A gloo timeout surfaces as ``ValueError``, a closed connection as
+    ``JaxRuntimeError``: look at the text, not only the type.)"""
     markers = ("Gloo", "gloo", "Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE",
-               "DEADLINE_EXCEEDED", "collective", "coordination")
-    return exc_type.__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(m in text for m in markers)
+               "DEADLINE_EXCEEDED", "coordination service", "Timed out waiting")
+    return any(m in text for m in markers)
 
 
 def describe() -> str:

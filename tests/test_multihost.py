@@ -7,8 +7,10 @@ Two processes with two fake CPU devices each form one JAX run
 Measured here (2 cores, heartbeat/init timeouts of 5 s): a peer killed
 mid-training stops the survivor in well under a second (the collective sees
 the closed connection); a hung (SIGSTOPped) peer is declared dead after the
-heartbeat timeout (~5 s); a peer that never starts stops the others ~1-2 s
-after the init timeout (the start-up watchdog of ``fundl.distributed``).
+heartbeat timeout (~4.5-5 s); a live peer that stops joining collectives is
+caught by the collective timeout (5.0 s); a peer that never starts stops the
+others ~1-2 s after the init timeout (the start-up watchdog of
+``fundl.distributed``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ TIMEOUTS = {"FUNDL_INIT_TIMEOUT": 5, "FUNDL_HEARTBEAT_TIMEOUT": 5, "FUNDL_SHUTDO
 
 
 def mp_env(port: int, process_id: int, num_processes: int = 2, devices: int = 2, **extra) -> dict:
-    return clean_env(FUNDL_COORDINATOR=f"127.0.0.1:{port}", FUNDL_NUM_PROCESSES=num_processes,
-                     FUNDL_PROCESS_ID=process_id, FUNDL_LOCAL_DEVICES=devices, **TIMEOUTS, **extra)
+    return clean_env(**{"FUNDL_COORDINATOR": f"127.0.0.1:{port}", "FUNDL_NUM_PROCESSES": num_processes,
+                        "FUNDL_PROCESS_ID": process_id, "FUNDL_LOCAL_DEVICES": devices, **TIMEOUTS, **extra})
 
 
 def start(cmd, env, **kw):
@@ -163,12 +165,51 @@ def test_dead_or_hung_peer_stops_the_others_within_bound(tmp_path, how):
     assert elapsed < bound, f"survivor took {elapsed:.1f} s (> {bound} s)"
     assert procs[0].returncode != 0
     if procs[0].returncode == 1:
-        assert "fundl: process 0 of 2: a peer process failed or disconnected" in out, out[-3000:]
+        assert "fundl: process 0 of 2: a peer process failed, disconnected or stopped responding" in out, out[-3000:]
     else:  # the runtime's own abort (heartbeat timeout)
         assert procs[0].returncode == -signal.SIGABRT, out[-3000:]
         assert "JAX distributed service detected fatal errors" in out, out[-3000:]
     if how == "kill":
         assert procs[0].returncode == 1, out[-3000:]
+
+
+STUCK = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from fundl import distributed
+distributed.initialize(distributed.settings_from())
+import jax, numpy as np
+f = jax.pmap(lambda a: jax.lax.psum(a, "i"), axis_name="i")
+f(np.ones((1, 3), np.float32)).block_until_ready()
+print("joined", flush=True)
+if jax.process_index() == 1:
+    time.sleep(120)  # alive (heartbeats go on) but never joins the next collective
+f(np.ones((1, 3), np.float32)).block_until_ready()
+"""
+
+
+def test_stuck_peer_fails_the_collective_after_collective_timeout():
+    """A live peer that stops taking part: heartbeats continue, the collective timeout ends it."""
+    port = launch_local.free_port()
+    code = STUCK.format(root=str(ROOT))
+    env = lambda i: mp_env(port, i, devices=1, FUNDL_COLLECTIVE_TIMEOUT=5, FUNDL_HEARTBEAT_TIMEOUT=60)
+    procs = [start([sys.executable, "-c", code], env(i)) for i in range(2)]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("joined"):
+                break
+        t0 = time.monotonic()
+        out, _ = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    print(f"stuck: process 0 exited with {procs[0].returncode} after {elapsed:.2f} s")
+    assert procs[0].returncode == 1, out[-3000:]
+    assert "stopped responding during a collective" in out and "Timed out waiting 5000ms" in out, out[-3000:]
+    assert elapsed < 5 + 10
 
 
 def test_peer_that_never_starts_stops_process_zero_within_init_timeout(tmp_path):
