@@ -146,6 +146,10 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     if t["resume"]:
         check_resumable(rd, config)
         state = _resume(rd, state, structure, verbose and writer)
+        if int(state.step) > total:
+            raise cfg.ConfigError(
+                f"cannot resume {rd.path}: its checkpoint is at step {int(state.step)}, past the {total} steps "
+                f"this config asks for; raise training.steps or training.epochs")
     rd.write_text("config.toml", cfg.dumps(config))
     rd.truncate_metrics(int(state.step))
 

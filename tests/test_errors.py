@@ -223,7 +223,7 @@ def test_resume_and_run_dir_naming_different_directories_exit_2(tmp_path):
 
 def test_resuming_past_the_requested_steps_is_explained(tmp_path):
     experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
-    with pytest.raises(ValueError, match="the state is at step 8, past num_steps=4"):
+    with pytest.raises(cfg.ConfigError, match="its checkpoint is at step 8, past the 4 steps this config asks for"):
         experiment.run(tiny_config("training.steps=4", "training.resume=true"), tmp_path, verbose=False)
 
 

@@ -129,7 +129,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
     multi_fn = placement.compile_train(train_step, steps_per_call, unroll) if steps_per_call > 1 else None
     start_step = int(jax.device_get(placement.get_state(state).step))
     if start_step > num_steps:
-        raise ValueError(f"fit: the state is at step {start_step}, past num_steps={num_steps}")
+        raise ValueError(f"fit: the state is at step {start_step}, past num_steps={num_steps}; a resumed run "
+                         f"cannot end before its checkpoint: raise training.steps/epochs or use a new run dir")
     loader.restore(loader.state_at_step(start_step))
     batches = loader.stream(num_steps - start_step)
     state = placement.put_state(state)
