@@ -189,7 +189,11 @@ def _start_up_timed_out(settings: Settings) -> None:
 
 
 def _install_exit_hook(settings: Settings) -> None:
-    """In a multi-process run an uncaught error prints a clear line and exits at once."""
+    """In a multi-process run an uncaught error prints a clear line and exits at once.
+
+    A peer failure gets one line (its traceback says nothing useful; set
+    FUNDL_TRACEBACK=1 to see it anyway); any other error keeps its traceback.
+    """
     previous = sys.excepthook
     who = f"process {settings.process_id} of {settings.num_processes}"
 
@@ -197,11 +201,12 @@ def _install_exit_hook(settings: Settings) -> None:
         if issubclass(exc_type, KeyboardInterrupt):
             print(f"fundl: {who} interrupted", file=sys.stderr, flush=True)
             os._exit(130)
-        if os.environ.get("FUNDL_TRACEBACK"):
-            previous(exc_type, exc, tb)
         text = str(exc).splitlines()[0] if str(exc) else ""
         text = text.replace("Error dispatching computation: ", "")
-        if _is_peer_failure(exc_type, text):
+        peer = _is_peer_failure(exc_type, text)
+        if not peer or os.environ.get("FUNDL_TRACEBACK"):
+            previous(exc_type, exc, tb)
+        if peer:
             msg = (f"fundl: {who}: a peer process failed, disconnected or stopped responding during a "
                    f"collective ({exc_type.__name__}: {text[:300]}); stopping this process too")
         else:
