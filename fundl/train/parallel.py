@@ -98,7 +98,7 @@ def _place(x, sharding, leading: int | None = None):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
 
 
-def _select_devices(devices: int, mode: str) -> list:
+def _select_devices(devices: int) -> list:
     """The first ``devices`` local devices of this process (0: all of them)."""
     local = jax.local_devices()
     if devices < 0 or devices > len(local):
@@ -109,7 +109,13 @@ def _select_devices(devices: int, mode: str) -> list:
     return local[:devices or len(local)]
 
 
+def _split_evenly(size: int, parts: int) -> None:
+    if size % parts:
+        raise ValueError(f"a local batch of {size} examples cannot be split evenly over {parts} local devices")
+
+
 def local_batches_divisible(batch_size: int, num_devices: int) -> None:
+    """The check of ``placement.check_batch_size``, run before training."""
     if batch_size % num_devices:
         lower = batch_size - batch_size % num_devices
         raise ValueError(
@@ -193,7 +199,7 @@ class PmapPlacement(_MultiDevice):
     axis_name = "batch"
 
     def __init__(self, devices: int = 0):
-        self.devices = _select_devices(devices, "pmap")
+        self.devices = _select_devices(devices)
         self.num_local = len(self.devices)
         if jax.process_count() > 1 and self.num_local != jax.local_device_count():
             raise ValueError(
@@ -245,7 +251,7 @@ class PmapPlacement(_MultiDevice):
             return jax.device_put(a, self._sharded)
 
         first = np.shape(next(iter(batch.values())))
-        local_batches_divisible(first[1] if stacked else first[0], d)
+        _split_evenly(first[1] if stacked else first[0], d)
         return {k: split(v) for k, v in batch.items()}
 
     def host_metrics(self, metrics):
@@ -268,7 +274,7 @@ class ShardingPlacement(_MultiDevice):
     data_axis = "data"
 
     def __init__(self, devices: int = 0):
-        local = _select_devices(devices, "sharding")
+        local = _select_devices(devices)
         self.num_local = len(local)
         if jax.process_count() > 1:
             by_process = {}
@@ -312,7 +318,7 @@ class ShardingPlacement(_MultiDevice):
     def put_batch(self, batch, stacked: bool = False):
         sharding = self.stacked_sharding if stacked else self.batch_sharding
         axis = 1 if stacked else 0
-        local_batches_divisible(np.shape(next(iter(batch.values())))[axis], self.num_local)
+        _split_evenly(np.shape(next(iter(batch.values())))[axis], self.num_local)
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
     def host_metrics(self, metrics):
