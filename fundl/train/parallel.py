@@ -37,6 +37,7 @@ class SingleDevice:
     """Everything on the default device; the step is ``jax.jit`` with the state donated."""
 
     num_devices = 1
+    axis_name = None  # the step needs no collective
     sync_every = 0  # dispatches between forced host syncs (0: only when logging)
 
     def compile_train(self, step, steps_per_call: int = 1, unroll=1):
