@@ -256,7 +256,7 @@ class PmapPlacement(_MultiDevice):
         return {k: split(v) for k, v in batch.items()}
 
     def host_metrics(self, metrics):
-        return jax.tree.map(lambda m: np.asarray(m.addressable_data(0))[0], metrics)
+        return jax.tree.map(lambda m: np.asarray(np.asarray(m.addressable_data(0))[0]), metrics)
 
 
 # ------------------------------------------------------------------ sharding
