@@ -63,9 +63,6 @@ def test_float_token_ids_are_rejected_by_the_embedding():
         model.apply(params, state, jnp.ones((1, 5), jnp.float32))
 
 
-@pytest.mark.xfail(reason="fundl.nn.dense casts its weights to the input dtype, so integer inputs silently "
-                          "truncate the weights instead of raising (reported to the owner of fundl/nn)",
-                   strict=False)
 def test_integer_inputs_to_a_dense_model_are_rejected():
     model = models.mlp([16], 3)
     params, state, _ = model.init(jax.random.key(0), (1, 8))

@@ -33,6 +33,10 @@ def dense(features: int, *, use_bias: bool = True, w_init=None, b_init=None,
     def apply(params, state, x, *, key=None, train=False):
         w = get_param(params, "w")
         check_last_dim(x, w.shape[0])
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            raise ShapeError(
+                f"dense expects a floating-point input, got dtype {jnp.result_type(x)}; "
+                "cast it first (x.astype(jnp.float32)), or use nn.embedding for integer ids")
         y = x @ w.astype(x.dtype)
         if use_bias:
             y = y + get_param(params, "b").astype(x.dtype)
@@ -63,14 +67,18 @@ def embedding(num_embeddings: int, features: int, *, w_init=None, dtype=jnp.floa
 def flatten() -> Layer:
     """Flatten all axes after the batch axis: (B, ...) -> (B, prod(...))."""
 
+    def check(shape):
+        if len(shape) < 2:
+            raise ShapeError(
+                f"flatten expects an input of shape (batch, ...) with rank >= 2, got shape {tuple(shape)}; "
+                "a single example needs a batch axis: x[None]")
+
     def init(key, input_shape):
-        if len(input_shape) < 1:
-            raise ShapeError("flatten needs an input with a batch axis, got a scalar shape ()")
+        check(input_shape)
         return {}, {}, (input_shape[0], math.prod(input_shape[1:]))
 
     def apply(params, state, x, *, key=None, train=False):
-        if x.ndim < 1:
-            raise ShapeError(f"flatten needs an input with a batch axis, got shape {x.shape}")
+        check(jnp.shape(x))
         return x.reshape(x.shape[0], -1), {}
 
     return Layer(init, apply, "flatten")
