@@ -105,6 +105,7 @@ def launch_train(tmp_path, capsys, *args, mode="sharding"):
 
 
 def test_launcher_trains_writes_once_and_resumes(tmp_path, capsys):
+    """2 processes x 2 devices from scripts/launch_local.py: sharding, then resumed with pmap."""
     code, out = launch_train(tmp_path, capsys, "--set", "training.steps_per_call=4")
     assert code == 0, out[-4000:]
     assert "[p0] test accuracy" in out and "[p1] test accuracy" in out
@@ -118,7 +119,8 @@ def test_launcher_trains_writes_once_and_resumes(tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000012", "step_00000024"]
     assert not list((run / "checkpoints").glob(".*tmp*"))
 
-    code, out = launch_train(tmp_path, capsys, "--resume", "--set", "training.steps=36")
+    # resume the sharding run's checkpoint under pmap: checkpoints are plain states
+    code, out = launch_train(tmp_path, capsys, "--resume", "--set", "training.steps=36", mode="pmap")
     assert code == 0, out[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_step"] == 36 and summary["processes"] == 2
