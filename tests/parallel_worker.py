@@ -10,7 +10,8 @@ would hide gradients that are N times too large.
     python tests/parallel_worker.py OUT.npz MODE[:DEVICES[:K[:MODELS]]] ...
 
 MODE is none | pmap | sharding, DEVICES the local devices (0: all), K the
-fused steps per call, MODELS e.g. ``mlp+lstm`` (default: all three).  Device counts and multi-process settings come from
+fused steps per call, MODELS e.g. ``mlp+lstm`` (default: mlp, cnn_bn, lstm;
+``mlp_dropout`` on request).  Device counts and multi-process settings come from
 the environment (FUNDL_* variables, see fundl/distributed.py).  ``bn`` as a
 MODE instead compares a pmapped batch-norm layer with one call on the global
 batch.
@@ -42,12 +43,15 @@ from fundl.train.state import create_train_state  # noqa: E402
 from fundl.train.step import make_eval_step, make_train_step  # noqa: E402
 
 GLOBAL_BATCH, STEPS, NUM_TRAIN, NUM_TEST = 32, 20, 160, 40
-SHAPES = {"mlp": (20,), "cnn_bn": (8, 8, 3), "lstm": (12, 6)}
+SHAPES = {"mlp": (20,), "cnn_bn": (8, 8, 3), "lstm": (12, 6), "mlp_dropout": (20,)}
+DEFAULT_KINDS = ("mlp", "cnn_bn", "lstm")
 
 
 def build(kind: str, axis_name):
     if kind == "mlp":
         return models.mlp([32], 10)
+    if kind == "mlp_dropout":
+        return models.mlp([32], 10, dropout=0.5)
     if kind == "cnn_bn":
         return models.cnn([8, 16], [32], 10, batch_norm=True, axis_name=axis_name)
     return models.rnn_classifier("lstm", 16, 10)
@@ -106,7 +110,7 @@ def main(argv) -> int:
         if spec == "bn":
             results.update({f"bn/{k}": v for k, v in batch_norm_check().items()})
             continue
-        mode, devices, k, kinds = (spec.split(":") + ["0", "1", "+".join(SHAPES)][len(spec.split(":")) - 1:])[:4]
+        mode, devices, k, kinds = (spec.split(":") + ["0", "1", "+".join(DEFAULT_KINDS)][len(spec.split(":")) - 1:])[:4]
         for kind in kinds.split("+"):
             t0 = time.perf_counter()
             results.update({f"{spec}/{kind}/{name}": v

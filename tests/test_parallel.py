@@ -70,7 +70,8 @@ def assert_same_training(ref: dict, other: dict, label: str) -> float:
     return err
 
 
-SPECS = ["none", "pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn"]
+SPECS = ["none", "pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
+         "none:0:1:mlp_dropout", "sharding:0:1:mlp_dropout"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,13 @@ def test_fused_steps_on_four_devices(four_devices, spec, kind):
     """steps_per_call=5: batches (K, B, ...) arranged as (D, K, B/D, ...) for pmap, P(None, 'data') for sharding."""
     assert_same_training(section(four_devices, f"none/{kind}/"), section(four_devices, f"{spec}/{kind}/"),
                          f"{spec} vs 1 device, {kind}")
+
+
+def test_sharding_with_dropout_equals_one_device(four_devices):
+    """The sharded step draws the global batch's dropout mask (partitionable threefry), so even
+    dropout runs equal one device; pmap folds the device index into the key and differs on purpose."""
+    assert_same_training(section(four_devices, "none:0:1:mlp_dropout/mlp_dropout/"),
+                         section(four_devices, "sharding:0:1:mlp_dropout/mlp_dropout/"), "sharding x4, dropout")
 
 
 def test_pmapped_batch_norm_statistics_equal_global_batch(four_devices):
