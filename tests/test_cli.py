@@ -69,3 +69,14 @@ def test_bad_config_key_exits_2_with_suggestion(tmp_path):
     assert r.returncode == 2
     assert "Did you mean 'steps'?" in r.stderr
     assert not (tmp_path / "x").exists()  # nothing heavy ran, nothing written
+
+
+def test_tensorboard_event_files_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")
+    run_dir = tmp_path / "tb"
+    r = run("scripts/train.py", "--config", "configs/tiny_synthetic.toml", "--run-dir", str(run_dir), "--quiet",
+            "--set", "logging.tensorboard=true", "--set", "logging.plots=false", "--set", "training.steps=8")
+    assert r.returncode == 0, r.stderr
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert not (run_dir / "curves.png").exists()
