@@ -25,7 +25,9 @@ donated), ``fundl_fused`` (``make_multi_step``: K = ``--steps-per-call``
 optimiser steps per dispatch in one ``lax.scan``; unroll per model from
 ``FUSED_UNROLL``, chosen by measurement, see docs/benchmarks.md), ``linen``,
 ``nnx``, ``equinox``, ``haiku``, ``stax`` (no recurrent layers: n/a for
-LSTM/GRU), ``torch`` (eager).
+LSTM/GRU), ``torch`` (eager, ``torch.set_num_threads(cores)`` as PyTorch
+recommends) and ``torch_1t`` (one thread: on a loaded machine PyTorch's
+OpenMP pool of ``cores`` threads can collapse, so both are shown).
 
 Method.  All implementations are built, compiled and warmed up; the *time to
 first step* is measured from the start of building (model init included) to
@@ -40,7 +42,8 @@ recurrent models counted on a fully unrolled copy before optimisation,
 since XLA counts a loop body once) for every implementation of that model, so they are throughput in
 common units; %peak divides by the float32 matmul rate measured at start-up
 (a jitted 2048x2048 ``jnp.dot``).  Memory is the peak resident-set growth of
-a fresh process that builds the implementation and runs 3 steps (``--memory``,
+a fresh process (Linux ``VmHWM``, reset after the imports) that builds the
+implementation and runs 3 steps, compilation included (``--memory``,
 on by default except with ``--quick``); JAX rows also give XLA's
 ``memory_analysis`` (arguments + outputs + temporaries - aliased) for the
 step.
@@ -68,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 BATCH = 128
 LR = 1e-3
 ALL_MODELS = ["mlp", "cnn", "lstm", "mlp1d", "cnn1d", "lstm1d", "gru1d"]
-ALL_IMPLS = ["fundl", "fundl_fused", "linen", "nnx", "equinox", "haiku", "stax", "torch"]
+ALL_IMPLS = ["fundl", "fundl_fused", "linen", "nnx", "equinox", "haiku", "stax", "torch", "torch_1t"]
 RECURRENT = {"lstm", "lstm1d", "gru1d"}
 
 # Model specs.  ``x``: per-example input shape (channels last for JAX).
@@ -84,7 +87,10 @@ SPECS = {
 
 # fundl_fused: lax.scan unroll per model, chosen by measurement on XLA:CPU
 # (``--unroll-study`` times both; see docs/benchmarks.md).  True = fully unrolled.
-FUSED_UNROLL = {"mlp": 1, "cnn": True, "lstm": 1, "mlp1d": 1, "cnn1d": 1, "lstm1d": 1, "gru1d": 1}
+# Measured (3 rounds, K=10, fused/per-step): rolled mlp 1.04, mlp1d 1.13, lstm 1.04,
+# lstm1d 1.11, gru1d 0.98 vs unrolled 1.05, 1.03, 0.73, 0.75, 0.65; convolutions
+# rolled 0.06 (cnn) and 0.15 (cnn1d) vs unrolled 1.15 and 0.99.
+FUSED_UNROLL = {"mlp": 1, "cnn": True, "lstm": 1, "mlp1d": 1, "cnn1d": True, "lstm1d": 1, "gru1d": 1}
 
 
 def _cpu_count() -> int:
@@ -100,11 +106,14 @@ def _cpu_count() -> int:
 
 
 class Runner:
-    def __init__(self, step, block, steps_per_call=1, jitted=None, args=None):
+    def __init__(self, step, block, steps_per_call=1, jitted=None, args=None, before=None):
         self.step, self.block, self.steps_per_call = step, block, steps_per_call
         self.jitted, self.args = jitted, args  # for XLA's memory analysis (JAX only)
+        self.before = before  # e.g. torch.set_num_threads, process-wide
 
     def run(self, calls: int) -> None:
+        if self.before is not None:
+            self.before()
         for _ in range(calls):
             self.step()
         self.block()
@@ -476,11 +485,12 @@ def build_stax(spec):
     return _jax_runner(jax.jit(_step, donate_argnums=0), state, x, y)
 
 
-def build_torch(spec):
+def build_torch(spec, threads=None):
     import torch
     from torch import nn
 
-    torch.set_num_threads(_cpu_count())
+    threads = threads or _cpu_count()
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     xn, yn = _data(spec)
     if spec["kind"] == "mlp":
@@ -536,7 +546,7 @@ def build_torch(spec):
         loss.backward()
         opt.step()
 
-    return Runner(step, lambda: None)
+    return Runner(step, lambda: None, before=lambda: torch.set_num_threads(threads))
 
 
 def build(impl: str, spec: dict, model_name: str, steps_per_call: int):
@@ -546,12 +556,14 @@ def build(impl: str, spec: dict, model_name: str, steps_per_call: int):
         return build_fundl(spec, fused=steps_per_call, unroll=FUSED_UNROLL[model_name])
     if impl.startswith("fundl_fused_"):  # unroll study: fundl_fused_rolled / fundl_fused_unrolled
         return build_fundl(spec, fused=steps_per_call, unroll=1 if impl.endswith("_rolled") else True)
+    if impl == "torch_1t":
+        return build_torch(spec, threads=1)
     return {"linen": build_linen, "nnx": build_nnx, "equinox": build_equinox, "haiku": build_haiku,
             "stax": build_stax, "torch": build_torch}[impl](spec)
 
 
 IMPORTS = {"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox", "haiku": "haiku",
-           "stax": "jax.example_libraries.stax", "torch": "torch"}
+           "stax": "jax.example_libraries.stax", "torch": "torch", "torch_1t": "torch"}
 
 
 def available(impl: str) -> str | None:
@@ -623,8 +635,32 @@ def xla_memory_bytes(runner) -> int | None:
         return None
 
 
-def _rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: ``clear_refs`` 5) and return the RSS in KiB.
+
+    Without it the peak would still hold the high-water mark of the imports.
+    Elsewhere falls back to ``ru_maxrss``.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss_kib() -> int:
+    peak = _status_kib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def probe(model_name: str, impl: str, steps_per_call: int) -> dict:
@@ -637,13 +673,13 @@ def probe(model_name: str, impl: str, steps_per_call: int) -> dict:
         __import__(mod)
     (jnp.ones(3) + 1).block_until_ready()  # backend start-up is not the model's cost
     _data(spec)
-    base = _rss_kib()
+    base = _reset_peak_rss()
     t0 = time.perf_counter()
     runner = build(impl, spec, model_name, steps_per_call)
     runner.run(1)
     first = time.perf_counter() - t0
     runner.run(2)
-    return {"peak_rss_mib": (_rss_kib() - base) / 1024, "first_step_s_cold": first}
+    return {"peak_rss_mib": (_peak_rss_kib() - base) / 1024, "first_step_s_cold": first}
 
 
 def run_probe_subprocess(model_name, impl, steps_per_call, xla_flags_mode) -> dict | None:
@@ -706,14 +742,60 @@ def markdown(result: dict) -> str:
             if "skipped" in r:
                 lines.append(f"| {model_name} | {impl} | n/a ({r['skipped']}) | | | | | | | | |")
                 continue
+            first = r.get("first_step_s_cold", r["first_step_s"])
             gf = "" if r.get("gflops") is None else f"{r['gflops']:.1f}"
             pk = "" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}"
             rss = "" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
             lines.append(
                 f"| {model_name} | {impl} | {r['steps_per_s']:.0f} | {r['min']:.0f} | {r['max']:.0f} "
-                f"| {r['ratio_to_fundl']:.2f} | {gf} | {pk} | {r['first_step_s']:.2f} | {rss} "
+                f"| {r['ratio_to_fundl']:.2f} | {gf} | {pk} | {first:.2f} | {rss} "
                 f"| {_fmt_mib(r.get('xla_memory_bytes'))} |")
+    lines += ["", "First step: build + compile + first step, in a fresh process when memory probes ran "
+              "(else in the benchmark process).", ""]
+    lines += targets_markdown(result)
     return "\n".join(lines)
+
+
+PEERS_JAX = ("linen", "nnx", "equinox", "haiku", "stax")
+PEERS = PEERS_JAX + ("torch", "torch_1t")
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets as ratios of per-round medians (> 1: fundl faster)."""
+    out = {}
+    for m, rows in result["models"].items():
+        def med(i):
+            return rows.get(i, {}).get("ratio_to_fundl")  # impl / fundl
+        best = lambda names: max((med(i), i) for i in names if med(i) is not None) if any(  # noqa: E731
+            med(i) is not None for i in names) else None
+        t = {}
+        bp, bj, bt = best(PEERS), best(PEERS_JAX), best(("torch", "torch_1t"))
+        if bp:
+            t["fundl_vs_best_peer"] = (1 / bp[0], bp[1])
+            if med("fundl_fused") is not None:
+                t["fused_vs_best_peer"] = (med("fundl_fused") / bp[0], bp[1])
+        if bj:
+            t["fundl_vs_best_jax_peer"] = (1 / bj[0], bj[1])
+        if bt:
+            t["fundl_vs_best_torch"] = (1 / bt[0], bt[1])
+            if med("fundl_fused") is not None:
+                t["fused_vs_best_torch"] = (med("fundl_fused") / bt[0], bt[1])
+        if "stax" in rows and "steps_per_s" in rows["stax"] and "steps_per_s" in rows.get("fundl", {}):
+            key = "first_step_s_cold" if "first_step_s_cold" in rows["fundl"] else "first_step_s"
+            t["first_step_fundl_over_stax"] = (rows["fundl"].get(key) / rows["stax"].get(key, float("nan")), "stax")
+        out[m] = t
+    return out
+
+
+def targets_markdown(result: dict) -> list[str]:
+    lines = ["| model | fundl / best peer | fused / best peer | fundl / best JAX peer | fundl / best torch "
+             "| fused / best torch | first step fundl / stax |", "|---|---|---|---|---|---|---|"]
+    for m, t in result.get("targets", {}).items():
+        def c(k):
+            return f"{t[k][0]:.2f} ({t[k][1]})" if k in t else ""
+        lines.append(f"| {m} | {c('fundl_vs_best_peer')} | {c('fused_vs_best_peer')} | {c('fundl_vs_best_jax_peer')} "
+                     f"| {c('fundl_vs_best_torch')} | {c('fused_vs_best_torch')} | {c('first_step_fundl_over_stax')} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -855,6 +937,7 @@ def main(argv=None) -> int:
         "models": results,
         "wall_s": None,
     }
+    result["targets"] = targets(result)
     result["wall_s"] = time.perf_counter() - t_start
     md = markdown(result)
     print(md)
