@@ -131,7 +131,20 @@ def make_eval_step(model: Layer, loss_fn: Callable = softmax_cross_entropy,
     return eval_step
 
 
-def make_multi_step(train_step, *, unroll: bool | int = 1):
+def _has_convolution(jaxpr) -> bool:
+    """Whether a jaxpr, or any jaxpr nested in its equations (jit, scan, ...), holds a convolution."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(sub, "eqns") and _has_convolution(sub):
+                    return True
+    return False
+
+
+def make_multi_step(train_step, *, unroll: bool | int | str = 1):
     """Fuse K optimiser steps into one call: ``multi(state, batches)`` where every
     leaf of ``batches`` has a leading axis of K.  Runs ``lax.scan`` over the
     batches; returns the final state and the per-step metrics stacked (K, ...).
@@ -142,9 +155,21 @@ def make_multi_step(train_step, *, unroll: bool | int = 1):
     compiles convolutions better that way) and lets XLA optimise across
     steps, so results then agree with separate steps to float32 rounding
     (~1e-9 after a few steps), not bit for bit.
+
+    ``unroll="auto"`` picks by what the step holds, as measured on XLA:CPU
+    (``scripts/benchmark.py --unroll-study``, docs/benchmarks.md): fully
+    unrolled when the step contains a convolution (a rolled scan ran the
+    CNN step 6-15x slower: its backward convolutions are left in
+    non-canonical layouts), rolled (``1``) otherwise (unrolling made dense
+    and recurrent steps no faster, recurrent ones up to 1.5x slower, and
+    compiles take several times longer).
     """
 
     def multi(state, batches):
-        return jax.lax.scan(train_step, state, batches, unroll=unroll)
+        u = unroll
+        if u == "auto":
+            first = jax.tree.map(lambda b: b[0], batches)
+            u = True if _has_convolution(jax.make_jaxpr(train_step)(state, first).jaxpr) else 1
+        return jax.lax.scan(train_step, state, batches, unroll=u)
 
     return multi
