@@ -23,7 +23,10 @@ and MNIST-1D-sized ones on length-40 sequences: ``mlp1d`` 40-100-100-10,
 Implementations (``--impls``): ``fundl`` (``make_train_step``, jitted, state
 donated), ``fundl_fused`` (``make_multi_step``: K = ``--steps-per-call``
 optimiser steps per dispatch in one ``lax.scan``; unroll per model from
-``FUSED_UNROLL``, chosen by measurement, see docs/benchmarks.md), ``linen``,
+``FUSED_UNROLL``, chosen by measurement, see docs/benchmarks.md), ``fundl_sharded`` and ``fundl_sharded_fused``
+(the same steps through fundl's ``sharding`` placement with the batch split
+over the CPU cores, ``jax_num_cpu_devices`` = cores: on XLA:CPU two devices
+keep two cores busier than one device's intra-op threads), ``linen``,
 ``nnx``, ``equinox``, ``haiku``, ``stax`` (no recurrent layers: n/a for
 LSTM/GRU), ``torch`` (eager, ``torch.set_num_threads(cores)`` as PyTorch
 recommends) and ``torch_1t`` (one thread: on a loaded machine PyTorch's
@@ -71,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 BATCH = 128
 LR = 1e-3
 ALL_MODELS = ["mlp", "cnn", "lstm", "mlp1d", "cnn1d", "lstm1d", "gru1d"]
-ALL_IMPLS = ["fundl", "fundl_fused", "linen", "nnx", "equinox", "haiku", "stax", "torch", "torch_1t"]
+ALL_IMPLS = ["fundl", "fundl_fused", "fundl_sharded", "fundl_sharded_fused", "linen", "nnx", "equinox", "haiku", "stax", "torch", "torch_1t"]
 RECURRENT = {"lstm", "lstm1d", "gru1d"}
 
 # Model specs.  ``x``: per-example input shape (channels last for JAX).
@@ -186,6 +189,46 @@ def build_fundl(spec, fused=0, unroll=1):
         jax.block_until_ready(box["out"])
 
     return Runner(run_step, block, fused or 1, jitted=fn, args=lambda: (box["state"], batch))
+
+
+def build_fundl_sharded(spec, fused=0, unroll=1):
+    """fundl's ``sharding`` placement: the batch split over the CPU cores as XLA:CPU devices.
+
+    Needs ``jax_num_cpu_devices`` = cores set before JAX starts (``main`` does
+    it); syncs with the host every ``placement.sync_every`` dispatches, as the
+    training loop does (queued collectives without a sync can deadlock).
+    """
+    import jax
+    import numpy as np
+    import optax
+    from fundl.train.parallel import make_placement
+    from fundl.train.state import create_train_state
+    from fundl.train.step import make_train_step
+
+    if jax.local_device_count() < 2:
+        return None
+    x, y = _data(spec)
+    model, opt = fundl_model(spec), optax.adam(LR)
+    placement = make_placement("sharding", 0)
+    state = placement.put_state(create_train_state(model, opt, 0, (BATCH,) + tuple(spec["x"])))
+    fn = placement.compile_train(make_train_step(model, opt), fused or 1, 0 if unroll is True else unroll)
+    if fused:
+        batch = placement.put_batch({"x": np.stack([x] * fused), "y": np.stack([y] * fused)}, stacked=True)
+    else:
+        batch = placement.put_batch({"x": x, "y": y})
+    box = {"state": state, "out": None, "n": 0}
+    every = max(1, placement.sync_every or 1)
+
+    def step():
+        box["state"], box["out"] = fn(box["state"], batch)
+        box["n"] += 1
+        if box["n"] % every == 0:
+            jax.block_until_ready(box["out"])
+
+    def block():
+        jax.block_until_ready(box["out"])
+
+    return Runner(step, block, fused or 1, jitted=fn, args=lambda: (box["state"], batch))
 
 
 def build_linen(spec):
@@ -554,6 +597,10 @@ def build(impl: str, spec: dict, model_name: str, steps_per_call: int):
         return build_fundl(spec)
     if impl == "fundl_fused":
         return build_fundl(spec, fused=steps_per_call, unroll=FUSED_UNROLL[model_name])
+    if impl == "fundl_sharded":
+        return build_fundl_sharded(spec)
+    if impl == "fundl_sharded_fused":
+        return build_fundl_sharded(spec, fused=steps_per_call, unroll=FUSED_UNROLL[model_name])
     if impl.startswith("fundl_fused_"):  # unroll study: fundl_fused_rolled / fundl_fused_unrolled
         return build_fundl(spec, fused=steps_per_call, unroll=1 if impl.endswith("_rolled") else True)
     if impl == "torch_1t":
@@ -821,6 +868,11 @@ def main(argv=None) -> int:
         from fundl.xla_flags import apply_recommended_xla_flags
         apply_recommended_xla_flags()
 
+    if any(i.startswith("fundl_sharded") for i in args.impls.split(",")) or args._probe:
+        # The cores as XLA:CPU devices for the sharded rows; other rows use device 0 as usual.
+        import jax
+        jax.config.update("jax_num_cpu_devices", _cpu_count())
+
     if args._probe:
         model_name, impl = args._probe.split(":")
         print(json.dumps(probe(model_name, impl, args.steps_per_call)))
@@ -871,7 +923,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             r = build(i, spec, m, args.steps_per_call)
             if r is None:
-                results[m][i] = {"skipped": "no recurrent layers" if spec["kind"] == "rnn" else "unsupported"}
+                why = "one CPU device" if i.startswith("fundl_sharded") else (
+                    "no recurrent layers" if spec["kind"] == "rnn" else "unsupported")
+                results[m][i] = {"skipped": why}
                 continue
             r.run(1)
             first = time.perf_counter() - t0
