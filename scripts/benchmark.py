@@ -827,6 +827,12 @@ def targets(result: dict) -> dict:
             t["fundl_vs_best_torch"] = (1 / bt[0], bt[1])
             if med("fundl_fused") is not None:
                 t["fused_vs_best_torch"] = (med("fundl_fused") / bt[0], bt[1])
+        variants = [i for i in ("fundl_fused", "fundl_sharded", "fundl_sharded_fused") if med(i) is not None]
+        if variants:
+            top = max(variants, key=med)
+            for name, ref in (("best_fundl_vs_best_peer", bp), ("best_fundl_vs_best_torch", bt)):
+                if ref and med(top) > 1:
+                    t[name] = (med(top) / ref[0], f"{top} vs {ref[1]}")
         if "stax" in rows and "steps_per_s" in rows["stax"] and "steps_per_s" in rows.get("fundl", {}):
             key = "first_step_s_cold" if "first_step_s_cold" in rows["fundl"] else "first_step_s"
             t["first_step_fundl_over_stax"] = (rows["fundl"].get(key) / rows["stax"].get(key, float("nan")), "stax")
@@ -836,12 +842,14 @@ def targets(result: dict) -> dict:
 
 def targets_markdown(result: dict) -> list[str]:
     lines = ["| model | fundl / best peer | fused / best peer | fundl / best JAX peer | fundl / best torch "
-             "| fused / best torch | first step fundl / stax |", "|---|---|---|---|---|---|---|"]
+             "| fused / best torch | best fundl variant / best peer | first step fundl / stax |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, t in result.get("targets", {}).items():
         def c(k):
             return f"{t[k][0]:.2f} ({t[k][1]})" if k in t else ""
         lines.append(f"| {m} | {c('fundl_vs_best_peer')} | {c('fused_vs_best_peer')} | {c('fundl_vs_best_jax_peer')} "
-                     f"| {c('fundl_vs_best_torch')} | {c('fused_vs_best_torch')} | {c('first_step_fundl_over_stax')} |")
+                     f"| {c('fundl_vs_best_torch')} | {c('fused_vs_best_torch')} | {c('best_fundl_vs_best_peer')} "
+                     f"| {c('first_step_fundl_over_stax')} |")
     return lines
 
 
@@ -861,8 +869,20 @@ def main(argv=None) -> int:
     p.add_argument("--xla-flags", choices=["auto", "none"], default="auto",
                    help="auto: fundl's recommended XLA:CPU flags unless XLA_FLAGS is set (fundl/xla_flags.py)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--render", type=Path, default=None,
+                   help="re-render the tables of an earlier benchmark.json (to --out) without running")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+
+    if args.render:
+        result = json.loads(args.render.read_text())
+        result["targets"] = targets(result)
+        md = markdown(result)
+        print(md)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "benchmark.md").write_text(md + "\n")
+        return 0
 
     if args.xla_flags == "auto":
         from fundl.xla_flags import apply_recommended_xla_flags
