@@ -2,7 +2,7 @@
 """Training-step throughput of fundl against Flax (Linen, NNX), Equinox, Haiku, stax and PyTorch.
 
     python scripts/benchmark.py [--out DIR] [--models mlp,cnn,lstm,...] [--impls fundl,linen,...]
-                                [--rounds 5] [--slot 0.3] [--quick] [--xla-flags auto|none]
+                                [--rounds 5] [--slot 0.3] [--quick] [--unroll-study]
 
 Every implementation trains the same model with the same full step: forward,
 softmax cross-entropy, backward, Adam (lr 1e-3), float32, batch 128, on one
@@ -729,9 +729,8 @@ def probe(model_name: str, impl: str, steps_per_call: int) -> dict:
     return {"peak_rss_mib": (_peak_rss_kib() - base) / 1024, "first_step_s_cold": first}
 
 
-def run_probe_subprocess(model_name, impl, steps_per_call, xla_flags_mode) -> dict | None:
-    cmd = [sys.executable, __file__, "--_probe", f"{model_name}:{impl}",
-           "--steps-per-call", str(steps_per_call), "--xla-flags", xla_flags_mode]
+def run_probe_subprocess(model_name, impl, steps_per_call) -> dict | None:
+    cmd = [sys.executable, __file__, "--_probe", f"{model_name}:{impl}", "--steps-per-call", str(steps_per_call)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
         for line in out.stdout.splitlines()[::-1]:
@@ -866,8 +865,6 @@ def main(argv=None) -> int:
                    help="peak RSS and cold first step from a fresh process per implementation")
     p.add_argument("--unroll-study", action="store_true",
                    help="also time fundl fused with a rolled and a fully unrolled scan")
-    p.add_argument("--xla-flags", choices=["auto", "none"], default="auto",
-                   help="auto: fundl's recommended XLA:CPU flags unless XLA_FLAGS is set (fundl/xla_flags.py)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--render", type=Path, default=None,
                    help="re-render the tables of an earlier benchmark.json (to --out) without running")
@@ -883,10 +880,6 @@ def main(argv=None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "benchmark.md").write_text(md + "\n")
         return 0
-
-    if args.xla_flags == "auto":
-        from fundl.xla_flags import apply_recommended_xla_flags
-        apply_recommended_xla_flags()
 
     if any(i.startswith("fundl_sharded") for i in args.impls.split(",")) or args._probe:
         # The cores as XLA:CPU devices for the sharded rows; other rows use device 0 as usual.
@@ -989,12 +982,11 @@ def main(argv=None) -> int:
     del runners
 
     if memory:
-        flags_mode = args.xla_flags
         for m in models:
             for i, row in results[m].items():
                 if "rounds" not in row:
                     continue
-                pr = run_probe_subprocess(m, i, args.steps_per_call, flags_mode)
+                pr = run_probe_subprocess(m, i, args.steps_per_call)
                 if pr:
                     row.update(pr)
                     print(f"probed {m}/{i}: {pr}", file=sys.stderr)
