@@ -119,3 +119,40 @@ def test_summary_prints_paths_shapes_and_returns_total():
     text = "\n".join(lines)
     assert total == 784 * 128 + 128 + 128 * 10 + 10 == 101_770
     assert "dense_0" in text and "(1, 128)" in text and "101,770" in text
+
+
+NUMPY_ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0),
+    "tanh": np.tanh,
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "softplus": lambda x: np.log1p(np.exp(x)),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
+    "gelu": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),  # tanh approximation
+    "identity": lambda x: x,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_ACTIVATIONS))
+def test_activations_match_numpy(name):
+    x = np.linspace(-4, 4, 33, dtype=np.float32).reshape(3, 11)
+    y, _ = getattr(nn, name).apply({}, {}, jnp.asarray(x))
+    np.testing.assert_allclose(y, NUMPY_ACTIVATIONS[name](x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_parameterised_activations_match_numpy():
+    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(2, 6)
+    np.testing.assert_allclose(nn.leaky_relu(0.2).apply({}, {}, x)[0], np.where(x > 0, x, 0.2 * x), rtol=1e-6)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(nn.softmax().apply({}, {}, x)[0], e / e.sum(-1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(nn.log_softmax().apply({}, {}, x)[0], np.log(e / e.sum(-1, keepdims=True)), rtol=1e-5, atol=1e-6)
+
+
+def test_flatten_and_reshape_match_numpy():
+    x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_array_equal(nn.flatten().apply({}, {}, x)[0], x.reshape(2, 12))
+    np.testing.assert_array_equal(nn.reshape((4, 3)).apply({}, {}, x)[0], x.reshape(2, 4, 3))
+    with pytest.raises(nn.ShapeError, match="cannot reshape"):
+        nn.reshape((5, 5)).init(None, (2, 3, 4))
+    with pytest.raises(nn.ShapeError, match="batch axis"):
+        nn.flatten().apply({}, {}, jnp.ones((4,)))
