@@ -124,6 +124,17 @@ def _check_rank(x, nd: int, layer: str, channels=None):
         check_input(x, expected, what=f"{layer} input {layout}")
 
 
+def _check_init_rank(input_shape, nd: int, layer: str) -> tuple:
+    """``input_shape`` as a tuple, after checking it has rank nd + 2."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) != nd + 2:
+        raise ShapeError(
+            f"{layer} expects an input shape of rank {nd + 2} (batch, spatial..., "
+            f"channels), got {_fmt(input_shape)}"
+        )
+    return input_shape
+
+
 # --------------------------------------------------------------------------
 # Convolutions.
 
@@ -150,12 +161,7 @@ def _conv(nd: int, features, kernel_size, stride, padding, dilation,
     dimension_numbers = _DIMENSION_NUMBERS[nd]
 
     def init(key, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != nd + 2:
-            raise ShapeError(
-                f"{name} expects an input shape of rank {nd + 2} (batch, spatial..., "
-                f"channels), got {_fmt(input_shape)}"
-            )
+        input_shape = _check_init_rank(input_shape, nd, name)
         channels = input_shape[-1]
         if channels % groups:
             raise ShapeError(
@@ -244,12 +250,7 @@ def _pool(nd: int, kind: str, window, stride, padding) -> Layer:
     ones = (1,) * nd
 
     def init(key, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != nd + 2:
-            raise ShapeError(
-                f"{name} expects an input shape of rank {nd + 2} (batch, spatial..., "
-                f"channels), got {_fmt(input_shape)}"
-            )
+        input_shape = _check_init_rank(input_shape, nd, name)
         spatial = _out_sizes(name, input_shape[1:-1], window, stride, ones, padding)
         return {}, {}, (input_shape[0],) + spatial + (input_shape[-1],)
 
