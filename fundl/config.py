@@ -248,11 +248,20 @@ def dumps(config: dict) -> str:
     return "\n".join(lines)
 
 
+# The settings that fix the train state's structure: whole sections (None) or some keys.
+STRUCTURE_KEYS: dict[str, tuple[str, ...] | None] = {
+    "model": None, "optimizer": None, "data": ("name", "seq_len", "flatten")}
+
+
+def structure_settings(config: dict) -> dict:
+    """The part of ``config`` named by STRUCTURE_KEYS."""
+    return {section: dict(config[section]) if keys is None else {k: config[section][k] for k in keys}
+            for section, keys in STRUCTURE_KEYS.items()}
+
+
 def structure_hash(config: dict) -> str:
-    """A hash of the settings that fix the train state's structure (model,
-    optimiser, data shapes); resuming under a different hash is refused."""
+    """A hash of :func:`structure_settings` (model, optimiser, data shapes);
+    resuming under a different hash is refused."""
     import hashlib
 
-    keys = {"model": config["model"], "optimizer": config["optimizer"],
-            "data": {k: config["data"][k] for k in ("name", "seq_len", "flatten")}}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(structure_settings(config), sort_keys=True).encode()).hexdigest()[:16]

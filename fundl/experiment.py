@@ -106,6 +106,16 @@ def total_steps_of(config: dict, steps_per_epoch: int) -> int:
     return t["steps"] if t["steps"] > 0 else t["epochs"] * steps_per_epoch
 
 
+def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_name: str | None = None):
+    """``(model, optimizer, state)`` a run of ``config`` starts from (also the
+    template its checkpoints restore into)."""
+    model = build_model(config["model"], data.num_classes, axis_name=axis_name)
+    optimizer = build_optimizer(config, total_steps_of(config, steps_per_epoch))
+    state = create_train_state(model, optimizer, jax.random.key(config["training"]["seed"]),
+                               (1,) + tuple(data.input_shape))
+    return model, optimizer, state
+
+
 # ------------------------------------------------------------- the run
 def make_placement(config: dict):
     """The placement ``[parallel]`` asks for (see ``fundl.train.parallel.make_placement``)."""
@@ -137,9 +147,7 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     total = total_steps_of(config, loader.steps_per_epoch)
 
     # model and optimiser
-    model = build_model(config["model"], data.num_classes, axis_name=getattr(placement, "axis_name", None))
-    optimizer = build_optimizer(config, total)
-    state = create_train_state(model, optimizer, jax.random.key(t["seed"]), (1,) + tuple(data.input_shape))
+    model, optimizer, state = initial_state(config, data, loader.steps_per_epoch, axis_name=placement.axis_name)
     num_params = count_params(state.params)
 
     # resume
@@ -158,17 +166,16 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     loss_scale = t["loss_scale"] or None
     train_step = make_train_step(model, optimizer, softmax_cross_entropy, classification_metrics(),
                                  compute_dtype=dtype, loss_scale=loss_scale,
-                                 axis_name=getattr(placement, "axis_name", None))
+                                 axis_name=placement.axis_name)
     eval_step = placement.compile_eval(make_eval_step(model, softmax_cross_entropy, classification_metrics(),
                                                       compute_dtype=dtype,
-                                                      axis_name=getattr(placement, "axis_name", None)))
+                                                      axis_name=placement.axis_name))
     eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
     eval_batch -= eval_batch % placement.num_devices
 
     def eval_fn(s: TrainState):
-        return evaluate(eval_step, *placement.put_eval_params(s) if hasattr(placement, "put_eval_params")
-                        else (s.params, s.model_state), data.test, eval_batch,
-                        placement=placement.for_eval() if hasattr(placement, "for_eval") else placement)
+        return evaluate(eval_step, *placement.put_eval_params(s), data.test, eval_batch,
+                        placement=placement.for_eval())
 
     if verbose and writer:
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
@@ -229,16 +236,14 @@ def check_labels(data: Dataset) -> None:
                 f"Labels must be integer class ids 0..{data.num_classes - 1}")
 
 
-_STRUCTURE_KEYS = {"model": None, "optimizer": None, "data": ("name", "seq_len", "flatten")}
-
-
 def structure_diff(old: dict, new: dict) -> list[str]:
     """``section.key: old -> new`` for the settings that fix the train state's structure
-    (those hashed by ``fundl.config.structure_hash``)."""
+    (``fundl.config.STRUCTURE_KEYS``, those ``structure_hash`` covers)."""
     lines = []
-    for section, keys in _STRUCTURE_KEYS.items():
-        a, b = old.get(section, {}), new.get(section, {})
-        for key in keys or sorted(set(a) | set(b)):
+    old, new = cfg.structure_settings(old), cfg.structure_settings(new)
+    for section in cfg.STRUCTURE_KEYS:
+        a, b = old[section], new[section]
+        for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
                 lines.append(f"{section}.{key}: {a.get(key, '<unset>')!r} in the run, {b.get(key, '<unset>')!r} now")
     return lines

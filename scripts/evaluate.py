@@ -24,20 +24,17 @@ def main(argv=None) -> int:
     import jax
 
     from fundl import config as cfg
-    from fundl.experiment import build_model, build_optimizer, load_data, total_steps_of
+    from fundl.data import Loader
+    from fundl.experiment import initial_state, load_data
     from fundl.train import checkpoint as ckpt
     from fundl.train.loop import evaluate
-    from fundl.train.state import create_train_state
     from fundl.train.step import make_eval_step
-    from fundl.data import Loader
 
     config = cfg.load_config(run_dir / "config.toml")
     t = config["training"]
     data = load_data(config)
     steps_per_epoch = len(Loader(data.train, t["batch_size"], drop_last=True, prefetch=0))
-    model = build_model(config["model"], data.num_classes)
-    optimizer = build_optimizer(config, total_steps_of(config, steps_per_epoch))
-    template = create_train_state(model, optimizer, jax.random.key(t["seed"]), (1,) + tuple(data.input_shape))
+    model, _, template = initial_state(config, data, steps_per_epoch)
     path = ckpt.latest_valid(run_dir / "checkpoints")
     if path is None:
         print(f"error: no checkpoint in {run_dir / 'checkpoints'}", file=sys.stderr)

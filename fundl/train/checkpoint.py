@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fundl.train.state import is_prng_key
+
 FORMAT_VERSION = 1
 _PREFIX = "step_"
 
@@ -50,15 +52,11 @@ def _path_str(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def flatten_state(state) -> dict[str, np.ndarray]:
     """``{tree path: numpy array}``; typed PRNG keys become their key data."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        if _is_key(leaf):
+        if is_prng_key(leaf):
             leaf = jax.random.key_data(leaf)
         out[_path_str(path)] = np.asarray(jax.device_get(leaf))
     return out
@@ -253,7 +251,7 @@ def restore(path: str | Path, template) -> tuple[Any, dict]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     expected = {}
     for p, leaf in leaves:
-        data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        data = jax.random.key_data(leaf) if is_prng_key(leaf) else leaf
         expected[_path_str(p)] = (tuple(np.shape(data)), str(jnp.result_type(data)))
     got = {p: (tuple(v["shape"]), v["dtype"]) for p, v in manifest["leaves"].items()}
     if expected != got:
@@ -264,12 +262,12 @@ def restore(path: str | Path, template) -> tuple[Any, dict]:
             values = []
             for p, leaf in leaves:
                 arr = data[_path_str(p)]
-                if _is_key(leaf):
+                if is_prng_key(leaf):
                     arr = jax.random.wrap_key_data(arr, impl=jax.random.key_impl(leaf))
                 values.append(arr)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read arrays.npz ({e})") from None
-    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) if not _is_key(v) else v for v in values]), manifest
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(v) if not is_prng_key(v) else v for v in values]), manifest
 
 
 def latest_valid(directory: str | Path) -> Path | None:

@@ -172,7 +172,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         per_step = {k: np.concatenate([r[k] for r in host_rows]) for k in host_rows[0]}
         means = {k: _mean(v, finite_only=nan_policy == "skip") for k, v in per_step.items()}
         if nan_policy == "skip":
-            skipped = skipped_updates(placement.get_state(state).opt_state)
+            skipped = skipped_updates(placement.get_state(state.opt_state))  # a few counters, not the state
             if skipped is not None:
                 means["skipped_updates"] = skipped
         now = time.perf_counter()
@@ -210,7 +210,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         else:  # process 0 writes it (the barrier below waits for that)
             last_ckpt = run_dir.checkpoint_dir / ckpt.checkpoint_name(s)
         last_ckpt_step = s
-        placement.barrier(f"checkpoint_{s}") if hasattr(placement, "barrier") else None
+        placement.barrier(f"checkpoint_{s}")
 
     stop = StopSignals()
     try:

@@ -12,8 +12,9 @@ single-device, ``pmap`` and ``jit``-with-shardings paths share one loop:
 * ``put_batch(batch, stacked)``: a host batch (NumPy) to what ``fn`` takes;
 * ``host_metrics(metrics)``: per-step metrics as NumPy, from one shard;
 * ``check_batch_size(B)``, ``num_devices`` (global), ``sync_every``
-  (dispatches between forced host syncs), and optionally ``barrier(name)``,
-  ``put_eval_params(state)`` and ``for_eval()``.
+  (dispatches between forced host syncs), ``barrier(name)`` (all processes
+  wait), ``put_eval_params(state)`` and ``for_eval()`` (the view ``evaluate``
+  takes: it hands out global batches).
 
 ``make_placement(mode, devices)`` builds one of :class:`SingleDevice`,
 :class:`PmapPlacement` (``jax.pmap``, the step averages over the named axis
@@ -26,10 +27,10 @@ All three give the same parameters on the same global batches (see
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fundl.train.state import is_prng_key
 from fundl.train.step import make_multi_step
 
 
@@ -41,7 +42,7 @@ class SingleDevice:
     sync_every = 0  # dispatches between forced host syncs (0: only when logging)
 
     def compile_train(self, step, steps_per_call: int = 1, unroll=1):
-        fn = step if steps_per_call == 1 else make_multi_step(step, unroll=True if unroll == 0 else unroll)
+        fn = step if steps_per_call == 1 else make_multi_step(step, unroll=unroll)
         return jax.jit(fn, donate_argnums=0)
 
     def compile_eval(self, eval_step):
@@ -62,18 +63,23 @@ class SingleDevice:
     def check_batch_size(self, batch_size: int) -> None:
         pass
 
+    def barrier(self, name: str) -> None:
+        pass  # one process: nobody to wait for
+
+    def put_eval_params(self, state):
+        return state.params, state.model_state
+
+    def for_eval(self):
+        return self
+
 
 # ------------------------------------------------------------------ helpers
 SYNC_STEPS = 16  # optimiser steps between forced host syncs on multi-device placements
 
 
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _to_host(x):
     """A leaf as NumPy (typed PRNG keys stay keys: they are handled by ``_place``)."""
-    if _is_key(x):
+    if is_prng_key(x):
         return x
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)
@@ -90,7 +96,7 @@ def _place(x, sharding, leading: int | None = None):
     no cross-host transfer or equality check is needed.  Typed PRNG keys
     travel as their key data and are re-wrapped on the devices.
     """
-    if _is_key(x):
+    if is_prng_key(x):
         data = _place(jax.random.key_data(x), sharding, leading)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     x = _to_host(x)
@@ -217,7 +223,7 @@ class PmapPlacement(_MultiDevice):
 
     def compile_train(self, step, steps_per_call: int = 1, unroll=1):
         self._set_sync(steps_per_call)
-        fn = step if steps_per_call == 1 else make_multi_step(step, unroll=True if unroll == 0 else unroll)
+        fn = step if steps_per_call == 1 else make_multi_step(step, unroll=unroll)
         return self._pmap(fn, donate=0)
 
     def compile_eval(self, eval_step):
@@ -298,7 +304,7 @@ class ShardingPlacement(_MultiDevice):
         if steps_per_call == 1:
             return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        multi = make_multi_step(step, unroll=True if unroll == 0 else unroll)
+        multi = make_multi_step(step, unroll=unroll)
         return jax.jit(multi, in_shardings=(self.replicated, self.stacked_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 

@@ -25,13 +25,18 @@ class TrainState:
     key: jax.Array
 
 
+def is_prng_key(x) -> bool:
+    """True for a typed PRNG key array (``jax.random.key``), which needs key_data to leave JAX."""
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def create_train_state(model: Layer, optimizer: optax.GradientTransformation, key, input_shape) -> TrainState:
     """Initialise ``model`` on ``input_shape`` (batch included) and ``optimizer`` on its params.
 
     ``key`` is split into the init key and the run's base key; the step key
     at step ``t`` is ``fold_in(base_key, t)``.
     """
-    if not (hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+    if not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
     init_key, base_key = jax.random.split(key)
     params, model_state, _ = model.init(init_key, tuple(input_shape))

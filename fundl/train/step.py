@@ -151,7 +151,8 @@ def make_multi_step(train_step, *, unroll: bool | int | str = 1):
 
     With a rolled or partly unrolled scan (``unroll`` an int smaller than K)
     the results are bit-identical to K separate calls of ``train_step``; only
-    dispatch overhead is saved.  ``unroll=True`` unrolls fully (XLA:CPU
+    dispatch overhead is saved.  ``unroll=True`` (or ``0``, as the config
+    writes it) unrolls fully (XLA:CPU
     compiles convolutions better that way) and lets XLA optimise across
     steps, so results then agree with separate steps to float32 rounding
     (~1e-9 after a few steps), not bit for bit.
@@ -166,7 +167,8 @@ def make_multi_step(train_step, *, unroll: bool | int | str = 1):
     """
 
     def multi(state, batches):
-        u = unroll
+        # 0 (the config's "fully") means True; a bool is taken as is (False == 0 too).
+        u = True if (unroll == 0 and not isinstance(unroll, bool)) else unroll
         if u == "auto":
             first = jax.tree.map(lambda b: b[0], batches)
             u = True if _has_convolution(jax.make_jaxpr(train_step)(state, first).jaxpr) else 1
