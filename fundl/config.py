@@ -30,7 +30,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "padding": "SAME",
         "pool": "avg",            # avg | max | none: 2x pooling after each conv block
         "batch_norm": False,
-        "dropout": 0.0,           # drop probability before each hidden dense layer
+        "dropout": 0.0,           # drop probability after each hidden layer (not on the raw inputs)
+        "input_dropout": 0.0,     # mlp: drop probability on the inputs (0: inputs are never dropped)
         "activation": "relu",
         "cell": "lstm",           # rnn / char_lm: lstm | gru
         "rnn_hidden": 128,

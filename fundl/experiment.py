@@ -25,7 +25,7 @@ from fundl.metrics import classification_metrics
 from fundl.nn import Layer
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import evaluate, fit
-from fundl.train.optim import make_optimizer, make_schedule
+from fundl.train.optim import optimizer_from_config
 from fundl.train.rundir import RunDir, plot_curves
 from fundl.train.state import TrainState, count_params, create_train_state
 from fundl.train.step import make_eval_step, make_train_step
@@ -83,24 +83,6 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
 
 
 # ------------------------------------------------------------ optimiser
-def build_optimizer(config: dict, total_steps: int) -> optax.GradientTransformation:
-    o, s = config["optimizer"], config["schedule"]
-    lr = make_schedule(o["learning_rate"], total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
-                       end_value=s["end_value"], decay_rate=s["decay_rate"],
-                       transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])
-    extra = {}
-    if o["name"] in ("sgd", "rmsprop") and o["momentum"]:
-        extra["momentum"] = o["momentum"]
-    if o["name"] == "sgd" and o["nesterov"]:
-        extra["nesterov"] = True
-    opt = make_optimizer(o["name"], lr, clip_norm=o["clip_norm"], weight_decay=o["weight_decay"],
-                         accumulate_steps=o["accumulate_steps"], **extra)
-    if config["training"]["nan_policy"] == "skip":
-        # A non-finite gradient leaves params and optimiser state untouched and is counted.
-        opt = optax.apply_if_finite(opt, max_consecutive_errors=1_000_000)
-    return opt
-
-
 def total_steps_of(config: dict, steps_per_epoch: int) -> int:
     t = config["training"]
     return t["steps"] if t["steps"] > 0 else t["epochs"] * steps_per_epoch
@@ -110,7 +92,7 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
     """``(model, optimizer, state)`` a run of ``config`` starts from (also the
     template its checkpoints restore into)."""
     model = build_model(config["model"], data.num_classes, axis_name=axis_name)
-    optimizer = build_optimizer(config, total_steps_of(config, steps_per_epoch))
+    optimizer = optimizer_from_config(config, total_steps_of(config, steps_per_epoch))
     state = create_train_state(model, optimizer, jax.random.key(config["training"]["seed"]),
                                (1,) + tuple(data.input_shape))
     return model, optimizer, state

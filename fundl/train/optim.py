@@ -78,3 +78,22 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
     if accumulate_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=accumulate_steps)
     return opt
+
+
+def optimizer_from_config(config: dict, total_steps: int) -> optax.GradientTransformation:
+    """The optimiser a config's ``[optimizer]``, ``[schedule]`` and ``training.nan_policy`` describe."""
+    o, s = config["optimizer"], config["schedule"]
+    lr = make_schedule(o["learning_rate"], total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
+                       end_value=s["end_value"], decay_rate=s["decay_rate"],
+                       transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])
+    extra = {}
+    if o["name"] in ("sgd", "rmsprop") and o["momentum"]:
+        extra["momentum"] = o["momentum"]
+    if o["name"] == "sgd" and o["nesterov"]:
+        extra["nesterov"] = True
+    opt = make_optimizer(o["name"], lr, clip_norm=o["clip_norm"], weight_decay=o["weight_decay"],
+                         accumulate_steps=o["accumulate_steps"], **extra)
+    if config["training"]["nan_policy"] == "skip":
+        # A non-finite gradient leaves params and optimiser state untouched and is counted.
+        opt = optax.apply_if_finite(opt, max_consecutive_errors=1_000_000)
+    return opt
