@@ -227,7 +227,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     return validate(raw, source)
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """``value`` as TOML writes it (``"cosine"``, ``[16, 8]``, ``true``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -235,7 +236,7 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -244,25 +245,40 @@ def dumps(config: dict) -> str:
     lines = []
     for section, entries in config.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in entries.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in entries.items()]
         lines.append("")
     return "\n".join(lines)
 
 
-# The settings that fix the train state's structure: whole sections (None) or some keys.
-STRUCTURE_KEYS: dict[str, tuple[str, ...] | None] = {
-    "model": None, "optimizer": None, "data": ("name", "seq_len", "flatten")}
+# How a difference between a checkpoint's config and the config of the run
+# that resumes it is treated (fundl/train/resume.py):
+#   "structure":  the model, the shape of the train state or the numbers it holds
+#                 mean something else -> refused;
+#   "trajectory": the rest of the run's numbers (schedule, length, data order,
+#                 seed) -> refused unless allowed explicitly (--allow-change KEY),
+#                 then its effect is printed;
+#   "cosmetic":   how the run is observed, stored or placed -> allowed, printed.
+# A section maps to one kind, or to {key: kind} for its keys.
+RESUME_KINDS: dict[str, str | dict[str, str]] = {
+    "model": "structure",
+    "data": {"name": "structure", "seq_len": "structure", "flatten": "structure",
+             "num_train": "trajectory", "num_test": "trajectory", "dir": "cosmetic", "prefetch": "cosmetic"},
+    "optimizer": {"name": "structure", "momentum": "structure", "accumulate_steps": "structure",
+                  "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",
+                  "clip_norm": "trajectory"},
+    "schedule": "trajectory",
+    "training": {"seed": "trajectory", "batch_size": "trajectory", "epochs": "trajectory",
+                 "steps": "trajectory", "nan_policy": "structure", "compute_dtype": "structure",
+                 "loss_scale": "structure", "eval_batch_size": "cosmetic", "eval_every": "cosmetic",
+                 "log_every": "cosmetic", "checkpoint_every": "cosmetic", "keep_checkpoints": "cosmetic",
+                 "resume": "cosmetic", "steps_per_call": "cosmetic", "unroll": "cosmetic",
+                 "progress": "cosmetic"},
+    "parallel": "cosmetic",  # every placement trains the same run (tests/test_parallel.py)
+    "logging": "cosmetic",
+}
 
 
-def structure_settings(config: dict) -> dict:
-    """The part of ``config`` named by STRUCTURE_KEYS."""
-    return {section: dict(config[section]) if keys is None else {k: config[section][k] for k in keys}
-            for section, keys in STRUCTURE_KEYS.items()}
-
-
-def structure_hash(config: dict) -> str:
-    """A hash of :func:`structure_settings` (model, optimiser, data shapes);
-    resuming under a different hash is refused."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(structure_settings(config), sort_keys=True).encode()).hexdigest()[:16]
+def resume_kind(section: str, key: str) -> str:
+    """``"structure"``, ``"trajectory"`` or ``"cosmetic"``: see RESUME_KINDS."""
+    kind = RESUME_KINDS[section]
+    return kind if isinstance(kind, str) else kind[key]

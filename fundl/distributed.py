@@ -235,3 +235,39 @@ def describe() -> str:
 
     return (f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local / "
             f"{jax.device_count()} global {jax.devices()[0].platform} devices")
+
+
+# ------------------------------------------------------------ agreement
+def process_zero_error(message: str | None, *, limit: int = 4096) -> str | None:
+    """Process 0's error message (None: no error), the same on every process.
+
+    Process 0 alone decides some things (it claims the run directory); the
+    others learn its verdict here, through JAX's runtime, so that every
+    process stops with the same message instead of the others waiting at the
+    first collective.  With one process this returns ``message``.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return message
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = (message or "").encode()[:limit - 1]
+    buf = np.zeros(limit, np.uint8)
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    buf[-1] = message is not None
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(got[:-1]).rstrip(b"\0").decode(errors="replace") if got[-1] else None
+
+
+def gather_ints(value: int) -> list[int]:
+    """``value`` of every process, in process order (``[value]`` with one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [int(value)]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).reshape(-1)]

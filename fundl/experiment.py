@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import uuid
 from pathlib import Path
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fundl import config as cfg
-from fundl import models
+from fundl import distributed, models
 from fundl.data import Dataset, Loader, load_dataset
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
@@ -26,7 +27,8 @@ from fundl.nn import Layer
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import evaluate, fit
 from fundl.train.optim import optimizer_from_config
-from fundl.train.rundir import RunDir, plot_curves
+from fundl.train.resume import check_allowed_names, check_changes, config_changes, describe_effects, loader_mismatch
+from fundl.train.rundir import RunDir, RunDirError, plot_curves
 from fundl.train.state import TrainState, count_params, create_train_state
 from fundl.train.step import make_eval_step, make_train_step
 
@@ -99,7 +101,7 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
 
 
 # ------------------------------------------------------------- the run
-def make_placement(config: dict):
+def placement_from_config(config: dict):
     """The placement ``[parallel]`` asks for (see ``fundl.train.parallel.make_placement``)."""
     from fundl.train import parallel
 
@@ -109,13 +111,55 @@ def make_placement(config: dict):
         raise cfg.ConfigError(str(e)) from None
 
 
-def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verbose: bool = True) -> dict:
-    """Train and evaluate as ``config`` says, writing the run directory; return the summary."""
-    t = config["training"]
-    placement = make_placement(config)
+def open_run_dir(run_dir, config: dict, *, overwrite: bool = False) -> RunDir:
+    """Claim ``run_dir`` for this run (process 0 claims, every process gets the verdict).
+
+    A fresh run refuses a directory that holds an earlier run, unless
+    ``overwrite`` (the old run is moved aside); ``training.resume`` continues it.
+    """
+    if config["logging"]["tensorboard"]:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise cfg.ConfigError("logging.tensorboard = true needs tensorboardX, which is not installed: "
+                                  "pip install tensorboardX (or fundl[dev]), or set logging.tensorboard=false") from None
+    if overwrite and config["training"]["resume"]:
+        raise cfg.ConfigError("--overwrite starts afresh and --resume continues the run: choose one")
+    existing = "resume" if config["training"]["resume"] else "overwrite" if overwrite else "refuse"
     writer = jax.process_index() == 0
-    rd = RunDir(run_dir, writer=writer, tensorboard=config["logging"]["tensorboard"])
-    structure = cfg.structure_hash(config)
+    rd, error = None, None
+    if writer:
+        try:
+            rd = RunDir(run_dir, writer=True, tensorboard=config["logging"]["tensorboard"], existing=existing)
+        except RunDirError as e:
+            error = e
+    message = distributed.process_zero_error(None if error is None else str(error))
+    if message is not None:
+        raise error if error is not None else RunDirError(f"process 0 refused the run directory: {message}")
+    return rd if writer else RunDir(run_dir, writer=False)
+
+
+def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verbose: bool = True,
+        overwrite: bool = False, allow_changes: Sequence[str] = ()) -> dict:
+    """Train and evaluate as ``config`` says, writing the run directory; return the summary.
+
+    ``overwrite``: a fresh run into a directory holding an earlier run moves
+    that run aside (else it is refused).  ``allow_changes``: settings (or
+    sections) a resumed run may change although they alter its trajectory
+    (``fundl.train.resume``).
+    """
+    check_allowed_names(allow_changes)
+    placement = placement_from_config(config)
+    rd = open_run_dir(run_dir, config, overwrite=overwrite)
+    with rd:
+        return _run(config, rd, placement, config_path, verbose, allow_changes)
+
+
+def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
+    t = config["training"]
+    say = verbose and rd.writer
+    if rd.moved_to is not None:  # said even when quiet: files moved
+        print(f"fundl: moved the earlier run in {rd.path} aside to {rd.moved_to}", file=sys.stderr, flush=True)
 
     # data
     data = load_data(config)
@@ -133,14 +177,14 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     num_params = count_params(state.params)
 
     # resume
+    run_id = uuid.uuid4().hex[:12]
     if t["resume"]:
-        check_resumable(rd, config)
-        state = _resume(rd, state, structure, verbose and writer)
+        state, run_id = resume(rd, state, config, loader, allow_changes, verbose=say, new_run_id=run_id)
         if int(state.step) > total:
             raise cfg.ConfigError(
                 f"cannot resume {rd.path}: its checkpoint is at step {int(state.step)}, past the {total} steps "
                 f"this config asks for; raise training.steps or training.epochs")
-    rd.write_text("config.toml", cfg.dumps(config))
+    rd.write_text("config.toml", cfg.dumps(config))  # what is actually being run
     rd.truncate_metrics(int(state.step))
 
     # steps
@@ -159,20 +203,16 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
         return evaluate(eval_step, *placement.put_eval_params(s), data.test, eval_batch,
                         placement=placement.for_eval())
 
-    if verbose and writer:
+    if say:
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
               f"model {config['model']['kind']} with {num_params:,} params, {total} steps of batch "
               f"{t['batch_size']} from step {int(state.step)}; run dir {rd.path}", flush=True)
-    try:
-        result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
-                     log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
-                     keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config_hash": structure},
-                     steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
-                     progress=t["progress"], placement=placement,
-                     resume_hint=f"resume with: python scripts/train.py --resume {rd.path}")
-    except BaseException:  # signal, NaN, disk full: flush what was logged (tensorboard) before leaving
-        rd.close()
-        raise
+    result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
+                 log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
+                 keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config": config, "run_id": run_id},
+                 steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
+                 progress=t["progress"], placement=placement,
+                 resume_hint=f"resume with: python scripts/train.py --resume {rd.path}")
     final = result.final_eval
     summary = {
         "final_step": total,
@@ -188,13 +228,13 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
         "compute_dtype": dtype,
         "devices": placement.num_devices,
         "processes": jax.process_count(),
+        "run_id": run_id,
     }
     if result.skipped_updates is not None:
         summary["skipped_updates"] = result.skipped_updates  # nan_policy="skip"
     rd.write_summary(summary)
-    if writer and config["logging"]["plots"]:
+    if rd.writer and config["logging"]["plots"]:
         plot_curves(rd.path)
-    rd.close()
     return summary
 
 
@@ -218,57 +258,58 @@ def check_labels(data: Dataset) -> None:
                 f"Labels must be integer class ids 0..{data.num_classes - 1}")
 
 
-def structure_diff(old: dict, new: dict) -> list[str]:
-    """``section.key: old -> new`` for the settings that fix the train state's structure
-    (``fundl.config.STRUCTURE_KEYS``, those ``structure_hash`` covers)."""
-    lines = []
-    old, new = cfg.structure_settings(old), cfg.structure_settings(new)
-    for section in cfg.STRUCTURE_KEYS:
-        a, b = old[section], new[section]
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                lines.append(f"{section}.{key}: {a.get(key, '<unset>')!r} in the run, {b.get(key, '<unset>')!r} now")
-    return lines
+def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_changes: Sequence[str] = (), *,
+           verbose: bool = True, new_run_id: str = "") -> tuple[TrainState, str]:
+    """The state to continue from and the run's id: the newest valid checkpoint of ``rd``, restored
+    into ``state`` (the template), after checking what the config changes (``fundl.train.resume``).
 
-
-def check_resumable(rd: RunDir, config: dict) -> None:
-    """Refuse to resume ``rd`` when its saved config.toml differs in model/optimiser/data
-    structure from ``config``; the message lists the keys that differ.  Changing only
-    training settings (epochs, steps, eval or checkpoint intervals) is allowed."""
-    saved = rd.path / "config.toml"
-    if not saved.is_file() or not ckpt.list_checkpoints(rd.checkpoint_dir):
-        return
-    try:
-        old = cfg.load_config(saved)
-    except cfg.ConfigError:
-        return  # an unreadable old config: the checkpoint's structure hash still guards the resume
-    if cfg.structure_hash(old) == cfg.structure_hash(config):
-        return
-    diff = structure_diff(old, config)
-    raise cfg.ConfigError(
-        f"cannot resume {rd.path}: the config changes the model/optimiser/data structure of the run "
-        f"(saved in {saved}):\n  " + "\n  ".join(diff) +
-        "\nOnly training settings (e.g. training.epochs or training.steps) may change on resume; "
-        "undo these changes or start a new run directory")
-
-
-def _resume(rd: RunDir, state: TrainState, structure: str, verbose: bool) -> TrainState:
+    Every process must find the same checkpoint step (checked through the
+    distributed runtime): a process that cannot see the run's checkpoints
+    stops the run with an error instead of silently starting at step 0.
+    """
     path = ckpt.latest_valid(rd.checkpoint_dir)
+    step = -1 if path is None else ckpt.step_of(path)
+    steps = distributed.gather_ints(step)
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"process {i}: {'no checkpoint' if s < 0 else f'step {s}'}" for i, s in enumerate(steps))
+        raise ckpt.CheckpointError(
+            f"cannot resume {rd.path}: the processes of this run do not see the same checkpoints ({seen}). "
+            f"The run directory must be on a filesystem every process shares (or hold the same checkpoints)")
     if path is None:
         if verbose:
             print(f"fundl: no checkpoint in {rd.checkpoint_dir}; starting from step 0", flush=True)
-        return state
+        return state, new_run_id
     manifest = ckpt.read_manifest(path, verify=False)
-    saved = manifest.get("extras", {}).get("config_hash")
-    if saved is not None and saved != structure:
-        old = rd.path / "config.toml"
-        raise cfg.ConfigError(
-            f"cannot resume {rd.path}: its checkpoint was made with a different model/optimiser/data "
-            f"structure (hash {saved} vs {structure}); compare with {old} or start a new run directory")
+    extras = manifest.get("extras", {})
+    saved = extras.get("config")
+    if saved is None:  # a checkpoint from before configs were recorded in it
+        saved = cfg.load_config(rd.path / "config.toml") if (rd.path / "config.toml").is_file() else config
+    where = str(rd.path)
+    changes = config_changes(saved, config)
+    check_changes(changes, allow_changes, where)
+    step = int(manifest["step"])
+    expected = loader.state_at_step(step)
+    data_changed = any(c.name in ("training.seed", "training.batch_size", "data.num_train") for c in changes)
+    mismatch = loader_mismatch(extras.get("loader"), expected)
+    if mismatch and not data_changed:
+        raise ckpt.CheckpointError(
+            f"cannot resume {where}: the data position saved in {path} does not match the one recomputed "
+            f"from step {step} with the same config ({mismatch}); the data order would differ from the "
+            f"saved run's. Was the dataset or fundl's loader changed?")
     restored, _ = ckpt.restore(path, state)
     if verbose:
-        print(f"fundl: resuming from {path} (step {manifest['step']})", flush=True)
-    return restored
+        print(f"fundl: resuming from {path} (step {step})", flush=True)
+        old_loader = extras.get("loader") or expected
+        old_total = total_steps_of(saved, max(1, old_loader["num_examples"] // old_loader["batch_size"]))
+        new_total = total_steps_of(config, loader.steps_per_epoch)
+        for c in changes:
+            print(f"fundl: resume changes {c} ({c.kind})", flush=True)
+        for line in describe_effects([c for c in changes if c.kind == "trajectory"], saved, config,
+                                     step=step, old_total=old_total, new_total=new_total):
+            print(f"fundl: {line}", flush=True)
+    if changes:
+        rd.log({"step": step, "split": "resume", "changes": {c.name: [c.old, c.new] for c in changes}})
+    return restored, extras.get("run_id") or new_run_id
 
 
 def read_summary(run_dir) -> dict:

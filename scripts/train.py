@@ -2,18 +2,26 @@
 """Train a model from a TOML config.
 
     python scripts/train.py --config configs/mnist1d_cnn.toml [--set training.epochs=3 ...]
-                            [--run-dir runs/NAME] [--resume]
-    python scripts/train.py --resume runs/NAME [--set training.epochs=6 ...]
+                            [--run-dir runs/NAME] [--overwrite]
+    python scripts/train.py --resume runs/NAME [--allow-change training.epochs --set training.epochs=6 ...]
+
+A fresh run refuses a run directory that already holds a run; ``--overwrite``
+moves that run aside (to RUN_DIR.old-<time>) first.  A run directory in use
+by another live run is refused too (a lock names its pid).
 
 ``--resume RUN_DIR`` continues RUN_DIR from its newest valid checkpoint with
-the config saved there (``--config`` may still be given).  Resuming is also
-automatic with ``training.resume = true``: start fresh when there is no
-checkpoint, continue otherwise (suits requeued jobs).
+the config saved there (``--config`` may still be given).  Settings that
+would change the rest of the run (schedule, learning rate, steps/epochs,
+batch size, seed, data) must be confirmed with ``--allow-change KEY``; the
+effect is printed.  Resuming is also automatic with ``training.resume =
+true``: start fresh when there is no checkpoint, continue otherwise (suits
+requeued jobs).
 
 Exit codes: 0 done; 1 an error stopped the run (message on stderr: non-finite
 loss, corrupt checkpoints, disk full, bad data or shapes, unwritable run
-directory); 2 a bad command line or config; 130 / 143 stopped by SIGINT /
-SIGTERM after saving a checkpoint (resume with the command printed).
+directory); 2 a bad command line or config, or a run directory that is in
+use or holds another run; 130 / 143 stopped by SIGINT / SIGTERM after saving
+a checkpoint (resume with the command printed).
 Set FUNDL_TRACEBACK=1 to see the traceback of an error.
 """
 
@@ -50,12 +58,22 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", help="where to write the run (default runs/<config name>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                    help="continue from the newest valid checkpoint of RUN_DIR (or of --run-dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run into a run directory that holds a run: move that run aside to "
+                        "RUN_DIR.old-<time> (never deleted)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="SECTION.KEY",
+                   help="on resume, accept a changed setting that alters the run's trajectory (schedule, "
+                        "learning rate, steps/epochs, batch size, seed, data); repeatable; a section allows all its keys")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
     if isinstance(args.resume, str) and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
         p.error(f"--resume {args.resume} and --run-dir {args.run_dir} name different run directories")
     config_path = _config_path(args, p)
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts afresh and --resume continues the run: choose one")
+    if args.allow_change and not args.resume:
+        p.error("--allow-change applies to a resumed run: add --resume")
 
     overrides = list(args.set) + (["training.resume=true"] if args.resume else [])
     overrides += ["training.progress=false"] if args.quiet else []
@@ -73,18 +91,20 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from fundl.experiment import PUBLISHED, run  # heavy imports after validation
+    from fundl.train.rundir import RunDirError
     from fundl.train.signals import TrainingInterrupted
 
     t0 = time.perf_counter()
     try:
-        summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet)
+        summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet,
+                      overwrite=args.overwrite, allow_changes=args.allow_change)
     except TrainingInterrupted as e:
         print(f"fundl: {e}", file=sys.stderr)  # names the checkpoint and the command that resumes
         return e.exit_code
-    except cfg.ConfigError as e:
+    except (cfg.ConfigError, RunDirError) as e:
         if os.environ.get("FUNDL_TRACEBACK"):
             raise
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"{'config error' if isinstance(e, cfg.ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
     except _user_errors() as e:
         if os.environ.get("FUNDL_TRACEBACK"):

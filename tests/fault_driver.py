@@ -7,7 +7,6 @@ SPEC (the process SIGKILLs itself, as a crash or the OOM killer would):
 * ``step=N``          just before the dispatch that takes the state from step N to N + 1;
 * ``save=N:npz``      while writing arrays.npz of checkpoint N (half the bytes written);
 * ``save=N:rename``   checkpoint N complete in its temporary folder, before the rename;
-* ``save=N:latest``   after the rename, before the ``latest`` pointer is updated;
 * ``save=N:prune``    while deleting checkpoints beyond keep-K after saving N;
 * ``enospc=N``        writing checkpoint N fails with OSError(ENOSPC) (disk full; no kill).
 
@@ -109,15 +108,6 @@ def install(spec: str, slow: float) -> None:
             return real_replace(src, dst, *a, **kw)
 
         ckpt.os.replace = replace
-    elif phase == "latest":
-        real_write = ckpt._write_atomic_text
-
-        def write(path, text):
-            if Path(path).name == "latest" and text.strip() == name:
-                die()
-            return real_write(path, text)
-
-        ckpt._write_atomic_text = write
     elif phase == "prune":
         real_delete = ckpt._delete
 

@@ -54,7 +54,7 @@ def test_round_trip_is_exact_with_typed_keys_optax_state_and_extras(tmp_path):
     leaves_equal(state, restored)
     assert type(restored.opt_state) is type(state.opt_state)  # optax NamedTuples rebuilt from the template
     assert manifest["step"] == 7 and manifest["extras"] == {"loader": {"epoch": 1, "index": 3}, "config_hash": "abc"}
-    assert (tmp_path / "latest").read_text().strip() == "step_00000007"
+    assert not (tmp_path / "latest").exists()  # no pointer file: the newest valid step_* folder is the one
     # the manifest lists every leaf by tree path: params, optimiser state, key
     assert {"step", "params/dense_0/w", "key"} <= set(manifest["leaves"])
     assert any(p.startswith("opt_state/") for p in manifest["leaves"])
@@ -90,7 +90,6 @@ def test_an_exception_inside_savez_leaves_earlier_checkpoints_intact(tmp_path, m
     assert ckpt.list_checkpoints(tmp_path) == paths  # nothing pruned, nothing half-written
     assert {p: (p / "arrays.npz").read_bytes() for p in paths} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".step")] == []  # temp folder removed
-    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
 
 
 def test_disk_full_during_a_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):

@@ -78,8 +78,12 @@ def test_file_errors_name_the_file(tmp_path):
         cfg.load_config(tmp_path / "missing.toml")
 
 
-def test_structure_hash_ignores_duration_but_not_model():
-    a = cfg.load_config(None)
-    b = cfg.load_config(None, ["training.epochs=7"])
-    c = cfg.load_config(None, ["model.hidden=[64]"])
-    assert cfg.structure_hash(a) == cfg.structure_hash(b) != cfg.structure_hash(c)
+def test_every_setting_says_how_a_resume_may_change_it():
+    kinds = {cfg.resume_kind(section, key) for section, keys in cfg.SCHEMA.items() for key in keys}
+    assert kinds == {"structure", "trajectory", "cosmetic"}
+    assert cfg.resume_kind("model", "hidden") == "structure"
+    assert cfg.resume_kind("schedule", "name") == cfg.resume_kind("training", "epochs") == "trajectory"
+    assert cfg.resume_kind("optimizer", "learning_rate") == cfg.resume_kind("training", "seed") == "trajectory"
+    assert cfg.resume_kind("logging", "plots") == cfg.resume_kind("training", "progress") == "cosmetic"
+    for section, kind in cfg.RESUME_KINDS.items():  # a per-key table names exactly the schema's keys
+        assert isinstance(kind, str) or set(kind) == set(cfg.SCHEMA[section]), section

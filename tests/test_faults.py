@@ -88,7 +88,7 @@ def reference(tmp_path_factory):
 KILL_CHAIN = ["step=3",            # before the first checkpoint: resume starts from step 0
               "save=10:npz",       # arrays.npz half written
               "save=15:rename",    # checkpoint complete in its temp folder, not yet renamed
-              "save=25:latest",    # renamed, `latest` pointer not yet updated
+              "save=25:prune",     # renamed, before the old checkpoints are pruned
               "save=30:prune",     # half-way through deleting an old checkpoint (keep-K)
               "step=43",           # between checkpoints
               "save=50:npz"]
@@ -326,7 +326,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """JAX's preemption service catches SIGTERM; the sync point makes both processes save one step."""
     sys.path.insert(0, str(ROOT / "scripts"))
     sys.path.insert(0, str(ROOT / "tests"))
-    multihost = pytest.importorskip("test_multihost")
+    import test_multihost as multihost
     import launch_local
 
     run_dir = tmp_path / "run"

@@ -4,13 +4,15 @@ Layout of a run's ``checkpoints/`` folder::
 
     step_00000100/arrays.npz     every leaf, keyed by its tree path
     step_00000100/manifest.json  step, paths, shapes, dtypes, sha256 of arrays.npz, extras
-    latest                       name of the newest complete checkpoint (written last)
 
 A checkpoint is written into a temporary folder, fsynced and renamed into
 place, so a crash mid-save never leaves a half-written ``step_*`` folder and
-never touches an older one.  Restoring verifies the checksum, then fills a
-*template* state (built the usual way) leaf by leaf by tree path, checking
-shape and dtype; mismatches are listed path by path.  The format is NumPy's
+never touches an older one.  There is no ``latest`` pointer: the newest
+``step_*`` folder whose checksum verifies is the one to restore
+(:func:`latest_valid`), so no second file can disagree with the folders.
+Restoring verifies the checksum, then fills a *template* state (built the
+usual way) leaf by leaf by tree path, checking shape and dtype; mismatches
+are listed path by path.  The format is NumPy's
 ``.npz`` (no pickle) plus JSON.
 """
 
@@ -92,6 +94,11 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{int(step):08d}"
 
 
+def step_of(path: str | Path) -> int:
+    """The step of checkpoint folder ``path`` (from its name)."""
+    return int(Path(path).name[len(_PREFIX):])
+
+
 def save(directory: str | Path, state, *, step: int | None = None, extras: dict | None = None,
          keep: int | None = None) -> Path:
     """Write ``state`` as ``directory/step_<step>`` atomically; return its path.
@@ -131,10 +138,8 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
         else:
             os.replace(tmp, final)
         _fsync_dir(directory)
-        _write_atomic_text(directory / "latest", final.name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_tmp_file(directory / "latest")
         intact = list_checkpoints(directory)
         newest = f"the newest intact checkpoint is {intact[-1]}" if intact else "no earlier checkpoint exists"
         reason = e.strerror or str(e)
@@ -146,9 +151,33 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep:
-        for old in list_checkpoints(directory)[:-keep]:
-            _delete(old)
+        prune(directory, final, keep)
     return final
+
+
+def prune(directory: str | Path, newest: Path, keep: int) -> list[Path]:
+    """Delete this run's checkpoints older than ``newest`` beyond the ``keep`` newest; return them.
+
+    "This run's" means: a step below ``newest``'s and, when ``newest``'s manifest
+    records a ``run_id`` extra, the same ``run_id``.  So pruning never deletes
+    the checkpoint just written, a newer one, or another run's.
+    """
+    step = step_of(newest)
+    run_id = read_manifest(newest, verify=False).get("extras", {}).get("run_id")
+    ours = [p for p in list_checkpoints(directory) if step_of(p) < step]
+    if run_id is not None:
+        ours = [p for p in ours if _run_id_of(p) == run_id]
+    doomed = ours[:max(0, len(ours) - (keep - 1))]
+    for old in doomed:
+        _delete(old)
+    return doomed
+
+
+def _run_id_of(path: Path):
+    try:
+        return read_manifest(path, verify=False).get("extras", {}).get("run_id")
+    except CheckpointError:
+        return None  # incomplete or corrupt: not known to be this run's, left alone
 
 
 def _delete(path: Path) -> None:
@@ -161,26 +190,33 @@ def _delete(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _remove_tmp_file(path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _pid_alive(pid: int) -> bool:
     try:
-        tmp.unlink()
-    except OSError:
-        pass
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _remove_stale(directory: Path) -> None:
     """Delete leftovers of saves that died midway (``.step_*.tmp-*``, ``.old-*``, ``.del-*``).
 
-    Only one process writes a run's checkpoints, so any such folder is from a
-    crashed earlier run.  A ``.old-*`` folder is renamed back when its step
-    folder is missing (a crash between the two renames of a same-step re-save).
+    Each name ends with the pid of the process that made it; folders of a
+    live process other than this one are left alone (a run directory's lock
+    already keeps a second run out, this guards direct callers of ``save``).
+    A ``.old-*`` folder is renamed back when its step folder is missing (a
+    crash between the two renames of a same-step re-save).
     """
     for p in directory.iterdir():
         name = p.name
         if not name.startswith("." + _PREFIX):
             continue
         base, _, kind = name[1:].rpartition(".")
+        pid = kind.partition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
         if kind.startswith("old-") and not (directory / base).exists():
             try:
                 os.replace(p, directory / base)
@@ -198,7 +234,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
              and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    return sorted(found, key=step_of)
 
 
 def read_manifest(path: str | Path, *, verify: bool = True) -> dict:

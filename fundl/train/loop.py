@@ -98,7 +98,9 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
 
     Args:
       state: a TrainState (possibly restored: training continues from its
-        ``step``, and the loader is positioned at the matching batch).
+        ``step``, and the loader is positioned at the matching batch).  It is
+        copied on entry, so the caller's arrays stay valid although the
+        compiled step donates its input buffers.
       train_step: the pure step from ``make_train_step``; compiled here.
       loader: a training Loader with ``drop_last=True``; its order depends
         only on (seed, epoch), so step ``t`` always sees the same batch.
@@ -107,6 +109,9 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
       log_every: steps between host transfers of the train metrics.
       run_dir: a ``RunDir`` for metrics.jsonl and checkpoints (or None).
       checkpoint_every: steps between checkpoints (0: only at the end).
+      checkpoint_extras: JSON-serialisable dict stored in every checkpoint's
+        manifest (``fundl.experiment`` stores the resolved config and a run id;
+        a ``run_id`` limits keep-K pruning to this run's checkpoints).
       steps_per_call: K optimiser steps fused in one dispatch (``lax.scan``);
         results equal K single steps.
       nan_policy: "stop" raises NonFiniteLossError naming the first step
@@ -117,159 +122,199 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         logged means use the finite steps and records carry
         ``skipped_updates``.  "ignore" carries on.
       placement: where the step runs (``fundl.train.parallel``).
+      on_log: called with every record (train and eval) as it is logged.
       resume_hint: appended to the message of TrainingInterrupted.
 
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
     step boundary and raise :class:`TrainingInterrupted`.
     """
-    placement = placement or SingleDevice()
     if nan_policy not in ("stop", "skip", "ignore"):
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")
-    step_fn = placement.compile_train(train_step, 1)
-    multi_fn = placement.compile_train(train_step, steps_per_call, unroll) if steps_per_call > 1 else None
+    placement = placement or SingleDevice()
     start_step = int(jax.device_get(placement.get_state(state).step))
     if start_step > num_steps:
         raise ValueError(f"fit: the state is at step {start_step}, past num_steps={num_steps}; a resumed run "
                          f"cannot end before its checkpoint: raise training.steps/epochs or use a new run dir")
-    loader.restore(loader.state_at_step(start_step))
-    batches = loader.stream(num_steps - start_step)
-    state = placement.put_state(state)
-    batch_size = loader.batch_size
-    history = []
-    pending = []     # (device metrics, steps in the dispatch, step before it): not yet on the host
-    host_rows = []   # per-step host metrics fetched and checked, not yet logged
-    last_ckpt, last_ckpt_step = None, None
-    bar = _progress_bar(progress, num_steps, start_step)
-    step = start_step
-    t0 = time.perf_counter()
-    t_log, steps_since_log = t0, 0
-    dispatches = 0
+    loop = _Loop(placement, loader, num_steps=num_steps, start_step=start_step, eval_fn=eval_fn,
+                 intervals=(log_every, eval_every, checkpoint_every), run_dir=run_dir,
+                 keep_checkpoints=keep_checkpoints, checkpoint_extras=checkpoint_extras or {},
+                 nan_policy=nan_policy, on_log=on_log, resume_hint=resume_hint)
+    return loop.run(state, train_step, steps_per_call, unroll, progress)
 
-    def boundaries(s):
-        """Steps at which something must happen after step s (events end fused chunks)."""
-        nxt = [num_steps]
-        for every in (log_every, eval_every, checkpoint_every):
+
+class _TrainMetrics:
+    """Per-step train metrics between two logs: on the device until fetched, then checked and averaged."""
+
+    def __init__(self, placement, nan_policy: str):
+        self.placement, self.nan_policy = placement, nan_policy
+        self.pending = []   # (device metrics, steps in the dispatch, step before it)
+        self.rows = []      # per-step host metrics, fetched and checked
+        self.steps = 0      # steps since the last log, for examples/s
+        self.since = time.perf_counter()
+
+    def add(self, metrics, n: int, before: int) -> None:
+        self.pending.append((metrics, n, before))
+        self.steps += n
+
+    def fetch(self, last_checkpoint) -> None:
+        """Move pending metrics to the host; under "stop", raise at the first non-finite step."""
+        for m, n, before in self.pending:
+            m = self.placement.host_metrics(m)
+            row = {k: np.asarray(v).reshape(n, -1).mean(axis=1) if n > 1 else np.asarray(v).reshape(1)
+                   for k, v in m.items()}
+            if self.nan_policy == "stop":
+                _raise_if_non_finite(row, before, last_checkpoint)
+            self.rows.append(row)
+        self.pending.clear()
+
+    def means(self, batch_size: int, last_checkpoint) -> dict | None:
+        """Means over the steps since the last call (None if there were none), plus examples/s."""
+        self.fetch(last_checkpoint)
+        if not self.rows:
+            return None
+        per_step = {k: np.concatenate([r[k] for r in self.rows]) for k in self.rows[0]}
+        means = {k: _mean(v, finite_only=self.nan_policy == "skip") for k, v in per_step.items()}
+        now = time.perf_counter()
+        means["examples_per_second"] = self.steps * batch_size / max(now - self.since, 1e-9)
+        self.rows, self.steps, self.since = [], 0, now
+        return means
+
+
+class _Loop:
+    """One ``fit`` call: the dispatch loop and the events at step boundaries (log, eval, checkpoint, stop)."""
+
+    def __init__(self, placement, loader, *, num_steps, start_step, eval_fn, intervals, run_dir,
+                 keep_checkpoints, checkpoint_extras, nan_policy, on_log, resume_hint):
+        self.placement, self.loader = placement, loader
+        self.num_steps, self.start_step, self.step = num_steps, start_step, start_step
+        self.eval_fn = eval_fn
+        self.log_every, self.eval_every, self.checkpoint_every = intervals
+        self.run_dir, self.keep, self.extras = run_dir, keep_checkpoints, checkpoint_extras
+        self.nan_policy, self.on_log, self.resume_hint = nan_policy, on_log, resume_hint
+        self.metrics = _TrainMetrics(placement, nan_policy)
+        self.history: list[dict] = []
+        self.last_ckpt, self.last_ckpt_step = None, None
+        self.bar = None
+        self.state = None
+
+    # ------------------------------------------------------------- driver
+    def run(self, state, train_step, steps_per_call, unroll, progress) -> FitResult:
+        p = self.placement
+        step_fn = p.compile_train(train_step, 1)
+        multi_fn = p.compile_train(train_step, steps_per_call, unroll) if steps_per_call > 1 else None
+        self.loader.restore(self.loader.state_at_step(self.start_step))
+        batches = self.loader.stream(self.num_steps - self.start_step)
+        self.state = p.put_state(state)  # a copy: the caller's arrays survive donation
+        self.bar = _progress_bar(progress, self.num_steps, self.start_step)
+        stop = StopSignals()
+        dispatches = 0
+        t0 = time.perf_counter()
+        try:
+            with stop:
+                while self.step < self.num_steps:
+                    before = self.step
+                    if multi_fn is not None and self._next_event() - before >= steps_per_call:
+                        group = stack_batches([next(batches) for _ in range(steps_per_call)])
+                        self.state, metrics = multi_fn(self.state, p.put_batch(group, stacked=True))
+                        n = steps_per_call
+                    else:
+                        self.state, metrics = step_fn(self.state, p.put_batch(next(batches)))
+                        n = 1
+                    self.metrics.add(metrics, n, before)
+                    self.step += n
+                    dispatches += 1
+                    if p.sync_every and dispatches % p.sync_every == 0:
+                        jax.block_until_ready(metrics)
+                    if self.bar is not None:
+                        self.bar.update(n)
+                    self._events()
+                    if self.step < self.num_steps and stop.should_stop(dispatches):
+                        self._interrupted(stop.received)
+                if self.eval_fn is not None and self.start_step == self.num_steps:
+                    self._evaluate()  # resumed a finished run: report its evaluation
+            jax.block_until_ready(self.state)
+        finally:
+            batches.close()
+            if self.bar is not None:
+                self.bar.close()
+        seconds = time.perf_counter() - t0
+        final_state = p.get_state(self.state)
+        final_eval = next((r for r in reversed(self.history) if r["split"] == "eval"), {})
+        done = self.num_steps - self.start_step
+        skipped = skipped_updates(final_state.opt_state) if hasattr(final_state, "opt_state") else None
+        return FitResult(final_state, self.history, final_eval, seconds,
+                         done * self.loader.batch_size / seconds if seconds > 0 else 0.0, skipped)
+
+    def _next_event(self) -> int:
+        """The next step at which something must happen (fused chunks end there)."""
+        s, nxt = self.step, [self.num_steps]
+        for every in (self.log_every, self.eval_every, self.checkpoint_every):
             if every:
                 nxt.append((s // every + 1) * every)
         return min(nxt)
 
-    def fetch_and_check():
-        """Move pending metrics to the host; under "stop", raise at the first non-finite step."""
-        for m, n, before in pending:
-            m = placement.host_metrics(m)
-            row = {k: np.asarray(v).reshape(n, -1).mean(axis=1) if n > 1 else np.asarray(v).reshape(1)
-                   for k, v in m.items()}
-            if nan_policy == "stop":
-                _raise_if_non_finite(row, before, last_ckpt)
-            host_rows.append(row)
-        pending.clear()
+    # ------------------------------------------------------------- events
+    def _events(self) -> None:
+        s, last = self.step, self.step == self.num_steps
+        if (self.log_every and s % self.log_every == 0) or last:
+            self._log_train()
+        if self.eval_fn is not None and ((self.eval_every and s % self.eval_every == 0) or last):
+            self._evaluate()
+        if (self.checkpoint_every and s % self.checkpoint_every == 0) or last:
+            self._save()
 
-    def flush_metrics():
-        nonlocal host_rows, t_log, steps_since_log
-        fetch_and_check()
-        if not host_rows:
-            return None
-        per_step = {k: np.concatenate([r[k] for r in host_rows]) for k in host_rows[0]}
-        means = {k: _mean(v, finite_only=nan_policy == "skip") for k, v in per_step.items()}
-        if nan_policy == "skip":
-            skipped = skipped_updates(placement.get_state(state.opt_state))  # a few counters, not the state
+    def _record(self, split: str, values: dict) -> dict:
+        """The one place a record is built and sent: history, metrics.jsonl, progress bar, ``on_log``."""
+        record = {"step": self.step, "epoch": (self.step - 1) // self.loader.steps_per_epoch if self.step else 0,
+                  "split": split, **values}
+        self.history.append(record)
+        if self.run_dir is not None:
+            self.run_dir.log(record)
+        if self.bar is not None and split == "train":
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values.get('accuracy', float('nan')):.3f}",
+                                 ex_s=f"{values['examples_per_second']:.0f}")
+        if self.on_log is not None:
+            self.on_log(record)
+        return record
+
+    def _log_train(self) -> None:
+        means = self.metrics.means(self.loader.batch_size, self.last_ckpt)
+        if means is None:
+            return
+        if self.nan_policy == "skip":
+            skipped = skipped_updates(self.placement.get_state(self.state.opt_state))  # a few counters
             if skipped is not None:
                 means["skipped_updates"] = skipped
-        now = time.perf_counter()
-        means["examples_per_second"] = steps_since_log * batch_size / max(now - t_log, 1e-9)
-        t_log, steps_since_log = now, 0
-        host_rows = []
-        return means
+        self._record("train", means)
 
-    def log_train(means):
-        record = {"step": step, "epoch": (step - 1) // loader.steps_per_epoch, "split": "train", **means}
-        history.append(record)
-        if run_dir is not None:
-            run_dir.log(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means.get('accuracy', float('nan')):.3f}",
-                            ex_s=f"{means['examples_per_second']:.0f}")
-        if on_log is not None:
-            on_log(record)
+    def _evaluate(self) -> None:
+        self._record("eval", self.eval_fn(self.placement.get_state(self.state)))
 
-    def save(s):
-        nonlocal last_ckpt, last_ckpt_step
-        if run_dir is None or last_ckpt_step == s:
+    def _save(self) -> None:
+        s = self.step
+        if self.run_dir is None or self.last_ckpt_step == s:
             return
-        fetch_and_check()  # never checkpoint a state that already went non-finite
-        host_state = placement.get_state(state)
-        if nan_policy == "stop" and not bool(_all_finite(host_state)):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
-            raise NonFiniteLossError(
-                f"non-finite parameters or optimiser state after step {s} (the training loss was still finite); "
-                f"{where}. Lower the learning rate, clip gradients (optimizer.clip_norm) or set "
-                f"training.nan_policy='skip'.", step=s, metric="params", checkpoint=last_ckpt)
-        extras = {"loader": loader.state_at_step(s), **(checkpoint_extras or {})}
-        if getattr(run_dir, "writer", True):
-            last_ckpt = ckpt.save(run_dir.checkpoint_dir, host_state, step=s, extras=extras, keep=keep_checkpoints)
+        self.metrics.fetch(self.last_ckpt)  # never checkpoint a state that already went non-finite
+        host_state = self.placement.get_state(self.state)
+        if self.nan_policy == "stop" and not bool(_all_finite(host_state)):
+            raise _non_finite_error("parameters or optimiser state", None, s, "params", self.last_ckpt,
+                                    "the training loss was still finite")
+        extras = {"loader": self.loader.state_at_step(s), **self.extras}
+        if getattr(self.run_dir, "writer", True):
+            self.last_ckpt = ckpt.save(self.run_dir.checkpoint_dir, host_state, step=s, extras=extras,
+                                       keep=self.keep)
         else:  # process 0 writes it (the barrier below waits for that)
-            last_ckpt = run_dir.checkpoint_dir / ckpt.checkpoint_name(s)
-        last_ckpt_step = s
-        placement.barrier(f"checkpoint_{s}")
+            self.last_ckpt = self.run_dir.checkpoint_dir / ckpt.checkpoint_name(s)
+        self.last_ckpt_step = s
+        self.placement.barrier(f"checkpoint_{s}")
 
-    stop = StopSignals()
-    try:
-        with stop:
-            while step < num_steps:
-                chunk = min(boundaries(step), num_steps) - step
-                before = step
-                if multi_fn is not None and chunk >= steps_per_call:
-                    group = [next(batches) for _ in range(steps_per_call)]
-                    state, metrics = multi_fn(state, placement.put_batch(stack_batches(group), stacked=True))
-                    n = steps_per_call
-                else:
-                    state, metrics = step_fn(state, placement.put_batch(next(batches)))
-                    n = 1
-                pending.append((metrics, n, before))
-                step += n
-                steps_since_log += n
-                dispatches += 1
-                if placement.sync_every and dispatches % placement.sync_every == 0:
-                    jax.block_until_ready(metrics)
-                if bar is not None:
-                    bar.update(n)
-
-                is_last = step == num_steps
-                if (log_every and step % log_every == 0) or is_last:
-                    means = flush_metrics()
-                    if means is not None:
-                        log_train(means)
-                if eval_fn is not None and ((eval_every and step % eval_every == 0) or is_last):
-                    results = eval_fn(placement.get_state(state))
-                    record = {"step": step, "epoch": (step - 1) // loader.steps_per_epoch, "split": "eval", **results}
-                    history.append(record)
-                    if run_dir is not None:
-                        run_dir.log(record)
-                    if on_log is not None:
-                        on_log(record)
-                if (checkpoint_every and step % checkpoint_every == 0) or is_last:
-                    save(step)
-                if not is_last and stop.should_stop(dispatches):
-                    means = flush_metrics()
-                    if means is not None:
-                        log_train(means)
-                    save(step)
-                    hint = resume_hint or ("resume from this checkpoint" if run_dir is not None else "")
-                    raise TrainingInterrupted(stop.received, step, last_ckpt if run_dir is not None else None, hint)
-            if eval_fn is not None and start_step == num_steps:  # resumed a finished run: report its eval
-                history.append({"step": step, "split": "eval", **eval_fn(placement.get_state(state))})
-        jax.block_until_ready(state)
-    finally:
-        batches.close()
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    final_eval = next((r for r in reversed(history) if r["split"] == "eval"), {})
-    done = num_steps - start_step
-    final_state = placement.get_state(state)
-    skipped = skipped_updates(final_state.opt_state) if hasattr(final_state, "opt_state") else None
-    return FitResult(final_state, history, final_eval, seconds,
-                     done * batch_size / seconds if seconds > 0 else 0.0, skipped)
+    def _interrupted(self, signum) -> None:
+        """A stop signal arrived: log, save at this step boundary and raise TrainingInterrupted."""
+        self._log_train()
+        self._save()
+        saved = self.run_dir is not None
+        hint = self.resume_hint or ("resume from this checkpoint" if saved else "")
+        raise TrainingInterrupted(signum, self.step, self.last_ckpt if saved else None, hint)
 
 
 def _mean(values: np.ndarray, finite_only: bool) -> float:
@@ -280,6 +325,18 @@ def _mean(values: np.ndarray, finite_only: bool) -> float:
     return float(np.mean(values))
 
 
+def _non_finite_error(what: str, value, step: int, metric: str, last_ckpt, note: str = "") -> "NonFiniteLossError":
+    """The one message for a diverged run: what went non-finite, where, the last good checkpoint, what to do."""
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
+    got = f" ({value})" if value is not None else ""
+    at = f"at step {step} (metric '{metric}')" if value is not None else f"after step {step}"
+    note = f" ({note})" if note else ""
+    return NonFiniteLossError(
+        f"non-finite {what}{got} {at}{note}; {where}. Lower the learning rate, clip gradients "
+        f"(optimizer.clip_norm) or set training.nan_policy='skip' to skip such updates.",
+        step=step, metric=metric, checkpoint=last_ckpt)
+
+
 def _raise_if_non_finite(row: dict, before: int, last_ckpt) -> None:
     """``row``: per-step metrics of the steps ``before + 1, before + 2, ...``."""
     names = ["loss"] + sorted(k for k in row if k != "loss")
@@ -287,13 +344,7 @@ def _raise_if_non_finite(row: dict, before: int, last_ckpt) -> None:
         for k in names:
             value = float(row[k][i])
             if not math.isfinite(value):
-                step = before + i + 1
-                where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
-                         else "no checkpoint was written before it")
-                raise NonFiniteLossError(
-                    f"non-finite training {k} ({value}) at step {step} (metric '{k}'); {where}. "
-                    f"Lower the learning rate, clip gradients (optimizer.clip_norm) or set "
-                    f"training.nan_policy='skip' to skip such updates.", step=step, metric=k, checkpoint=last_ckpt)
+                raise _non_finite_error(f"training {k}", value, before + i + 1, k, last_ckpt)
 
 
 @jax.jit

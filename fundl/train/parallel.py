@@ -49,7 +49,8 @@ class SingleDevice:
         return jax.jit(eval_step)
 
     def put_state(self, state):
-        return jax.device_put(state)
+        """A copy on the device: the donating step must not delete the caller's arrays."""
+        return jax.device_put(state, may_alias=False)
 
     def get_state(self, state):
         return state
@@ -144,7 +145,7 @@ class _MultiDevice:
     sync_every = SYNC_STEPS
 
     def _set_sync(self, steps_per_call: int) -> None:
-        # Queueing ~48 collective steps without a host sync deadlocks (DESIGN.md);
+        # Queueing ~48 collective steps without a host sync deadlocked on CPU (docs/parallel.md);
         # count optimiser steps, not dispatches, when steps are fused.
         self.sync_every = min(self.sync_every, max(1, SYNC_STEPS // max(1, steps_per_call)))
 

@@ -1,16 +1,45 @@
 """A run directory: resolved config, metrics.jsonl, summary.json, plots, checkpoints.
 
-Only the writing process (process 0 in multi-host runs) writes; others get a
-``RunDir`` with ``writer=False`` whose methods do nothing.
+Opening one *claims* it for this run:
+
+* a lock (``fcntl.flock`` on ``RUN_DIR/.lock``, released when the process
+  ends, even by SIGKILL) keeps a second concurrent run out: it stops at once
+  with :class:`RunDirInUse`, naming the holder's pid;
+* ``existing="refuse"`` (a fresh run, the default) refuses a directory that
+  already holds anything with :class:`RunDirNotEmpty`, which lists what is
+  there and the three ways on: resume it, choose another directory, or
+  overwrite — which *moves* the old run aside to ``RUN_DIR.old-<time>``,
+  never deletes it; ``existing="resume"`` continues the run in it.
+
+Only the writing process (process 0 in multi-host runs) claims and writes;
+others get a ``RunDir`` with ``writer=False`` whose methods do nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 import time
+import warnings
 from pathlib import Path
+
+LOCK_NAME = ".lock"
+EXISTING = ("refuse", "resume", "overwrite")
+
+
+class RunDirError(RuntimeError):
+    """A run directory this run may not use; the message says why and what to do."""
+
+
+class RunDirNotEmpty(RunDirError):
+    """A fresh run was pointed at a directory that holds an earlier run."""
+
+
+class RunDirInUse(RunDirError):
+    """Another live process holds the run directory's lock."""
 
 
 def _jsonable(value):
@@ -22,24 +51,52 @@ def _jsonable(value):
 
 
 class RunDir:
-    """Files of one run.  ``log(record)`` appends one JSON line to metrics.jsonl."""
+    """Files of one run.  ``log(record)`` appends one JSON line to metrics.jsonl.
 
-    def __init__(self, path: str | os.PathLike, *, writer: bool = True, tensorboard: bool = False):
+    ``existing``: what to do with a directory that already holds a run —
+    ``"refuse"`` (raise :class:`RunDirNotEmpty`), ``"resume"`` (continue it) or
+    ``"overwrite"`` (move it aside to ``moved_to``).  Use it as a context
+    manager, or call :meth:`close`, to release the lock early.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, writer: bool = True, tensorboard: bool = False,
+                 existing: str = "refuse"):
+        if existing not in EXISTING:
+            raise ValueError(f"RunDir: existing must be one of {EXISTING}, got {existing!r}")
         self.path = Path(path)
         self.writer = writer
         self.start = time.time()
+        self.moved_to: Path | None = None
         self._tb = None
-        if writer:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                probe = self.path / f".write-test-{os.getpid()}"
-                probe.write_text("")
-                probe.unlink()
-            except OSError as e:
-                raise PermissionError(
-                    f"run directory {self.path} is not writable ({e.strerror}); choose another with --run-dir") from None
+        self._lock = None
+        if not writer:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise PermissionError(
+                f"run directory {self.path} is not writable ({e.strerror}); choose another with --run-dir") from None
+        self._lock = _acquire_lock(self.path)
+        try:
+            held = previous_run(self.path)
+            if held and existing == "refuse":
+                raise RunDirNotEmpty(_not_empty_message(self.path, held))
+            if held and existing == "overwrite":
+                self.moved_to = _move_aside(self.path)
             if tensorboard:
                 self._tb = _tensorboard_writer(self.path / "tensorboard")
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -67,19 +124,112 @@ class RunDir:
                     self._tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop logged lines past ``after_step`` (a resumed run re-logs them)."""
+        """Drop logged lines past ``after_step`` (a resumed run re-logs them).
+
+        A partial last line (a crash or a full disk mid-write) is dropped with a
+        warning; an unreadable line elsewhere is kept as it is, with a warning.
+        """
         if not self.writer or not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        keep = []
+        for line, record in _parsed_lines(self.metrics_path):
+            if record is None or record.get("step", 0) <= after_step:
+                keep.append(line)
         self.write_text("metrics.jsonl", "".join(line + "\n" for line in keep))
 
     def write_summary(self, summary: dict) -> None:
         self.write_text("summary.json", json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
 
     def close(self) -> None:
+        """Flush TensorBoard and release the lock (the files stay)."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+
+def previous_run(path: str | os.PathLike) -> list[str]:
+    """What ``path`` holds besides the lock (empty: a fresh run may use it)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".write-test-"))
+
+
+def _acquire_lock(path: Path):
+    """Hold an exclusive flock on ``path/.lock`` (released when the file closes or the process ends)."""
+    f = open(path / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "an unknown process"
+        f.close()
+        raise RunDirInUse(
+            f"run directory {path} is in use by another run ({holder}); wait for it to finish, stop it, "
+            f"or choose another directory with --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def _describe(path: Path, names: list[str]) -> str:
+    parts = []
+    steps = sorted(int(p.name[5:]) for p in (path / "checkpoints").glob("step_*") if p.name[5:].isdigit()) \
+        if "checkpoints" in names else []
+    if steps:
+        parts.append(f"{len(steps)} checkpoint(s), steps {steps[0]}..{steps[-1]}")
+    if "metrics.jsonl" in names:
+        lines = sum(1 for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines() if line.strip())
+        parts.append(f"metrics.jsonl with {lines} records")
+    if "summary.json" in names:
+        parts.append("summary.json (a finished run)")
+    others = [n for n in names if n not in ("checkpoints", "metrics.jsonl", "summary.json")]
+    if others:
+        parts.append(", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6 else ""))
+    return "; ".join(parts)
+
+
+def _not_empty_message(path: Path, names: list[str]) -> str:
+    return (f"run directory {path} already holds a run ({_describe(path, names)}); a fresh run will not "
+            f"write into it. Choose one:\n"
+            f"  --resume {path}   continue that run from its newest checkpoint\n"
+            f"  --run-dir NEW_DIR   start this run somewhere else\n"
+            f"  --overwrite         move the old run aside to {path.name}.old-<time> and start afresh here")
+
+
+def _move_aside(path: Path) -> Path:
+    """Move everything but the lock into a new sibling ``<name>.old-<UTC time>``; return it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    aside.mkdir()
+    for name in previous_run(path):
+        os.replace(path / name, aside / name)
+    return aside
+
+
+def _parsed_lines(path: Path):
+    """``(line, record or None)`` for the non-empty lines of a metrics file (see truncate_metrics)."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            last = i == len(lines) - 1
+            warnings.warn(f"{path}, line {i + 1}: not a JSON record ({line[:60]!r}); "
+                          + ("a partial last write, dropped" if last else "kept as it is"), stacklevel=3)
+            if last:
+                continue
+            record = None
+        yield line, record
 
 
 def _tensorboard_writer(path: Path):
@@ -91,9 +241,8 @@ def _tensorboard_writer(path: Path):
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` as a list of dicts."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The records of ``run_dir/metrics.jsonl`` as a list of dicts (unreadable lines skipped with a warning)."""
+    return [r for _, r in _parsed_lines(Path(run_dir) / "metrics.jsonl") if r is not None]
 
 
 def load_metrics(run_dir: str | os.PathLike):
