@@ -95,8 +95,9 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
     template its checkpoints restore into)."""
     model = build_model(config["model"], data.num_classes, axis_name=axis_name)
     optimizer = optimizer_from_config(config, total_steps_of(config, steps_per_epoch))
-    state = create_train_state(model, optimizer, jax.random.key(config["training"]["seed"]),
-                               (1,) + tuple(data.input_shape))
+    t = config["training"]
+    state = create_train_state(model, optimizer, jax.random.key(t["seed"]), (1,) + tuple(data.input_shape),
+                               compute_dtype=t["compute_dtype"], loss_scale=t["loss_scale"] or None)
     return model, optimizer, state
 
 

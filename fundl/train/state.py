@@ -8,11 +8,13 @@ import optax
 from flax import struct
 
 from fundl.nn import Layer
+from fundl.train.loss_scale import LossScale
 
 
 @struct.dataclass
 class TrainState:
-    """step, params, model state (e.g. batch-norm statistics), optimiser state, PRNG key.
+    """step, params, model state (e.g. batch-norm statistics), optimiser state, PRNG key,
+    and for float16 training the dynamic loss scale (``None`` otherwise: no leaves).
 
     A plain pytree: it can be jitted, donated, vmapped (ensembles), pmapped,
     saved and compared leaf by leaf.
@@ -23,6 +25,7 @@ class TrainState:
     model_state: Any
     opt_state: Any
     key: jax.Array
+    loss_scale: LossScale | None = None
 
 
 def is_prng_key(x) -> bool:
@@ -30,11 +33,15 @@ def is_prng_key(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def create_train_state(model: Layer, optimizer: optax.GradientTransformation, key, input_shape) -> TrainState:
+def create_train_state(model: Layer, optimizer: optax.GradientTransformation, key, input_shape, *,
+                       compute_dtype="float32", loss_scale: float | None = None) -> TrainState:
     """Initialise ``model`` on ``input_shape`` (batch included) and ``optimizer`` on its params.
 
     ``key`` is split into the init key and the run's base key; the step key
-    at step ``t`` is ``fold_in(base_key, t)``.
+    at step ``t`` is ``fold_in(base_key, t)``.  ``compute_dtype`` and
+    ``loss_scale`` are the settings ``make_train_step`` gets: float16 with
+    ``loss_scale`` None or 0 adds a dynamic :class:`LossScale` (start 2**15);
+    any other combination (a fixed scale, float32, bfloat16) adds nothing.
     """
     if not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
@@ -46,7 +53,16 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
         model_state=model_state,
         opt_state=optimizer.init(params),
         key=base_key,
+        loss_scale=LossScale.create() if uses_dynamic_loss_scale(compute_dtype, loss_scale) else None,
     )
+
+
+def uses_dynamic_loss_scale(compute_dtype, loss_scale: float | None) -> bool:
+    """float16 with no fixed scale (``None`` or 0, the config's "the dtype's default")."""
+    if loss_scale is not None and loss_scale < 0:
+        raise ValueError(f"loss_scale must be positive (a fixed scale) or 0/None (the dtype's default), "
+                         f"got {loss_scale}")
+    return not loss_scale and jnp.dtype(compute_dtype) == jnp.float16
 
 
 def count_params(params) -> int:

@@ -10,9 +10,18 @@ Mixed precision: with ``compute_dtype=jnp.bfloat16`` the float params and
 inputs are cast to bfloat16 inside the loss, so activations and matmuls run
 in bfloat16 while the master params, gradients and optimiser state stay
 float32 (the cast's gradient casts back).  Losses are computed in float32.
-float16 needs loss scaling (``loss_scale``): the loss is multiplied before
-differentiation and the gradients divided after; bfloat16 has float32's
-exponent range and needs none.
+bfloat16 has float32's exponent range and needs no loss scaling.
+
+float16 needs loss scaling: the loss is multiplied before differentiation
+so small gradients do not flush to zero, and the gradients are divided
+after.  By default (``loss_scale`` None or 0) the scale is *dynamic*
+(``fundl.train.loss_scale``, the rule of jmp and PyTorch's GradScaler): it
+lives in ``train_state.loss_scale`` (build the state with
+``create_train_state(..., compute_dtype="float16")``), halves on a
+non-finite gradient -- that step's update is skipped, only ``step``
+advances -- and doubles after 2000 finite steps; the metrics report it as
+``loss_scale``.  A positive ``loss_scale`` is a fixed scale: nothing is
+skipped, and a non-finite gradient is left to ``training.nan_policy``.
 """
 
 from typing import Callable
@@ -24,10 +33,10 @@ import optax
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
 from fundl.nn import Layer
-from fundl.train.state import TrainState
+from fundl.train import loss_scale as ls_lib
+from fundl.train.state import TrainState, uses_dynamic_loss_scale
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DEFAULT_LOSS_SCALE = {jnp.float32: 1.0, jnp.bfloat16: 1.0, jnp.float16: 2.0**12}
 
 
 def resolve_dtype(dtype):
@@ -68,23 +77,35 @@ def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
     averages them over the batch.  With ``axis_name`` (inside ``pmap`` or a
     named ``vmap``) gradients, metrics and model state are averaged over that
     axis, so N devices equal one device on the global batch.
+
+    ``compute_dtype``/``loss_scale``: see the module docstring; float16 with
+    ``loss_scale`` None or 0 scales dynamically and reads ``state.loss_scale``.
     """
     metrics_fn = classification_metrics() if metrics_fn is None else metrics_fn
     compute_dtype = resolve_dtype(compute_dtype)
-    scale = DEFAULT_LOSS_SCALE.get(compute_dtype, 1.0) if loss_scale is None else float(loss_scale)
+    dynamic = uses_dynamic_loss_scale(compute_dtype, loss_scale)
+    scale = float(loss_scale or 1.0)  # the fixed scale; 1.0 (none) when dynamic
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
         if axis_name is not None:  # distinct dropout masks per device, deterministic
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        ls = state.loss_scale
+        if dynamic and ls is None:
+            raise ValueError("float16 training with a dynamic loss scale needs it in the train state: build the "
+                             "state with create_train_state(..., compute_dtype='float16'), or pass a fixed "
+                             "loss_scale > 0 to make_train_step")
 
         def objective(params):
             out, new_model_state = _forward(model, params, state.model_state, batch["x"], key, True, compute_dtype)
             loss = jnp.mean(loss_fn(out, batch["y"]))
-            return loss * scale, (loss, out, new_model_state)
+            scaled = ls_lib.scale_loss(ls, loss) if dynamic else loss * scale
+            return scaled, (loss, out, new_model_state)
 
         grads, (loss, out, new_model_state) = jax.grad(objective, has_aux=True)(state.params)
-        if scale != 1.0:
+        if dynamic:
+            grads = ls_lib.unscale(ls, grads)
+        elif scale != 1.0:
             grads = jax.tree.map(lambda g: g / scale, grads)
         metrics = {"loss": loss, **{k: jnp.mean(v) for k, v in metrics_fn(out, batch["y"]).items()}}
         if axis_name is not None:
@@ -93,6 +114,12 @@ def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
             new_model_state = jax.lax.pmean(new_model_state, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if dynamic:  # decided after the pmean, so every device skips (or applies) alike
+            finite = ls_lib.all_finite(grads)
+            params, new_model_state, opt_state = ls_lib.select(
+                finite, (params, new_model_state, opt_state), (state.params, state.model_state, state.opt_state))
+            state = state.replace(loss_scale=ls_lib.update(ls, finite))
+            metrics["loss_scale"] = ls.scale  # the scale this step used
         new_state = state.replace(step=state.step + 1, params=params,
                                   model_state=new_model_state, opt_state=opt_state)
         return new_state, metrics
