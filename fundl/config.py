@@ -50,11 +50,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "prefetch": 2,            # batches prefetched by a background thread (0: off)
     },
     "optimizer": {
-        "name": "adam",           # any optax optimiser: sgd, adam, adamw, rmsprop, lion, ...
+        "name": "adam",           # one of fundl.train.optim.OPTIMIZERS (docs/optimizers.md)
         "learning_rate": 1e-3,
-        "momentum": 0.0,          # sgd / rmsprop
-        "nesterov": False,        # sgd
-        "weight_decay": 0.0,
+        "momentum": 0.0,          # sgd / rmsprop (an error elsewhere: see docs/optimizers.md)
+        "nesterov": False,        # sgd / rmsprop (with momentum) and the adam family
+        "weight_decay": 0.0,      # decoupled, scaled by the learning rate, for every optimiser
         "clip_norm": 0.0,         # global-norm clipping (0: off)
         "accumulate_steps": 1,    # gradient accumulation via optax.MultiSteps
     },

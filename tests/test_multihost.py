@@ -120,13 +120,36 @@ def test_launcher_trains_writes_once_and_resumes(tmp_path, capsys):
     assert not list((run / "checkpoints").glob(".*tmp*"))
 
     # resume the sharding run's checkpoint under pmap: checkpoints are plain states
-    code, out = launch_train(tmp_path, capsys, "--resume", "--set", "training.steps=36", mode="pmap")
+    code, out = launch_train(tmp_path, capsys, "--resume", "--set", "training.steps=36",
+                             "--allow-change", "training.steps", mode="pmap")
     assert code == 0, out[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_step"] == 36 and summary["processes"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [4, 8, 12, 16, 20, 24, 28, 32, 36]
     assert (run / "checkpoints" / "step_00000036").is_dir()
+
+
+def test_a_process_that_cannot_see_the_checkpoint_stops_every_process(tmp_path):
+    """Resume needs every process to find the same checkpoint: here process 1's run directory
+    is empty (as on a disk that is not shared), so both stop with one clear error instead of
+    process 1 silently starting from step 0."""
+    seen = tmp_path / "shared"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
+                        str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet", "--run-dir", str(seen),
+                        "--set", "logging.plots=false"], env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    port = launch_local.free_port()
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
+           "--quiet", "--set", 'parallel.mode="sharding"', "--set", "logging.plots=false", "--resume"]
+    procs = [start(cmd + ["--run-dir", str(seen if i == 0 else tmp_path / "unseen")], mp_env(port, i, devices=1))
+             for i in range(2)]
+    outs = finish(procs)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 1, out[-3000:]
+        assert "do not see the same checkpoints (process 0: step 24, process 1: no checkpoint)" in out, out[-3000:]
+        assert "Traceback" not in out
+    assert not (tmp_path / "unseen").exists()
 
 
 # --------------------------------------------------------------- failures

@@ -12,7 +12,8 @@ import pytest
 from fundl import config as cfg
 from fundl import experiment
 from fundl.train import checkpoint as ckpt
-from fundl.train.resume import config_changes, describe_effects, schedule_from_config
+from fundl.train.optim import schedule_from_config
+from fundl.train.resume import config_changes, describe_effects
 from fundl.train.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from fundl import config as cfg
+from fundl.train.optim import schedule_from_config
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,6 @@ def check_changes(changes: Sequence[Change], allowed: Sequence[str], where: str)
             f"cannot resume {where} as asked: these settings differ from the checkpoint's and would change "
             f"the rest of the run:\n  " + "\n  ".join(map(str, refused)) +
             f"\nUndo them to continue the run exactly, or confirm each with {flags}")
-
-
-def schedule_from_config(config: dict, total_steps: int):
-    """The learning-rate schedule ``step -> lr`` of ``config`` over ``total_steps``."""
-    from fundl.train.optim import make_schedule
-
-    o, s = config["optimizer"], config["schedule"]
-    return make_schedule(o["learning_rate"], total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
-                         end_value=s["end_value"], decay_rate=s["decay_rate"],
-                         transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])
 
 
 def describe_effects(changes: Sequence[Change], saved: dict, config: dict, *, step: int,
