@@ -20,8 +20,9 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# --overwrite: running the main job again moves the previous run aside (runs/NAME.old-<time>), never deletes it.
 train: $(STAMP)
-	$(BIN)/python scripts/train.py --config $(CONFIG)
+	$(BIN)/python scripts/train.py --config $(CONFIG) --overwrite
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
