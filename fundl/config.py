@@ -188,8 +188,9 @@ def _check_consistency(config: dict) -> None:
         raise ConfigError(
             f"schedule.boundaries ({len(sched['boundaries'])} values) and schedule.scales "
             f"({len(sched['scales'])} values) must have the same length")
-    if not 0.0 <= config["model"]["dropout"] < 1.0:
-        raise ConfigError(f"model.dropout is a drop probability in [0, 1), got {config['model']['dropout']}")
+    for key in ("dropout", "input_dropout"):
+        if not 0.0 <= config["model"][key] < 1.0:
+            raise ConfigError(f"model.{key} is a drop probability in [0, 1), got {config['model'][key]}")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -67,8 +67,12 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
     """
     m = model_cfg
     kind = m["kind"]
+    if m["input_dropout"] and kind != "mlp":
+        raise cfg.ConfigError(f"model.input_dropout applies to model.kind='mlp' only, got kind={kind!r}; "
+                              f"use model.dropout (on hidden features) instead")
     if kind == "mlp":
-        return models.mlp(m["hidden"], num_outputs, activation=m["activation"], dropout=m["dropout"])
+        return models.mlp(m["hidden"], num_outputs, activation=m["activation"], dropout=m["dropout"],
+                          input_dropout=m["input_dropout"])
     if kind in ("cnn", "cnn1d"):
         return models.cnn(m["channels"], m["hidden"], num_outputs, kernel_size=m["kernel_size"],
                           stride=m["stride"], padding=m["padding"], pool=m["pool"],
@@ -311,6 +315,17 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
     if changes:
         rd.log({"step": step, "split": "resume", "changes": {c.name: [c.old, c.new] for c in changes}})
     return restored, extras.get("run_id") or new_run_id
+
+
+def user_errors() -> tuple:
+    """Errors whose message says all a user needs: the scripts print them without a traceback."""
+    from fundl.data.errors import DataError, DataNotFoundError, DownloadError
+    from fundl.nn.core import LayerError
+    from fundl.train.checkpoint import CheckpointWriteError
+    from fundl.train.loop import NonFiniteLossError
+
+    return (LayerError, DataError, DataNotFoundError, DownloadError, ckpt.CheckpointError, CheckpointWriteError,
+            NonFiniteLossError, PermissionError)
 
 
 def read_summary(run_dir) -> dict:

@@ -22,23 +22,29 @@ def _activation(name: str) -> nn.Layer:
     return ACTIVATIONS[name]
 
 
+def _dropout(rate: float) -> list[nn.Layer]:
+    return [nn.dropout(rate)] if rate else []
+
+
 def _head(hidden: Sequence[int], num_outputs: int, activation: str, dropout: float) -> list[nn.Layer]:
+    """Dense -> activation -> [dropout] per hidden width, then ``dense(num_outputs)``."""
     layers = []
     for width in hidden:
-        if dropout:
-            layers.append(nn.dropout(dropout))
-        layers += [nn.dense(width), _activation(activation)]
-    if dropout:
-        layers.append(nn.dropout(dropout))
+        layers += [nn.dense(width), _activation(activation), *_dropout(dropout)]
     return layers + [nn.dense(num_outputs)]
 
 
-def mlp(hidden: Sequence[int], num_outputs: int, *, activation: str = "relu", dropout: float = 0.0) -> nn.Layer:
+def mlp(hidden: Sequence[int], num_outputs: int, *, activation: str = "relu", dropout: float = 0.0,
+        input_dropout: float = 0.0) -> nn.Layer:
     """Flatten, then dense layers of the given widths, then ``dense(num_outputs)``.
 
     ``mlp([128], 10)`` is the classic 784 -> 128 relu -> 10 MNIST model.
+    ``dropout`` (drop probability) acts after each hidden activation;
+    ``input_dropout`` on the flattened inputs (0 by default: inputs are
+    never dropped unless asked).
     """
-    return nn.serial(nn.flatten(), *_head(hidden, num_outputs, activation, dropout), name="mlp")
+    return nn.serial(nn.flatten(), *_dropout(input_dropout), *_head(hidden, num_outputs, activation, dropout),
+                     name="mlp")
 
 
 def _conv_stack(nd: int, channels, kernel_size, stride, padding, pool, batch_norm, activation, axis_name=None):
@@ -66,10 +72,13 @@ def cnn(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, *, ker
     conv3x3 64 relu, avgpool 2, dense 256 relu, dense 10.
     ``axis_name``: under ``pmap`` with that axis name, batch-norm statistics
     are averaged over devices (global-batch statistics).
+    ``dropout`` acts on the flattened conv features and after each hidden
+    dense activation, never on the raw inputs.
     """
     return nn.serial(
         *_conv_stack(nd, channels, kernel_size, stride, padding, pool, batch_norm, activation, axis_name),
-        nn.flatten(), *_head(hidden, num_outputs, activation, dropout), name="cnn" if nd == 2 else "cnn1d")
+        nn.flatten(), *_dropout(dropout), *_head(hidden, num_outputs, activation, dropout),
+        name="cnn" if nd == 2 else "cnn1d")
 
 
 def cnn1d(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, **kw) -> nn.Layer:
@@ -77,10 +86,18 @@ def cnn1d(channels: Sequence[int], hidden: Sequence[int], num_outputs: int, **kw
     return cnn(channels, hidden, num_outputs, nd=1, **kw)
 
 
-def _sequence_layer(cell: str, hidden: int, **kw) -> nn.Layer:
+def _sequence_layer(cell: str, hidden: int, *, num_layers: int, dropout: float, **kw) -> list[nn.Layer]:
+    """The recurrent layers, then dropout on the last layer's outputs.
+
+    ``dropout`` acts after every recurrent layer: between stacked layers (as
+    torch's ``nn.LSTM(dropout=...)``) and on the last layer's outputs, so it
+    also works for one layer (where torch's would do nothing and warn).
+    """
     if cell not in ("lstm", "gru"):
         raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
-    return (nn.lstm if cell == "lstm" else nn.gru)(hidden, **kw)
+    layer = (nn.lstm if cell == "lstm" else nn.gru)(hidden, num_layers=num_layers,
+                                                    dropout=dropout if num_layers > 1 else 0.0, **kw)
+    return [nn.named(cell, layer), *_dropout(dropout)]
 
 
 def rnn_classifier(cell: str, hidden: int, num_outputs: int, *, num_layers: int = 1,
@@ -90,18 +107,23 @@ def rnn_classifier(cell: str, hidden: int, num_outputs: int, *, num_layers: int 
     ``readout="last"`` reads the output after the last step (for a
     bidirectional net: forward after the last step and backward after the
     first, concatenated); ``"mean"`` averages the outputs over time.
+    ``dropout`` acts on every recurrent layer's outputs, including the last
+    (before the readout), so it works with ``num_layers=1``.
     """
     if readout not in ("last", "mean"):
         raise ValueError(f"readout must be 'last' or 'mean', got {readout!r}")
     seq = _sequence_layer(cell, hidden, num_layers=num_layers, bidirectional=bidirectional,
                           dropout=dropout, return_sequences=readout == "mean")
     pool = [nn.lambda_layer(lambda y: y.mean(axis=1), "mean_over_time")] if readout == "mean" else []
-    return nn.serial(nn.named(cell, seq), *pool, nn.dense(num_outputs), name="rnn_classifier")
+    return nn.serial(*seq, *pool, nn.dense(num_outputs), name="rnn_classifier")
 
 
 def char_lm(vocab_size: int, *, embed_dim: int = 64, cell: str = "lstm", hidden: int = 128,
             num_layers: int = 1, dropout: float = 0.0) -> nn.Layer:
-    """Character language model: ids (B, T) -> embedding -> LSTM/GRU -> logits (B, T, vocab)."""
+    """Character language model: ids (B, T) -> embedding -> LSTM/GRU -> logits (B, T, vocab).
+
+    ``dropout`` acts on every recurrent layer's outputs (see :func:`rnn_classifier`).
+    """
     return nn.serial(nn.embedding(vocab_size, embed_dim),
-                     nn.named(cell, _sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout)),
+                     *_sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout),
                      nn.dense(vocab_size), name="char_lm")

@@ -2,25 +2,25 @@
 """Re-evaluate a run's latest valid checkpoint on its test split.
 
     python scripts/evaluate.py RUN_DIR
+
+Exit codes: 0 done (one JSON line on stdout); 1 a checkpoint or data error
+(no valid checkpoint, one that does not fit the config's model, missing data
+files); 2 a bad command line or config.  Errors are one message on stderr;
+set FUNDL_TRACEBACK=1 to see the traceback.
 """
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
-    args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
-        print(f"error: {run_dir} has no config.toml; is it a fundl run directory?", file=sys.stderr)
-        return 2
-
+def evaluate_run(run_dir: Path) -> dict:
+    """The latest valid checkpoint of ``run_dir`` evaluated on the test split of its config's data."""
     import jax
 
     from fundl import config as cfg
@@ -35,16 +35,46 @@ def main(argv=None) -> int:
     data = load_data(config)
     steps_per_epoch = len(Loader(data.train, t["batch_size"], drop_last=True, prefetch=0))
     model, _, template = initial_state(config, data, steps_per_epoch)
-    path = ckpt.latest_valid(run_dir / "checkpoints")
+    with warnings.catch_warnings(record=True) as skipped:  # corrupt newer checkpoints, printed plainly
+        warnings.simplefilter("always")
+        path = ckpt.latest_valid(run_dir / "checkpoints")
+    for w in skipped:
+        print(f"warning: {w.message}", file=sys.stderr)
     if path is None:
-        print(f"error: no checkpoint in {run_dir / 'checkpoints'}", file=sys.stderr)
-        return 2
+        raise ckpt.CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
     state, manifest = ckpt.restore(path, template)
     eval_step = jax.jit(make_eval_step(model, compute_dtype=t["compute_dtype"]))
     results = evaluate(eval_step, state.params, state.model_state, data.test,
                        min(t["eval_batch_size"], len(data.test["y"])))
-    print(json.dumps({"checkpoint": str(path), "step": manifest["step"],
-                      "test_accuracy": results["accuracy"], "test_loss": results["loss"]}))
+    return {"checkpoint": str(path), "step": manifest["step"],
+            "test_accuracy": results["accuracy"], "test_loss": results["loss"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        print(f"error: {run_dir} has no config.toml; is it a fundl run directory?", file=sys.stderr)
+        return 2
+
+    from fundl.config import ConfigError
+    from fundl.experiment import user_errors
+
+    try:
+        result = evaluate_run(run_dir)
+    except ConfigError as e:
+        if os.environ.get("FUNDL_TRACEBACK"):
+            raise
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except user_errors() as e:
+        if os.environ.get("FUNDL_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e}\n(set FUNDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
     return 0
 
 

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from fundl.experiment import PUBLISHED, run  # heavy imports after validation
+    from fundl.experiment import PUBLISHED, run, user_errors  # heavy imports after validation
     from fundl.train.rundir import RunDirError
     from fundl.train.signals import TrainingInterrupted
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             raise
         print(f"{'config error' if isinstance(e, cfg.ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
-    except _user_errors() as e:
+    except user_errors() as e:
         if os.environ.get("FUNDL_TRACEBACK"):
             raise
         print(f"error: {type(e).__name__}: {e}\n(set FUNDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
@@ -122,17 +122,6 @@ def main(argv=None) -> int:
         print(f"{summary['skipped_updates']} updates skipped for non-finite gradients (training.nan_policy='skip')")
     print(f"{summary['examples_per_second']:.0f} train examples/s; {wall:.1f} s in all; run dir {run_dir}")
     return 0
-
-
-def _user_errors() -> tuple:
-    """Errors whose message says all a user needs: printed without a traceback."""
-    from fundl.data.errors import DataError, DataNotFoundError, DownloadError
-    from fundl.nn.core import LayerError
-    from fundl.train.checkpoint import CheckpointError, CheckpointWriteError
-    from fundl.train.loop import NonFiniteLossError
-
-    return (LayerError, DataError, DataNotFoundError, DownloadError, CheckpointError, CheckpointWriteError,
-            NonFiniteLossError, PermissionError)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,22 @@ def test_every_setting_says_how_a_resume_may_change_it():
     assert cfg.resume_kind("logging", "plots") == cfg.resume_kind("training", "progress") == "cosmetic"
     for section, kind in cfg.RESUME_KINDS.items():  # a per-key table names exactly the schema's keys
         assert isinstance(kind, str) or set(kind) == set(cfg.SCHEMA[section]), section
+
+
+def test_input_dropout_is_a_probability_and_only_for_the_mlp():
+    from fundl import experiment
+
+    with pytest.raises(cfg.ConfigError, match=r"model.input_dropout is a drop probability in \[0, 1\), got 1.0"):
+        cfg.load_config(None, ["model.input_dropout=1.0"])
+    config = cfg.load_config(None, ['model.kind="cnn1d"', "model.input_dropout=0.2"])
+    with pytest.raises(cfg.ConfigError, match="model.input_dropout applies to model.kind='mlp' only"):
+        experiment.build_model(config["model"], 10)
+    import jax
+    import numpy as np
+
+    model = experiment.build_model(cfg.load_config(None, ["model.input_dropout=0.5"])["model"], 10)  # wired
+    params, state, _ = model.init(jax.random.key(0), (4, 12))
+    x = np.ones((4, 12), np.float32)
+    train, _ = model.apply(params, state, x, key=jax.random.key(1), train=True)
+    test, _ = model.apply(params, state, x)
+    assert not np.allclose(train, test)  # model.dropout is 0: only the inputs were dropped

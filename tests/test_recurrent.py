@@ -523,3 +523,19 @@ def test_params_errors_are_clear():
         layer.apply({"b": jnp.zeros(4 * H)}, {}, jnp.ones((B, T, F)))
     with pytest.raises(nn.ParamsError, match="hidden size"):
         layer.apply(R.lstm(H + 1).init(KEY, (B, T, F))[0], {}, jnp.ones((B, T, F)))
+
+
+def test_combinators_check_children_like_serial():
+    """bidirectional/stacked use core's child helpers: unexpected params entries are errors,
+    errors name the child's path, and nn.summary lists the children."""
+    layer = R.lstm(H, num_layers=2, bidirectional=True)
+    params, _, _ = layer.init(KEY, (B, T, F))
+    with pytest.raises(nn.ParamsError, match=r"unexpected params entries \['layer_2'\]"):
+        layer.apply({**params, "layer_2": {}}, {}, jnp.ones((B, T, F)))
+    bad = {**params, "layer_1": {**params["layer_1"], "extra": {}}}
+    with pytest.raises(nn.ParamsError, match=r"layer_1.*unexpected params entries \['extra'\]"):
+        layer.apply(bad, {}, jnp.ones((B, T, F)))
+    rows = []
+    nn.summary(nn.serial(nn.named("lstm", layer)), (B, T, F), print_fn=rows.append)
+    for path in ("lstm/layer_0/forward", "lstm/layer_1/backward"):
+        assert path in rows[0]

@@ -186,30 +186,6 @@ def test_vmapped_ensemble_of_train_states():
     tree_allclose(jax.tree.map(lambda a: a[1], states.params), single.params, rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_through_a_whole_training_run():
-    """d(final loss)/d(learning rate) through 5 scanned SGD steps, against finite differences."""
-    ds = tiny_data()
-    model = models.mlp([8], 3)
-    params, _, _ = model.init(KEY, (1, 8))
-    batch = batch_of(ds, 32)
-
-    def final_loss(lr):
-        def body(p, _):
-            def loss(p):
-                out, _ = model.apply(p, {}, batch["x"])
-                return jnp.mean(softmax_cross_entropy(out, batch["y"]))
-            g = jax.grad(loss)(p)
-            return jax.tree.map(lambda a, b: a - lr * b, p, g), None
-        p, _ = jax.lax.scan(body, params, None, length=5)
-        out, _ = model.apply(p, {}, batch["x"])
-        return jnp.mean(softmax_cross_entropy(out, batch["y"]))
-
-    g = jax.grad(final_loss)(0.1)
-    eps = 1e-3
-    fd = (final_loss(0.1 + eps) - final_loss(0.1 - eps)) / (2 * eps)
-    assert float(g) == pytest.approx(float(fd), rel=2e-2)
-
-
 def test_bfloat16_training_tracks_float32():
     """bfloat16 compute with float32 master params ends within 0.05 (absolute) of the
     float32 run's final loss on the same data -- the documented margin."""
@@ -229,14 +205,7 @@ def test_bfloat16_training_tracks_float32():
     assert abs(finals["bfloat16"] - finals["float32"]) < 0.05, finals
 
 
-def test_float16_uses_loss_scaling_and_stays_finite():
-    ds = tiny_data()
-    model, opt, state = setup()
-    step = jax.jit(make_train_step(model, opt, compute_dtype="float16"))
-    for _ in range(5):
-        state, m = step(state, batch_of(ds))
-    assert np.isfinite(float(m["loss"]))
-    assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(state.params))
+# float16 (dynamic loss scaling): tests/test_loss_scale.py
 
 
 # --------------------------------------------------------------- optimisers

@@ -178,20 +178,25 @@ def record_shapes():
         _RECORDER.rows, _RECORDER.stack = saved
 
 
+def _init_child(layer, name, key, input_shape):
+    """``layer.init`` as child ``name``: errors name the path, and ``nn.summary`` records it."""
+    _RECORDER.stack.append(name)
+    try:
+        p, s, out = layer.init(key, input_shape)
+    except LayerError as e:
+        raise e.within(name) from None
+    finally:
+        path = "/".join(_RECORDER.stack)
+        _RECORDER.stack.pop()
+    if _RECORDER.rows is not None:
+        _RECORDER.rows.append((path, out))
+    return p, s, out
+
+
 def _init_children(key, layers, names, input_shapes):
     """Init each child on its input shape; yields (name, params, state, shape)."""
     for i, (layer, name, shape) in enumerate(zip(layers, names, input_shapes)):
-        _RECORDER.stack.append(name)
-        try:
-            p, s, out = layer.init(jax.random.fold_in(key, i), shape)
-        except LayerError as e:
-            raise e.within(name) from None
-        finally:
-            path = "/".join(_RECORDER.stack)
-            _RECORDER.stack.pop()
-        if _RECORDER.rows is not None:
-            _RECORDER.rows.append((path, out))
-        yield name, p, s, out
+        yield (name, *_init_child(layer, name, jax.random.fold_in(key, i), shape))
 
 
 def _apply_child(layer, name, params, state, x, key, train):

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fundl.nn.core import (
-    KeyMissingError, Layer, LayerError, ParamsError, ShapeError, _fmt, get_param,
+    KeyMissingError, Layer, ParamsError, ShapeError, _apply_child, _check_keys, _fmt, _init_child, get_param,
 )
 
 __all__ = [
@@ -518,19 +518,9 @@ def _shape_parts(out, seq_rank):
 _BIDI_MERGES = ("concat", "add", "mul", "mean", "tuple")
 
 
-def _call(layer, name, params, x, key, train):
-    try:
-        y, _ = layer.apply(get_param(params, name), {}, x, key=key, train=train)
-        return y
-    except LayerError as e:
-        raise e.within(name) from None
-
-
-def _init_child(layer, name, key, shape):
-    try:
-        p, s, out = layer.init(key, shape)
-    except LayerError as e:
-        raise e.within(name) from None
+def _init_stateless(layer, name, key, shape):
+    """Core's child init, for children without state (the only kind scanned here)."""
+    p, s, out = _init_child(layer, name, key, shape)
     if s:
         raise ValueError(f"{name}: recurrent combinators support only stateless layers, got state {s}")
     return p, out
@@ -562,8 +552,8 @@ def bidirectional(forward_layer: Layer, backward_layer: Layer | None = None, *,
 
     def init(key, input_shape):
         k_f, k_b = jax.random.split(key)
-        p_f, out_f = _init_child(forward_layer, "forward", k_f, input_shape)
-        p_b, out_b = _init_child(backward_layer, "backward", k_b, input_shape)
+        p_f, out_f = _init_stateless(forward_layer, "forward", k_f, input_shape)
+        p_b, out_b = _init_stateless(backward_layer, "backward", k_b, input_shape)
         rank = len(_split_shape(input_shape))
         y_f, c_f, pair = _shape_parts(out_f, rank)
         y_b, c_b, _ = _shape_parts(out_b, rank)
@@ -582,11 +572,13 @@ def bidirectional(forward_layer: Layer, backward_layer: Layer | None = None, *,
             raise ShapeError(f"expected input of rank 3, got shape {_fmt(jnp.shape(xx))} (rank {jnp.ndim(xx)})")
         if lengths is not None:
             _check_lengths(lengths, xx, time_major)
+        _check_keys(params, ("forward", "backward"), "params")
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
         x_rev = reverse_sequences(xx, lengths, time_major=time_major)
-        fwd = _call(forward_layer, "forward", params, xx if lengths is None else (xx, lengths), k_f, train)
-        bwd = _call(backward_layer, "backward", params,
-                    x_rev if lengths is None else (x_rev, lengths), k_b, train)
+        fwd, _ = _apply_child(forward_layer, "forward", params, {},
+                              xx if lengths is None else (xx, lengths), k_f, train)
+        bwd, _ = _apply_child(backward_layer, "backward", params, {},
+                              x_rev if lengths is None else (x_rev, lengths), k_b, train)
         y_f, c_f, pair = _parts(fwd, xx.ndim)
         y_b, c_b, _ = _parts(bwd, xx.ndim)
         y = None
@@ -633,7 +625,7 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
         rank = len(_split_shape(input_shape))
         cur = input_shape
         for k, (layer, nm) in enumerate(zip(layers, names)):
-            p, out = _init_child(layer, nm, jax.random.fold_in(key, k), cur)
+            p, out = _init_stateless(layer, nm, jax.random.fold_in(key, k), cur)
             params[nm] = p
             y, c, pair = _shape_parts(out, rank)
             if k < len(layers) - 1:
@@ -654,6 +646,7 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
             raise KeyMissingError(
                 "stacked recurrent layers with dropout in training mode need a PRNG key: call "
                 "apply(params, state, x, key=jax.random.key(...), train=True), or pass train=False")
+        _check_keys(params, names, "params")
         rank = jnp.ndim(xx)
         carries, y = [], xx
         for k, (layer, nm) in enumerate(zip(layers, names)):
@@ -661,7 +654,7 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
                 keep = jax.random.bernoulli(jax.random.fold_in(key, 2 * k), 1.0 - dropout, y.shape)
                 y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
             k_layer = None if key is None else jax.random.fold_in(key, 2 * k + 1)
-            out = _call(layer, nm, params, y if lengths is None else (y, lengths), k_layer, train)
+            out, _ = _apply_child(layer, nm, params, {}, y if lengths is None else (y, lengths), k_layer, train)
             y, c, pair = _parts(out, rank)
             if k < len(layers) - 1 and (y is None or y.ndim != rank):
                 raise ShapeError(f"stacked: layer '{nm}' must return sequences of rank {rank}")
@@ -683,7 +676,8 @@ def _build(cell, kind, num_layers, bidirectional_, dropout, time_major, reverse,
     if bidirectional_ and reverse:
         raise ValueError(f"{kind}: reverse=True has no meaning with bidirectional=True")
     if dropout and num_layers == 1:
-        raise ValueError(f"{kind}: dropout acts between stacked layers and needs num_layers > 1")
+        raise ValueError(f"{kind}: dropout acts between stacked layers and needs num_layers > 1; for "
+                         f"dropout on a single layer's outputs, follow it with nn.dropout({dropout})")
     if merge == "tuple" and num_layers > 1:
         raise ValueError(f"{kind}: merge='tuple' cannot feed a next layer; use 'concat', 'add', ...")
     if num_layers == 1 and not bidirectional_:

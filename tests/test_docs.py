@@ -1,0 +1,102 @@
+"""Every ```python block of README.md and docs/*.md runs, one test per block (id file:line).
+
+Blocks of one file share a namespace in order, like a notebook: a block may use
+names an earlier block of its file defined.  A block preceded by an HTML comment
+``<!-- skip: REASON -->`` is skipped with that reason (keep these rare:
+downloads, runs of many minutes); one preceded by ``<!-- needs data: WHAT -->``
+runs, and is skipped only if the data files are not on this machine
+(``DataNotFoundError``).
+"""
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIP = re.compile(r"<!--\s*(skip|needs data):\s*(.*?)\s*-->")
+
+
+class Block(NamedTuple):
+    file: str   # relative to the repository root
+    line: int   # of the opening fence, 1-based
+    code: str   # the block's lines
+    skip: str   # reason, or "" to run
+    needs: str  # data it needs (skipped only when missing), or ""
+
+
+def extract_blocks(path: Path, root: Path = ROOT) -> list[Block]:
+    """The ```python blocks of a markdown file, with their line and skip reason."""
+    lines = path.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start, prev = i, next((l for l in reversed(lines[:i]) if l.strip()), "")
+            m = SKIP.fullmatch(prev.strip())
+            i += 1
+            while i < len(lines) and lines[i].strip() != "```":
+                i += 1
+            if i == len(lines):
+                raise ValueError(f"{path}:{start + 1}: unclosed ```python block")
+            kind, reason = m.groups() if m else ("", "")
+            blocks.append(Block(str(path.relative_to(root)), start + 1, "\n".join(lines[start + 1:i]),
+                                reason if kind == "skip" else "", reason if kind == "needs data" else ""))
+        i += 1
+    return blocks
+
+
+BLOCKS = [b for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] for b in extract_blocks(f)]
+_NAMESPACES: dict[str, dict] = {}   # file -> shared namespace
+_DONE: dict[tuple[str, int], bool] = {}  # (file, line) -> ran without error
+
+
+def _run(block: Block) -> str:
+    """Run ``block`` in its file's namespace; return why it was skipped ("" if it ran).
+
+    A ``needs data`` block whose files are missing counts as done (skipped):
+    later blocks still run, and fail honestly if they use its names."""
+    from fundl.data.errors import DataNotFoundError
+
+    ns = _NAMESPACES.setdefault(block.file, {"__name__": "__docs__"})
+    try:
+        padded = "\n" * block.line + block.code  # so tracebacks give the markdown file's line numbers
+        exec(compile(padded, block.file, "exec"), ns)
+    except DataNotFoundError as e:
+        if not block.needs:
+            _DONE[block.file, block.line] = False
+            raise
+        _DONE[block.file, block.line] = True
+        return f"needs {block.needs}, not on this machine ({str(e)[:80]})"
+    except BaseException:
+        _DONE[block.file, block.line] = False
+        raise
+    _DONE[block.file, block.line] = True
+    return ""
+
+
+def test_extractor_reads_lines_and_skip_reasons(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("text\n```python\na = 1\n```\n\n<!-- skip: downloads -->\n\n```python\nb = a\n```\n"
+                  "```bash\nls\n```\n<!-- needs data: MNIST -->\n```python\nc = 2\n```\n")
+    blocks = extract_blocks(md, root=tmp_path)
+    assert [(b.line, b.code.strip(), b.skip, b.needs) for b in blocks] == [
+        (2, "a = 1", "", ""), (8, "b = a", "downloads", ""), (15, "c = 2", "", "MNIST")]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.file}:{b.line}" for b in BLOCKS])
+def test_code_block_runs(block, monkeypatch):
+    if block.skip:
+        pytest.skip(f"{block.file}:{block.line}: {block.skip}")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    for earlier in BLOCKS[:BLOCKS.index(block)]:  # the notebook so far (run here when run alone, with -k)
+        if earlier.file != block.file or earlier.skip:
+            continue
+        if (earlier.file, earlier.line) not in _DONE:
+            _run(earlier)
+        if not _DONE[earlier.file, earlier.line]:
+            pytest.fail(f"an earlier block of {block.file}, at line {earlier.line}, failed")
+    skipped = _run(block)
+    if skipped:
+        pytest.skip(f"{block.file}:{block.line}: {skipped}")
