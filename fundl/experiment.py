@@ -317,6 +317,21 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
     return restored, extras.get("run_id") or new_run_id
 
 
+def report_error(e: BaseException) -> int | None:
+    """For the scripts: print a known error as one message to stderr and return its exit code
+    (2: a config or run-directory error, 1: another error whose message says it all); None for
+    anything else, or when FUNDL_TRACEBACK is set (the caller re-raises: a traceback)."""
+    if os.environ.get("FUNDL_TRACEBACK"):
+        return None
+    if isinstance(e, (cfg.ConfigError, RunDirError)):
+        print(f"{'config error' if isinstance(e, cfg.ConfigError) else 'error'}: {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, user_errors()):
+        print(f"error: {type(e).__name__}: {e}\n(set FUNDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+    return None
+
+
 def user_errors() -> tuple:
     """Errors whose message says all a user needs: the scripts print them without a traceback."""
     from fundl.data.errors import DataError, DataNotFoundError, DownloadError

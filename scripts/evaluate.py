@@ -11,7 +11,6 @@ set FUNDL_TRACEBACK=1 to see the traceback.
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -59,21 +58,15 @@ def main(argv=None) -> int:
         print(f"error: {run_dir} has no config.toml; is it a fundl run directory?", file=sys.stderr)
         return 2
 
-    from fundl.config import ConfigError
-    from fundl.experiment import user_errors
+    from fundl.experiment import report_error
 
     try:
         result = evaluate_run(run_dir)
-    except ConfigError as e:
-        if os.environ.get("FUNDL_TRACEBACK"):
+    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
+        code = report_error(e)
+        if code is None:
             raise
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except user_errors() as e:
-        if os.environ.get("FUNDL_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}\n(set FUNDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 1
+        return code
     print(json.dumps(result))
     return 0
 

@@ -26,7 +26,6 @@ Set FUNDL_TRACEBACK=1 to see the traceback of an error.
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,8 +89,7 @@ def main(argv=None) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from fundl.experiment import PUBLISHED, run, user_errors  # heavy imports after validation
-    from fundl.train.rundir import RunDirError
+    from fundl.experiment import PUBLISHED, report_error, run  # heavy imports after validation
     from fundl.train.signals import TrainingInterrupted
 
     t0 = time.perf_counter()
@@ -101,16 +99,11 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"fundl: {e}", file=sys.stderr)  # names the checkpoint and the command that resumes
         return e.exit_code
-    except (cfg.ConfigError, RunDirError) as e:
-        if os.environ.get("FUNDL_TRACEBACK"):
+    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
+        code = report_error(e)
+        if code is None:
             raise
-        print(f"{'config error' if isinstance(e, cfg.ConfigError) else 'error'}: {e}", file=sys.stderr)
-        return 2
-    except user_errors() as e:
-        if os.environ.get("FUNDL_TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {e}\n(set FUNDL_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 1
+        return code
     wall = time.perf_counter() - t0
     acc = summary["test_accuracy"]
     line = f"test accuracy {acc:.4f}, test loss {summary['test_loss']:.4f} after {summary['final_step']} steps"
