@@ -27,7 +27,9 @@ from fundl.nn import Layer
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import evaluate, fit
 from fundl.train.optim import optimizer_from_config
-from fundl.train.resume import check_allowed_names, check_changes, config_changes, describe_effects, loader_mismatch
+from fundl.train.resume import (
+    DATA_ORDER_KEYS, check_allowed_names, check_changes, config_changes, describe_effects, loader_mismatch,
+)
 from fundl.train.rundir import RunDir, RunDirError, plot_curves
 from fundl.train.state import TrainState, count_params, create_train_state
 from fundl.train.step import make_eval_step, make_train_step
@@ -294,9 +296,8 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
     check_changes(changes, allow_changes, where)
     step = int(manifest["step"])
     expected = loader.state_at_step(step)
-    data_changed = any(c.name in ("training.seed", "training.batch_size", "data.num_train") for c in changes)
     mismatch = loader_mismatch(extras.get("loader"), expected)
-    if mismatch and not data_changed:
+    if mismatch and not any(c.name in DATA_ORDER_KEYS for c in changes):
         raise ckpt.CheckpointError(
             f"cannot resume {where}: the data position saved in {path} does not match the one recomputed "
             f"from step {step} with the same config ({mismatch}); the data order would differ from the "
@@ -304,15 +305,14 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
     restored, _ = ckpt.restore(path, state)
     if verbose:
         print(f"fundl: resuming from {path} (step {step})", flush=True)
+    if changes and rd.writer:  # said even when quiet (on stderr): the run differs from the checkpoint's
         old_loader = extras.get("loader") or expected
         old_total = total_steps_of(saved, max(1, old_loader["num_examples"] // old_loader["batch_size"]))
         new_total = total_steps_of(config, loader.steps_per_epoch)
-        for c in changes:
-            print(f"fundl: resume changes {c} ({c.kind})", flush=True)
-        for line in describe_effects([c for c in changes if c.kind == "trajectory"], saved, config,
-                                     step=step, old_total=old_total, new_total=new_total):
-            print(f"fundl: {line}", flush=True)
-    if changes:
+        lines = [f"resume changes {c} ({c.kind})" for c in changes]
+        lines += describe_effects([c for c in changes if c.kind == "trajectory"], saved, config,
+                                  step=step, old_total=old_total, new_total=new_total)
+        print("\n".join(f"fundl: {line}" for line in lines), file=sys.stderr, flush=True)
         rd.log({"step": step, "split": "resume", "changes": {c.name: [c.old, c.new] for c in changes}})
     return restored, extras.get("run_id") or new_run_id
 

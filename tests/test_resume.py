@@ -60,16 +60,17 @@ def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
 
 
 def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run):
-    r = cli("--resume", str(cosine_run), "--set", "training.steps=16", "--allow-change", "training.steps")
+    r = cli("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16", "--allow-change", "training.steps")
     assert r.returncode == 0, r.stderr
     old = tiny_config("training.steps=8", 'schedule.name="cosine"')
     new = tiny_config("training.steps=16", 'schedule.name="cosine"')
     was, becomes = float(schedule_from_config(old, 8)(8)), float(schedule_from_config(new, 16)(8))
     assert was == pytest.approx(0.0) and becomes == pytest.approx(0.005)
-    assert "resume changes training.steps: 8 -> 16 (trajectory)" in r.stdout
-    assert "the run now ends at step 16 (was 8)" in r.stdout
-    assert (f"the cosine schedule is re-spanned from 8 to 16 steps; the learning rate at step 8 becomes "
-            f"{becomes:.6g} (was {was:.6g})") in r.stdout
+    # on stderr, even with --quiet: the run now differs from the checkpoint's
+    assert "fundl: resume changes training.steps: 8 -> 16 (trajectory)" in r.stderr
+    assert "fundl: the run now ends at step 16 (was 8)" in r.stderr
+    assert (f"fundl: the cosine schedule is re-spanned from 8 to 16 steps; the learning rate at step 8 becomes "
+            f"{becomes:.6g} (was {was:.6g})") in r.stderr
     # the run directory shows what is actually being run, and the log records the change
     assert cfg.load_config(cosine_run / "config.toml")["training"]["steps"] == 16
     resumes = [rec for rec in read_metrics(cosine_run) if rec["split"] == "resume"]

@@ -28,6 +28,10 @@ from fundl import config as cfg
 from fundl.train.optim import schedule_from_config
 
 
+# Settings whose change moves the data order (the loader's position is then recomputed from the step).
+DATA_ORDER_KEYS = ("training.seed", "training.batch_size", "data.num_train")
+
+
 @dataclass(frozen=True)
 class Change:
     """One setting that differs between the checkpoint's config and this run's."""
@@ -110,7 +114,7 @@ def describe_effects(changes: Sequence[Change], saved: dict, config: dict, *, st
         span = (f"the {name} schedule is re-spanned from {old_total} to {new_total} steps; "
                 if old_total != new_total and name != "constant" and not names & lr_keys else "")
         lines.append(f"{span}the learning rate at step {step} becomes {new_lr:.6g} (was {old_lr:.6g})")
-    if names & {"training.seed", "training.batch_size", "data.num_train"}:
+    if names & set(DATA_ORDER_KEYS):
         lines.append(f"the data order from step {step} on differs from the saved run's (batches of "
                      f"{config['training']['batch_size']}, seed {config['training']['seed']}, position "
                      f"recomputed from the step); params, optimiser state and PRNG key come from the checkpoint")

@@ -195,11 +195,12 @@ def _describe(path: Path, names: list[str]) -> str:
 
 
 def _not_empty_message(path: Path, names: list[str]) -> str:
+    choices = [(f"--resume {path}", "continue that run from its newest checkpoint"),
+               ("--run-dir NEW_DIR", "start this run somewhere else"),
+               ("--overwrite", f"move the old run aside to {path.name}.old-<time> and start afresh here")]
+    width = max(len(flag) for flag, _ in choices) + 3
     return (f"run directory {path} already holds a run ({_describe(path, names)}); a fresh run will not "
-            f"write into it. Choose one:\n"
-            f"  --resume {path}   continue that run from its newest checkpoint\n"
-            f"  --run-dir NEW_DIR   start this run somewhere else\n"
-            f"  --overwrite         move the old run aside to {path.name}.old-<time> and start afresh here")
+            f"write into it. Choose one:\n" + "\n".join(f"  {flag:<{width}}{what}" for flag, what in choices))
 
 
 def _move_aside(path: Path) -> Path:
