@@ -80,8 +80,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "resume": False,          # continue from the run directory's latest checkpoint
         "compute_dtype": "float32",  # float32 | bfloat16 | float16
         "loss_scale": 0.0,        # 0: the dtype's default (float16 needs one)
-        "steps_per_call": 1,      # K optimiser steps fused into one dispatch
-        "unroll": 1,              # lax.scan unroll for fused steps (0: fully)
+        "steps_per_call": "auto",  # K optimiser steps fused into one dispatch; "auto": measured per model family
+        "unroll": "auto",         # lax.scan unroll for fused steps (0: fully); "auto": measured per model family
         "nan_policy": "stop",     # stop | skip | ignore
         "progress": True,         # tqdm bar when stderr is a terminal
     },
@@ -107,6 +107,9 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("training", "nan_policy"): ("stop", "skip", "ignore"),
     ("parallel", "mode"): ("none", "pmap", "sharding"),
 }
+
+# Keys that take "auto" or an int (their default is "auto").
+AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
 
 POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
@@ -135,6 +138,12 @@ def _type_name(value) -> str:
 def _check_value(section: str, key: str, value, source: str):
     default = SCHEMA[section][key]
     where = f"{section}.{key}" + (f" (in {source})" if source else "")
+    if (section, key) in AUTO_OR_INT:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be \"auto\" or an int, got {_type_name(value)} {value!r}")
+        default = 0
     want = type(default)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

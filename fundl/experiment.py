@@ -206,8 +206,8 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
     eval_batch -= eval_batch % placement.num_devices
 
-    def eval_fn(s: TrainState):
-        return evaluate(eval_step, *placement.put_eval_params(s), data.test, eval_batch,
+    def eval_fn(s: TrainState):  # the state fit holds on the devices: evaluated there, no host copy
+        return evaluate(eval_step, *placement.eval_params(s), data.test, eval_batch,
                         placement=placement.for_eval())
 
     if say:
@@ -228,6 +228,7 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
         "test_loss": final.get("loss"),
         "train_seconds": result.train_seconds,
         "examples_per_second": result.examples_per_second,
+        "compile_seconds": result.compile_seconds,  # of train_seconds
         "num_params": num_params,
         "config_path": str(config_path),
         "dataset": data.name,
@@ -236,6 +237,8 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
         "devices": placement.num_devices,
         "processes": jax.process_count(),
         "run_id": run_id,
+        "steps_per_call": result.steps_per_call,  # what "auto" resolved to
+        "unroll": result.unroll,
     }
     if result.skipped_updates is not None:
         summary["skipped_updates"] = result.skipped_updates  # nan_policy="skip"

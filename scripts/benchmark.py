@@ -3,6 +3,9 @@
 
     python scripts/benchmark.py [--out DIR] [--models mlp,cnn,lstm,...] [--impls fundl,linen,...]
                                 [--rounds 5] [--slot 0.3] [--quick] [--unroll-study]
+    python scripts/benchmark.py --end-to-end [--steps 600] [--rounds 2] [--configs ...] [--out DIR]
+
+(``--end-to-end``: the shipped configs through the real ``fit``; see scripts/bench_end_to_end.py.)
 
 Every implementation trains the same model with the same full step: forward,
 softmax cross-entropy, backward, Adam (lr 1e-3), float32, batch 128, on one
@@ -853,6 +856,11 @@ def targets_markdown(result: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--end-to-end" in argv:  # its own flags (scripts/bench_end_to_end.py)
+        import bench_end_to_end
+
+        return bench_end_to_end.main([a for a in argv if a != "--end-to-end"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(ALL_MODELS))
     p.add_argument("--impls", default=",".join(ALL_IMPLS))
@@ -869,6 +877,9 @@ def main(argv=None) -> int:
     p.add_argument("--render", type=Path, default=None,
                    help="re-render the tables of an earlier benchmark.json (to --out) without running")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--end-to-end", action="store_true",
+                   help="every shipped config through the real fit beside its bare step and a hand-written "
+                        "loop (scripts/bench_end_to_end.py, which takes the flags that follow)")
     args = p.parse_args(argv)
 
     if args.render:

@@ -3,8 +3,11 @@
 Trains the same three small models (an MLP, a CNN with batch norm, an LSTM)
 for 20 steps of SGD with momentum from the same initial state on the same
 global batches, through ``fundl.train.loop.fit`` with each placement asked
-for, then evaluates; writes the final states, logged losses and eval
-results to an .npz (process 0 only).  SGD rather than Adam on purpose: Adam
+for, evaluating inside ``fit`` (steps 10 and 20, as ``fundl.experiment``
+does: ``placement.eval_params`` of the state fit hands over, counting the
+host placements that takes) and again after it from the returned plain state;
+writes the final states, logged losses and eval results to an .npz
+(process 0 only).  SGD rather than Adam on purpose: Adam
 would hide gradients that are N times too large.
 
     python tests/parallel_worker.py OUT.npz MODE[:DEVICES[:K[:MODELS]]] ...
@@ -19,6 +22,7 @@ batch.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -38,6 +42,7 @@ from fundl import models, nn  # noqa: E402
 from fundl.data import Loader  # noqa: E402
 from fundl.train.checkpoint import flatten_state  # noqa: E402
 from fundl.train.loop import evaluate, fit  # noqa: E402
+from fundl.train import parallel  # noqa: E402
 from fundl.train.parallel import make_placement  # noqa: E402
 from fundl.train.state import create_train_state  # noqa: E402
 from fundl.train.step import make_eval_step, make_train_step  # noqa: E402
@@ -74,18 +79,47 @@ def train(kind: str, mode: str, devices: int, k: int) -> dict:
     train_arrays, test_arrays = data(kind)
     loader = Loader(train_arrays, GLOBAL_BATCH, seed=1, drop_last=True, prefetch=0,
                     process_index=jax.process_index(), process_count=jax.process_count())
-    result = fit(state, make_train_step(model, opt, axis_name=axis), loader, num_steps=STEPS, log_every=5,
-                 steps_per_call=k, progress=False, placement=placement)
-    eval_fn = placement.compile_eval(make_eval_step(model, axis_name=axis))
-    params = (placement.put_eval_params(result.state) if hasattr(placement, "put_eval_params")
-              else (result.state.params, result.state.model_state))
-    view = placement.for_eval() if hasattr(placement, "for_eval") else placement
-    ev = evaluate(eval_fn, *params, test_arrays, 16, placement=view)
+    eval_step = placement.compile_eval(make_eval_step(model, axis_name=axis))
+    placed = {"calls": 0, "in_eval": 0}  # host placements: all, and while evaluating inside fit
+
+    def eval_fn(s):  # as fundl.experiment's: the state fit holds, evaluated where it is
+        before = placed["calls"]
+        ev = evaluate(eval_step, *placement.eval_params(s), test_arrays, 16, placement=placement.for_eval())
+        placed["in_eval"] += placed["calls"] - before
+        return ev
+
+    with counting_host_placements(placed):
+        result = fit(state, make_train_step(model, opt, axis_name=axis), loader, num_steps=STEPS, log_every=5,
+                     eval_fn=eval_fn, eval_every=10, steps_per_call=k, progress=False, placement=placement)
+    fit_evals = [r for r in result.history if r["split"] == "eval"]
+    assert [r["step"] for r in fit_evals] == [10, 20], fit_evals
+    # the returned plain state: eval_params places it from the host
+    ev = evaluate(eval_step, *placement.eval_params(result.state), test_arrays, 16, placement=placement.for_eval())
     out = {f"state/{p}": v for p, v in flatten_state(result.state).items()}
     out["losses"] = np.array([r["loss"] for r in result.history if r["split"] == "train"])
     out["eval"] = np.array([ev["loss"], ev["accuracy"]])
+    out["fit_eval"] = np.array([[r["loss"], r["accuracy"]] for r in fit_evals])
+    out["eval_placed"] = np.array(placed["in_eval"])  # host -> device placements while evaluating in fit
+    out["fit_placed"] = np.array(placed["calls"])  # ... in all of fit (put_state's, at least, on several devices)
     out["num_devices"] = np.array(placement.num_devices)
     return out
+
+
+@contextlib.contextmanager
+def counting_host_placements(counter: dict):
+    """Counts calls of ``fundl.train.parallel._place`` (every copy of a host value onto the devices)
+    in ``counter["calls"]``."""
+    real = parallel._place
+
+    def counted(*args, **kw):
+        counter["calls"] += 1
+        return real(*args, **kw)
+
+    parallel._place = counted
+    try:
+        yield
+    finally:
+        parallel._place = real
 
 
 def batch_norm_check() -> dict:

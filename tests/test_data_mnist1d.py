@@ -39,7 +39,8 @@ def test_paper_defaults_match_make_dataset_exactly_and_leave_rng_alone(tmp_path)
     assert random.getstate() == py_before
     np_after = np.random.get_state()
     assert np_after[0] == np_before[0] and np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:]
-    assert os.listdir(tmp_path) == []  # nothing in the working dir, no cache unless asked
+    # nothing in the working dir but the cache the fixture points FUNDL_CACHE_DIR at
+    assert os.listdir(tmp_path) == ["cache"] and len(list((tmp_path / "cache" / "mnist1d").glob("*.npz"))) == 1
     ref = _reference()
     assert data["x"].shape == (4000, 40) and data["x_test"].shape == (1000, 40)
     for k in ("x", "y", "x_test", "y_test", "t"):
@@ -117,3 +118,23 @@ def test_as_dataset():
     assert ds.test["y"].dtype == np.int32 and ds.test["y"].shape == (60,)
     np.testing.assert_array_equal(ds.train["x"][..., 0], ref["x"].astype(np.float32))
     np.testing.assert_array_equal(ds.test["y"], ref["y_test"])
+
+
+def test_the_cache_is_on_by_default_and_returns_the_same_arrays(tmp_path, monkeypatch):
+    first = load_mnist1d(num_samples=100)
+    (path,) = (tmp_path / "cache" / "mnist1d").glob("*.npz")
+    monkeypatch.setattr(m1d, "_generate", lambda args: (_ for _ in ()).throw(AssertionError("regenerated")))
+    second = load_mnist1d(num_samples=100)  # read back, not generated
+    for k in m1d.KEYS:
+        np.testing.assert_array_equal(first[k], second[k])
+    with pytest.raises(AssertionError, match="regenerated"):
+        load_mnist1d(num_samples=100, cache=False)  # no cache: generated (here: the patched generator)
+
+
+def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch):
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("FUNDL_CACHE_DIR", str(blocker))
+    with pytest.warns(UserWarning, match="could not cache MNIST-1D"):
+        data = load_mnist1d(num_samples=100)
+    assert data["x"].shape == (80, 40)

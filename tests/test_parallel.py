@@ -67,6 +67,10 @@ def assert_same_training(ref: dict, other: dict, label: str) -> float:
     assert err <= RTOL, f"{label}: max relative state error {err:.2e} > {RTOL}"
     np.testing.assert_allclose(other["losses"], ref["losses"], rtol=1e-5, atol=1e-6, err_msg=label)
     np.testing.assert_allclose(other["eval"], ref["eval"], rtol=1e-5, atol=1e-6, err_msg=label)
+    # evaluations inside fit (steps 10, 20) run on the state where fit holds it: no params from the host
+    np.testing.assert_allclose(other["fit_eval"], ref["fit_eval"], rtol=1e-5, atol=1e-6, err_msg=label)
+    np.testing.assert_allclose(other["fit_eval"][-1], other["eval"], rtol=1e-6, atol=1e-7, err_msg=label)
+    assert int(other["eval_placed"]) == 0, f"{label}: evaluating placed {int(other['eval_placed'])} leaves from the host"
     return err
 
 
@@ -86,6 +90,8 @@ def test_four_devices_equal_one_device(four_devices, mode, kind):
     other = section(four_devices, f"{mode}/{kind}/")
     assert int(other["num_devices"]) == 4 and int(ref["num_devices"]) == 1
     assert ref["losses"].shape == (4,)  # 20 steps logged every 5
+    assert ref["fit_eval"].shape == (2, 2)  # evaluated at steps 10 and 20
+    assert int(other["fit_placed"]) > 0  # the count sees put_state's placements
     assert_same_training(ref, other, f"{mode} x4 vs 1 device, {kind}")
 
 

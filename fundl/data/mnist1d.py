@@ -3,9 +3,12 @@
 We call ``mnist1d.data.make_dataset`` directly — never ``get_dataset``, which
 tries the network and writes a pickle into the working directory — and put
 back Python's and NumPy's global RNG state afterwards, because the generator
-reseeds both. The result is exactly ``make_dataset``'s output. Caching the
-arrays (an ``.npz`` in the user cache) is optional and off by default:
-generation takes about two seconds.
+reseeds both. The result is exactly ``make_dataset``'s output. The arrays are
+cached as an ``.npz`` in the user cache (``~/.cache/fundl/mnist1d/``, or
+``$FUNDL_CACHE_DIR``), keyed by the arguments and the ``mnist1d`` version:
+generating takes 2-3.5 s on 2 cores (scipy interpolation), reading the cache
+about 10 ms — a fifth of ``make train``'s wall time.  ``cache=False`` turns
+it off; an unwritable cache only costs the regeneration (with a warning).
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ def load_mnist1d(*, num_samples: int = 5000, train_split: float = 0.8, shuffle_s
     int64, ``x_test``, ``y_test`` and the time grid ``t``. ``num_samples`` is rounded
     down to a multiple of 10 (one tenth per class). ``shuffle_seq=True`` is the
     paper's variant with a fixed random permutation of the 40 positions.
-    ``cache`` (default: on exactly when ``cache_dir`` is given) stores the arrays
-    in ``<cache_dir or user cache>/mnist1d/``.
+    ``cache`` (default on) keeps the arrays in ``<cache_dir or user cache>/mnist1d/``.
     """
     args = {"num_samples": int(num_samples), "train_split": float(train_split),
             "shuffle_seq": bool(shuffle_seq), "seed": int(seed)}
@@ -53,7 +55,7 @@ def load_mnist1d(*, num_samples: int = 5000, train_split: float = 0.8, shuffle_s
         raise ValueError(f"mnist1d: expected num_samples >= 10 (one per class), got {num_samples}")
     if not 0.0 < args["train_split"] < 1.0:
         raise ValueError(f"mnist1d: expected 0 < train_split < 1, got {train_split}")
-    use_cache = cache_dir is not None if cache is None else cache
+    use_cache = True if cache is None else cache
     path = _cache_path(args, cache_dir) if use_cache else None
     if path is not None and path.exists():
         cached = _read_cache(path)
@@ -100,11 +102,14 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, data: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, **data)
         os.replace(tmp, path)  # atomic: readers never see a half-written cache
+    except OSError as e:
+        warnings.warn(f"could not cache MNIST-1D in {path.parent} ({e.strerror or e}); it will be "
+                      f"generated again next time (set FUNDL_CACHE_DIR to a writable folder)", stacklevel=3)
     finally:
         if tmp.exists():
             tmp.unlink()

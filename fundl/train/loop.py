@@ -27,6 +27,7 @@ from fundl.metrics import MeanAccumulator
 from fundl.train import checkpoint as ckpt
 from fundl.train.parallel import SingleDevice, stack_batches
 from fundl.train.signals import StopSignals, TrainingInterrupted
+from fundl.train.step import resolve_fusion, step_family
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +79,9 @@ class FitResult:
     train_seconds: float = 0.0
     examples_per_second: float = 0.0
     skipped_updates: int | None = None  # nan_policy="skip": updates skipped for non-finite gradients
+    steps_per_call: int = 1  # what "auto" resolved to (optimiser steps fused per dispatch)
+    unroll: bool | int = 1
+    compile_seconds: float = 0.0  # of train_seconds: the first call of each compiled step (trace + compile)
 
 
 def _progress_bar(enabled, total, initial):
@@ -91,7 +95,7 @@ def _progress_bar(enabled, total, initial):
 def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         eval_fn: Callable | None = None, eval_every: int = 0,
         log_every: int = 50, run_dir=None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
-        checkpoint_extras: dict | None = None, steps_per_call: int = 1, unroll=1,
+        checkpoint_extras: dict | None = None, steps_per_call: int | str = "auto", unroll="auto",
         nan_policy: str = "stop", progress: bool = True, placement=None,
         on_log: Callable | None = None, resume_hint: str = "") -> FitResult:
     """Train ``state`` with ``train_step`` until ``state.step == num_steps``.
@@ -105,7 +109,14 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
       loader: a training Loader with ``drop_last=True``; its order depends
         only on (seed, epoch), so step ``t`` always sees the same batch.
       eval_fn: ``eval_fn(state) -> dict`` of eval metrics (e.g. a closure over
-        ``evaluate``), run every ``eval_every`` steps and at the end.
+        ``evaluate``), run every ``eval_every`` steps and at the end.  It gets
+        the state as the placement holds it on the devices, not a host copy:
+        the ordinary state with one device; under pmap the broadcast state
+        (leading device axis), under sharding the replicated one.
+        ``placement.eval_params(state)`` gives the ``(params, model_state)``
+        that ``placement.compile_eval``'s function takes, with no copy;
+        ``placement.get_state(state)`` gives a plain copy.  The state is valid
+        only during the call: the next step donates its buffers.
       log_every: steps between host transfers of the train metrics.
       run_dir: a ``RunDir`` for metrics.jsonl and checkpoints (or None).
       checkpoint_every: steps between checkpoints (0: only at the end).
@@ -113,7 +124,12 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         manifest (``fundl.experiment`` stores the resolved config and a run id;
         a ``run_id`` limits keep-K pruning to this run's checkpoints).
       steps_per_call: K optimiser steps fused in one dispatch (``lax.scan``);
-        results equal K single steps.
+        results equal K single steps.  ``"auto"`` (the default) picks by what
+        the step computes (``fundl.train.step.AUTO_STEPS_PER_CALL``: one step
+        per dispatch for convolutions on XLA:CPU, fused otherwise), as
+        measured through ``fit`` by ``scripts/benchmark.py --end-to-end``.
+      unroll: ``lax.scan`` unroll of fused steps; ``"auto"``: fully for
+        convolutions, rolled otherwise (``make_multi_step``).
       nan_policy: "stop" raises NonFiniteLossError naming the first step
         whose loss (or another metric) is NaN/Inf; metrics are checked when
         fetched (every ``log_every`` steps) and before every checkpoint, so
@@ -142,11 +158,31 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
     return loop.run(state, train_step, steps_per_call, unroll, progress)
 
 
+def _packed_metrics(train_step):
+    """The step with its scalar metrics packed into one float32 vector, and their names.
+
+    Fetching metrics costs ~30 us of host time per array, per step: one array
+    instead of one per metric halves that for the usual loss + accuracy.  The
+    names are filled in when the step is first traced; a step with a
+    non-scalar metric is left as it is (``names`` stays empty).
+    """
+    names: list[str] = []
+
+    def step(state, batch):
+        state, metrics = train_step(state, batch)
+        if not all(jnp.ndim(v) == 0 for v in metrics.values()):
+            return state, metrics
+        names[:] = sorted(metrics)
+        return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+
+    return step, names
+
+
 class _TrainMetrics:
     """Per-step train metrics between two logs: on the device until fetched, then checked and averaged."""
 
-    def __init__(self, placement, nan_policy: str):
-        self.placement, self.nan_policy = placement, nan_policy
+    def __init__(self, placement, nan_policy: str, names: list[str]):
+        self.placement, self.nan_policy, self.names = placement, nan_policy, names
         self.pending = []   # (device metrics, steps in the dispatch, step before it)
         self.rows = []      # per-step host metrics, fetched and checked
         self.steps = 0      # steps since the last log, for examples/s
@@ -158,8 +194,10 @@ class _TrainMetrics:
 
     def fetch(self, last_checkpoint) -> None:
         """Move pending metrics to the host; under "stop", raise at the first non-finite step."""
-        for m, n, before in self.pending:
-            m = self.placement.host_metrics(m)
+        fetched = self.placement.host_metrics([m for m, _, _ in self.pending])  # one transfer call, overlapped
+        for m, (_, n, before) in zip(fetched, self.pending):
+            if self.names:  # packed by _packed_metrics: one array per dispatch
+                m = {k: np.asarray(m)[..., i] for i, k in enumerate(self.names)}
             row = {k: np.asarray(v).reshape(n, -1).mean(axis=1) if n > 1 else np.asarray(v).reshape(1)
                    for k, v in m.items()}
             if self.nan_policy == "stop":
@@ -191,7 +229,7 @@ class _Loop:
         self.log_every, self.eval_every, self.checkpoint_every = intervals
         self.run_dir, self.keep, self.extras = run_dir, keep_checkpoints, checkpoint_extras
         self.nan_policy, self.on_log, self.resume_hint = nan_policy, on_log, resume_hint
-        self.metrics = _TrainMetrics(placement, nan_policy)
+        self.metrics = None  # set by run, once the metric names are known
         self.history: list[dict] = []
         self.last_ckpt, self.last_ckpt_step = None, None
         self.bar = None
@@ -200,6 +238,14 @@ class _Loop:
     # ------------------------------------------------------------- driver
     def run(self, state, train_step, steps_per_call, unroll, progress) -> FitResult:
         p = self.placement
+        if "auto" in (steps_per_call, unroll):
+            first = self.loader.batch(0, 0)
+            family = step_family(train_step, state, first, axis_name=p.axis_name)
+            steps_per_call, unroll = resolve_fusion(steps_per_call, unroll, family)
+        else:
+            steps_per_call, unroll = resolve_fusion(steps_per_call, unroll, "dense")
+        train_step, names = _packed_metrics(train_step)
+        self.metrics = _TrainMetrics(p, self.nan_policy, names)
         step_fn = p.compile_train(train_step, 1)
         multi_fn = p.compile_train(train_step, steps_per_call, unroll) if steps_per_call > 1 else None
         self.loader.restore(self.loader.state_at_step(self.start_step))
@@ -207,19 +253,22 @@ class _Loop:
         self.state = p.put_state(state)  # a copy: the caller's arrays survive donation
         self.bar = _progress_bar(progress, self.num_steps, self.start_step)
         stop = StopSignals()
-        dispatches = 0
+        dispatches, compile_seconds, uncompiled = 0, 0.0, {step_fn, multi_fn}
         t0 = time.perf_counter()
         try:
             with stop:
                 while self.step < self.num_steps:
                     before = self.step
                     if multi_fn is not None and self._next_event() - before >= steps_per_call:
-                        group = stack_batches([next(batches) for _ in range(steps_per_call)])
-                        self.state, metrics = multi_fn(self.state, p.put_batch(group, stacked=True))
-                        n = steps_per_call
+                        fn, n = multi_fn, steps_per_call
+                        batch = p.put_batch(stack_batches([next(batches) for _ in range(n)]), stacked=True)
                     else:
-                        self.state, metrics = step_fn(self.state, p.put_batch(next(batches)))
-                        n = 1
+                        fn, n, batch = step_fn, 1, p.put_batch(next(batches))
+                    t_call = time.perf_counter()
+                    self.state, metrics = fn(self.state, batch)
+                    if fn in uncompiled:  # the first call traces and compiles (later ones only dispatch)
+                        compile_seconds += time.perf_counter() - t_call
+                        uncompiled.discard(fn)
                     self.metrics.add(metrics, n, before)
                     self.step += n
                     dispatches += 1
@@ -243,7 +292,8 @@ class _Loop:
         done = self.num_steps - self.start_step
         skipped = skipped_updates(final_state.opt_state) if hasattr(final_state, "opt_state") else None
         return FitResult(final_state, self.history, final_eval, seconds,
-                         done * self.loader.batch_size / seconds if seconds > 0 else 0.0, skipped)
+                         done * self.loader.batch_size / seconds if seconds > 0 else 0.0, skipped,
+                         steps_per_call, unroll, compile_seconds)
 
     def _next_event(self) -> int:
         """The next step at which something must happen (fused chunks end there)."""
@@ -288,7 +338,7 @@ class _Loop:
         self._record("train", means)
 
     def _evaluate(self) -> None:
-        self._record("eval", self.eval_fn(self.placement.get_state(self.state)))
+        self._record("eval", self.eval_fn(self.state))  # on the devices as it is: no host round trip
 
     def _save(self) -> None:
         s = self.step

@@ -13,8 +13,14 @@ single-device, ``pmap`` and ``jit``-with-shardings paths share one loop:
 * ``host_metrics(metrics)``: per-step metrics as NumPy, from one shard;
 * ``check_batch_size(B)``, ``num_devices`` (global), ``sync_every``
   (dispatches between forced host syncs), ``barrier(name)`` (all processes
-  wait), ``put_eval_params(state)`` and ``for_eval()`` (the view ``evaluate``
+  wait), ``eval_params(state)`` and ``for_eval()`` (the view ``evaluate``
   takes: it hands out global batches).
+
+``eval_params(state)`` -> ``(params, model_state)`` in the form
+``compile_eval``'s function takes: leaves that are already placed (the state
+``fit`` holds on the devices and hands its ``eval_fn``) are used as they are,
+without a copy; plain leaves (a restored checkpoint, ``get_state``'s copy)
+are placed from the host.
 
 ``make_placement(mode, devices)`` builds one of :class:`SingleDevice`,
 :class:`PmapPlacement` (``jax.pmap``, the step averages over the named axis
@@ -67,7 +73,7 @@ class SingleDevice:
     def barrier(self, name: str) -> None:
         pass  # one process: nobody to wait for
 
-    def put_eval_params(self, state):
+    def eval_params(self, state):
         return state.params, state.model_state
 
     def for_eval(self):
@@ -240,8 +246,10 @@ class PmapPlacement(_MultiDevice):
     def put_state(self, state):
         return self._replicate(state)
 
-    def put_eval_params(self, state):
-        return self._replicate(state.params), self._replicate(state.model_state)
+    def eval_params(self, state):
+        """Broadcast leaves (the device state ``fit`` holds) as they are; plain leaves are broadcast."""
+        return jax.tree.map(lambda x: x if self._placed(x) else _place(x, self._sharded, self.num_local),
+                            (state.params, state.model_state))
 
     def get_state(self, state):
         """One plain copy of a broadcast state (device 0's; all copies are equal)."""
@@ -316,8 +324,13 @@ class ShardingPlacement(_MultiDevice):
     def put_state(self, state):
         return jax.tree.map(lambda x: _place(x, self.replicated), state)
 
-    def put_eval_params(self, state):
-        return self.put_state(state.params), self.put_state(state.model_state)
+    def _replicated(self, x) -> bool:
+        return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim)
+
+    def eval_params(self, state):
+        """Replicated leaves (the device state ``fit`` holds) as they are; plain leaves are replicated."""
+        return jax.tree.map(lambda x: x if self._replicated(x) else _place(x, self.replicated),
+                            (state.params, state.model_state))
 
     def get_state(self, state):
         """The replicated state as plain single-device arrays (this process's first copy)."""

@@ -45,13 +45,22 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     """
     if not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
-    init_key, base_key = jax.random.split(key)
-    params, model_state, _ = model.init(init_key, tuple(input_shape))
+
+    def build(key):
+        init_key, base_key = jax.random.split(key)
+        params, model_state, _ = model.init(init_key, tuple(input_shape))
+        return params, model_state, optimizer.init(params), base_key
+
+    # One compiled program (run eagerly, every initialiser op compiles on its own), and on
+    # XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves:
+    # 2.5 s eager, 2.1 s jitted, 0.8 s at level 0 for the MNIST-1D CNN on 2 cores.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    params, model_state, opt_state, base_key = jax.jit(build, compiler_options=options)(key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         model_state=model_state,
-        opt_state=optimizer.init(params),
+        opt_state=opt_state,
         key=base_key,
         loss_scale=LossScale.create() if uses_dynamic_loss_scale(compute_dtype, loss_scale) else None,
     )

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""End-to-end speed: every shipped config through the real ``fit``, beside its bare step.
+
+    python scripts/benchmark.py --end-to-end [--steps 600] [--rounds 2] [--configs a,b] [--out DIR]
+    python scripts/bench_end_to_end.py ...            (the same)
+
+Per config (``configs/*.toml``, shortened to ``--steps`` optimiser steps, or
+fewer for slow models: as many as its bare step runs in ``--seconds``; its
+loader, prefetch, logging, evaluations and checkpoints at their configured
+intervals, plus the final evaluation and checkpoint), three ways to train the
+same model with the same step, measured in the same process, in interleaved
+rounds:
+
+* ``fit``: ``fundl.experiment.run`` — what ``scripts/train.py`` runs — into a
+  fresh temporary run directory, once for N and once for 2N steps; the
+  difference of their training times is what N more steps cost, with the
+  fixed costs (trace and compile, the final evaluation and checkpoint)
+  cancelled and the logs, evaluations and checkpoints at their intervals in
+  between counted;
+* ``bare``: the jitted, donated train step called on one batch already on
+  the device, nothing else (what ``scripts/benchmark.py`` times);
+* ``hand``: the loop a user writes by hand in plain JAX: shuffled NumPy
+  batches, one jitted donated step per batch, the loss fetched every 100
+  steps (no evaluation, no checkpoints).
+
+Reported: the median examples/s of each, ``fit/bare`` (target >= 0.9) and
+``hand time / fit time`` (target: fit takes at most 1.15x the hand loop's
+time, i.e. a ratio >= 0.87).  Configs whose data are not on this machine are
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _setup(config: dict):
+    """Data, loader, initial state and train step of a config, built as ``fundl.experiment`` builds them."""
+    from fundl import experiment
+    from fundl.data import Loader
+    from fundl.losses import softmax_cross_entropy
+    from fundl.metrics import classification_metrics
+    from fundl.train.step import make_train_step
+
+    t = config["training"]
+    data = experiment.load_data(config)
+    loader = Loader(data.train, t["batch_size"], seed=t["seed"], drop_last=True, prefetch=0)
+    model, opt, state = experiment.initial_state(config, data, loader.steps_per_epoch)
+    step = make_train_step(model, opt, softmax_cross_entropy, classification_metrics(),
+                           compute_dtype=t["compute_dtype"], loss_scale=t["loss_scale"] or None)
+    return data, loader, state, step
+
+
+def time_bare(config: dict, steps: int) -> float:
+    """Seconds for ``steps`` calls of the jitted, donated step on one device-resident batch."""
+    import jax
+
+    _, loader, state, step = _setup(config)
+    f = jax.jit(step, donate_argnums=0)
+    batch = jax.device_put(loader.batch(0, 0))
+    for _ in range(2):
+        state, _ = f(state, batch)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, _ = f(state, batch)
+    jax.block_until_ready(state)
+    return time.perf_counter() - t0
+
+
+def time_hand(config: dict, steps: int) -> float:
+    """Seconds for the hand-written plain-JAX loop (shuffled NumPy batches, loss every 100 steps)."""
+    import jax
+    import numpy as np
+
+    data, loader, state, step = _setup(config)
+    f = jax.jit(step, donate_argnums=0)
+    x, y, b = data.train["x"], data.train["y"], loader.batch_size
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            perm = rng.permutation(len(y))
+            for i in range(len(y) // b):
+                idx = perm[i * b:(i + 1) * b]
+                yield {"x": x[idx], "y": y[idx]}
+
+    it = batches()
+    for _ in range(2):
+        state, m = f(state, next(it))
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = f(state, next(it))
+        if (i + 1) % 100 == 0:
+            float(m["loss"])
+    jax.block_until_ready(state)
+    return time.perf_counter() - t0
+
+
+def run_fit(config: dict, steps: int) -> dict:
+    """``fundl.experiment.run`` for ``steps`` steps in a fresh run directory: its summary."""
+    from fundl import config as cfg
+    from fundl import experiment
+
+    short = cfg.validate({**config, "training": {**config["training"], "steps": steps, "progress": False},
+                          "logging": {**config["logging"], "plots": False, "tensorboard": False}})
+    with tempfile.TemporaryDirectory(prefix="fundl-e2e-") as tmp:
+        return experiment.run(short, Path(tmp) / "run", verbose=False)
+
+
+def time_fit(config: dict, steps: int) -> tuple[float, dict]:
+    """Seconds that ``steps`` more steps of a run cost (a 2N-step run's training time minus an
+    N-step run's), and the longer run's summary."""
+    short, long = run_fit(config, steps), run_fit(config, 2 * steps)
+    return long["train_seconds"] - short["train_seconds"], long
+
+
+def calibrated_steps(config: dict, steps: int, seconds: float) -> int:
+    """``steps``, or fewer (at least 50) when the bare step would take longer than ``seconds``."""
+    rate = 20 / time_bare(config, 20)
+    return max(50, min(steps, int(rate * seconds) // 10 * 10))
+
+
+def measure(config_paths: list[Path], steps: int, rounds: int, seconds: float = 10.0) -> dict:
+    from fundl import config as cfg
+    from fundl.data.errors import DataNotFoundError
+
+    configs, rows = {}, {}
+    for path in config_paths:
+        config = cfg.load_config(path)
+        try:
+            _setup(config)  # loads the data: skip what is not on this machine
+        except DataNotFoundError as e:
+            rows[path.stem] = {"skipped": str(e).splitlines()[0]}
+            continue
+        configs[path.stem] = config
+        rows[path.stem] = {"bare": [], "hand": [], "fit": [], "batch_size": config["training"]["batch_size"],
+                           "steps": calibrated_steps(config, steps, seconds)}
+        # JAX reuses a compiled program for an identical one, so the first run of a config pays for
+        # compiles that later ones do not: one untimed run first, so both timed runs start alike.
+        run_fit(config, rows[path.stem]["steps"])
+    for rnd in range(rounds):
+        for name, config in configs.items():
+            row = rows[name]
+            n = row["steps"]
+            row["bare"].append(time_bare(config, n))
+            row["hand"].append(time_hand(config, n))
+            seconds, summary = time_fit(config, n)
+            row["fit"].append(seconds)
+            row.update(steps_per_call=summary["steps_per_call"], unroll=summary["unroll"],
+                       compile_s=summary["compile_seconds"])
+            print(f"round {rnd + 1}/{rounds} {name}: bare {row['bare'][-1]:.2f} s, hand {row['hand'][-1]:.2f} s, "
+                  f"fit {row['fit'][-1]:.2f} s", file=sys.stderr, flush=True)
+    for name in configs:
+        row = rows[name]
+        b = row["batch_size"]
+        for k in ("bare", "hand", "fit"):
+            row[f"{k}_examples_per_s"] = row["steps"] * b / statistics.median(row[k])
+        # ratios of medians of per-round ratios: drift within a round hits all three alike
+        row["fit_over_bare"] = statistics.median(bt / ft for bt, ft in zip(row["bare"], row["fit"]))
+        row["hand_time_over_fit_time"] = statistics.median(ht / ft for ht, ft in zip(row["hand"], row["fit"]))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"End to end, up to {result['steps']} steps per config (fewer where the bare step would take over "
+             f"{result['seconds']:g} s), median of {result['rounds']} interleaved rounds; "
+             f"{result['date']}, load {result['load_start']} -> {result['load_end']}; `{result['command']}`", "",
+             "| config | steps | steps/call, unroll | bare step ex/s | fit ex/s | fit / bare (target ≥ 0.9) | "
+             "hand-loop ex/s | fit time / hand time (target ≤ 1.15) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, row in result["configs"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | skipped: {row['skipped']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['steps']} | {row['steps_per_call']}, {row['unroll']} | {row['bare_examples_per_s']:,.0f} | "
+            f"{row['fit_examples_per_s']:,.0f} | {row['fit_over_bare']:.2f} | {row['hand_examples_per_s']:,.0f} | "
+            f"{1 / row['hand_time_over_fit_time']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="", help="comma-separated config names (default: every configs/*.toml)")
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps per config and run")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=10.0, help="per run: fewer steps for slow models")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    names = [n for n in args.configs.split(",") if n]
+    paths = sorted((ROOT / "configs").glob("*.toml"))
+    if names:
+        unknown = sorted(set(names) - {q.stem for q in paths})
+        if unknown:
+            p.error(f"unknown config(s) {unknown}; choose from {[q.stem for q in paths]}")
+        paths = [q for q in paths if q.stem in names]
+    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    t0 = time.perf_counter()
+    rows = measure(paths, args.steps, args.rounds, args.seconds)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps,
+              "rounds": args.rounds, "seconds": args.seconds, "load_start": load_start,
+              "load_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+              "command": " ".join(["bench_end_to_end.py"] + (sys.argv[1:] if argv is None else list(argv))),
+              "wall_s": time.perf_counter() - t0, "configs": rows}
+    md = markdown(result)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "end_to_end.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / "end_to_end.md").write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
