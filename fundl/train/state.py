@@ -18,6 +18,12 @@ class TrainState:
 
     A plain pytree: it can be jitted, donated, vmapped (ensembles), pmapped,
     saved and compared leaf by leaf.
+
+    ``key`` is the run's base PRNG key as raw key data (``uint32``, e.g.
+    shape (2,) for the default threefry implementation); the step wraps it
+    (``jax.random.wrap_key_data``).  A typed key array as a jitted argument
+    costs ~4% of a small step's time in argument handling, every dispatch
+    (docs/benchmarks.md); a typed key put here by hand still works.
     """
 
     step: jax.Array
@@ -61,7 +67,7 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
         params=params,
         model_state=model_state,
         opt_state=opt_state,
-        key=base_key,
+        key=jax.random.key_data(base_key),
         loss_scale=LossScale.create() if uses_dynamic_loss_scale(compute_dtype, loss_scale) else None,
     )
 

@@ -34,7 +34,7 @@ from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
 from fundl.nn import Layer
 from fundl.train import loss_scale as ls_lib
-from fundl.train.state import TrainState, uses_dynamic_loss_scale
+from fundl.train.state import TrainState, is_prng_key, uses_dynamic_loss_scale
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -65,6 +65,11 @@ def _forward(model, params, model_state, x, key, train, compute_dtype):
     return jax.tree.map(lambda o: o.astype(jnp.float32), out), new_state
 
 
+def base_key(state: TrainState) -> jax.Array:
+    """The run's base PRNG key as a typed key (``TrainState.key`` holds its raw key data)."""
+    return state.key if is_prng_key(state.key) else jax.random.wrap_key_data(state.key)
+
+
 def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
                     loss_fn: Callable = softmax_cross_entropy,
                     metrics_fn: Callable | None = None, *,
@@ -87,7 +92,7 @@ def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
     scale = float(loss_scale or 1.0)  # the fixed scale; 1.0 (none) when dynamic
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.key, state.step)
+        key = jax.random.fold_in(base_key(state), state.step)
         if axis_name is not None:  # distinct dropout masks per device, deterministic
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         ls = state.loss_scale
