@@ -209,3 +209,22 @@ def test_jax_device_put():
     b = next(iter(Loader(_arrays(), 8, seed=0, prefetch=0, device_put=sharding)))
     assert isinstance(b["y"], jax.Array) and b["y"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(b["y"]), Loader(_arrays(), 8, seed=0).batch(0, 0)["y"])
+
+
+def test_stream_groups_equal_single_batches_stacked_and_move_the_position_alike():
+    """Fused steps take K batches gathered at once: the same batches, the same position after."""
+    x = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
+    y = np.arange(50)
+    single = Loader({"x": x, "y": y}, 8, seed=3, drop_last=True, prefetch=0)
+    grouped = Loader({"x": x, "y": y}, 8, seed=3, drop_last=True, prefetch=2)
+    want = list(single.stream(13))
+    got = []
+    for group, k in zip(grouped.stream_groups([1, 4, 4, 1, 3]), [1, 4, 4, 1, 3]):
+        got += [group] if k == 1 else [{n: v[i] for n, v in group.items()} for i in range(k)]
+    assert len(got) == 13
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["y"], b["y"])
+    assert single.state() == grouped.state() == {**single.state(), "epoch": 2, "index": 1}
+    stacked = Loader({"x": x, "y": y}, 8, seed=3, drop_last=True, num_devices=2).batches([(0, 0), (0, 1)])
+    assert stacked["x"].shape == (2, 2, 4, 3)  # (K, devices, per-device batch, ...)

@@ -176,3 +176,13 @@ def test_nan_policy_skip_leaves_params_untouched_on_a_nan_gradient():
     opt = optimizer_from_config(config("adamw", weight_decay=0.1, nan_policy="skip"), 10)
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads(1)[0])
     chex.assert_trees_all_equal(run(opt, [bad]), params0())
+
+
+def test_a_warmup_longer_than_the_run_is_a_config_error_naming_the_key():
+    from fundl import config as cfg
+    from fundl.train.optim import optimizer_from_config
+
+    config = cfg.load_config(None, ['schedule.name="warmup_cosine"', "schedule.warmup_steps=100"])
+    with pytest.raises(cfg.ConfigError, match="schedule.warmup_steps=100 must be smaller than the run's 50 steps"):
+        optimizer_from_config(config, 50)
+    optimizer_from_config(config, 101)  # fine

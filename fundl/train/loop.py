@@ -25,7 +25,7 @@ import optax
 from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
 from fundl.train import checkpoint as ckpt
-from fundl.train.parallel import SingleDevice, stack_batches
+from fundl.train.parallel import SingleDevice
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.step import resolve_fusion, step_family
 
@@ -249,7 +249,8 @@ class _Loop:
         step_fn = p.compile_train(train_step, 1)
         multi_fn = p.compile_train(train_step, steps_per_call, unroll) if steps_per_call > 1 else None
         self.loader.restore(self.loader.state_at_step(self.start_step))
-        batches = self.loader.stream(self.num_steps - self.start_step)
+        plan = self._dispatch_plan(steps_per_call)
+        batches = self.loader.stream_groups(plan)  # K batches of a fused call gathered at once
         self.state = p.put_state(state)  # a copy: the caller's arrays survive donation
         self.bar = _progress_bar(progress, self.num_steps, self.start_step)
         stop = StopSignals()
@@ -257,13 +258,10 @@ class _Loop:
         t0 = time.perf_counter()
         try:
             with stop:
-                while self.step < self.num_steps:
+                for n in plan:
                     before = self.step
-                    if multi_fn is not None and self._next_event() - before >= steps_per_call:
-                        fn, n = multi_fn, steps_per_call
-                        batch = p.put_batch(stack_batches([next(batches) for _ in range(n)]), stacked=True)
-                    else:
-                        fn, n, batch = step_fn, 1, p.put_batch(next(batches))
+                    fn = multi_fn if n > 1 else step_fn
+                    batch = p.put_batch(next(batches), stacked=n > 1)
                     t_call = time.perf_counter()
                     self.state, metrics = fn(self.state, batch)
                     if fn in uncompiled:  # the first call traces and compiles (later ones only dispatch)
@@ -295,13 +293,17 @@ class _Loop:
                          done * self.loader.batch_size / seconds if seconds > 0 else 0.0, skipped,
                          steps_per_call, unroll, compile_seconds)
 
-    def _next_event(self) -> int:
-        """The next step at which something must happen (fused chunks end there)."""
-        s, nxt = self.step, [self.num_steps]
-        for every in (self.log_every, self.eval_every, self.checkpoint_every):
-            if every:
-                nxt.append((s // every + 1) * every)
-        return min(nxt)
+    def _dispatch_plan(self, steps_per_call: int) -> list[int]:
+        """Optimiser steps per dispatch until ``num_steps``: K where K fit before the next event
+        (log, eval, checkpoint: fused calls end there), else single steps."""
+        plan, s = [], self.start_step
+        while s < self.num_steps:
+            nxt = [self.num_steps] + [(s // every + 1) * every for every in
+                                      (self.log_every, self.eval_every, self.checkpoint_every) if every]
+            n = steps_per_call if min(nxt) - s >= steps_per_call else 1
+            plan.append(n)
+            s += n
+        return plan
 
     # ------------------------------------------------------------- events
     def _events(self) -> None:

@@ -142,6 +142,9 @@ def _momentum_options(o: dict) -> dict:
 def schedule_from_config(config: dict, total_steps: int) -> optax.Schedule:
     """The learning-rate schedule ``step -> lr`` of a config's ``optimizer.learning_rate`` and ``[schedule]``."""
     o, s = config["optimizer"], config["schedule"]
+    if s["name"] == "warmup_cosine" and s["warmup_steps"] >= total_steps:
+        raise ConfigError(f"schedule.warmup_steps={s['warmup_steps']} must be smaller than the run's "
+                          f"{total_steps} steps (training.steps/epochs): the cosine decay would have no steps left")
     return make_schedule(o["learning_rate"], total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
                          end_value=s["end_value"], decay_rate=s["decay_rate"],
                          transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])

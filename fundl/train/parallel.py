@@ -138,11 +138,6 @@ def local_batches_divisible(batch_size: int, num_devices: int) -> None:
             f"{lower or num_devices} or {lower + num_devices}")
 
 
-def stack_batches(batches: list[dict]) -> dict:
-    """K host batches -> one batch whose leaves have a leading K axis."""
-    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-
-
 class _MultiDevice:
     """What the pmap and sharding placements share: devices, sizes, syncs, barriers."""
 
