@@ -84,6 +84,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "unroll": "auto",         # lax.scan unroll for fused steps (0: fully); "auto": measured per model family
         "nan_policy": "stop",     # stop | skip | ignore
         "progress": True,         # tqdm bar when stderr is a terminal
+        "ensemble": 1,            # members trained together (vmap); member i uses seed + i
+        "sweep": [],              # ["section.key=v1,v2,..."]: one member per point (fundl/sweeps.py)
     },
     "parallel": {
         "mode": "none",           # none | pmap | sharding
@@ -114,6 +116,7 @@ AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
 POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
             ("optimizer", "accumulate_steps"), ("model", "kernel_size"), ("model", "stride"),
+            ("training", "ensemble"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
@@ -282,7 +285,7 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
                  "loss_scale": "structure", "eval_batch_size": "cosmetic", "eval_every": "cosmetic",
                  "log_every": "cosmetic", "checkpoint_every": "cosmetic", "keep_checkpoints": "cosmetic",
                  "resume": "cosmetic", "steps_per_call": "cosmetic", "unroll": "cosmetic",
-                 "progress": "cosmetic"},
+                 "progress": "cosmetic", "ensemble": "structure", "sweep": "structure"},
     "parallel": "cosmetic",  # every placement trains the same run (tests/test_parallel.py)
     "logging": "cosmetic",
 }

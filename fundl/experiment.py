@@ -26,7 +26,9 @@ from fundl.metrics import classification_metrics
 from fundl.nn import Layer
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import evaluate, fit
-from fundl.train.optim import optimizer_from_config
+from fundl import sweeps
+from fundl.train.ensemble import MemberLoaders, make_ensemble_eval_step, split_members, stack_states
+from fundl.train.optim import injectable, optimizer_from_config, set_hyperparams
 from fundl.train.resume import (
     DATA_ORDER_KEYS, check_allowed_names, check_changes, config_changes, describe_effects, loader_mismatch,
 )
@@ -98,12 +100,23 @@ def total_steps_of(config: dict, steps_per_epoch: int) -> int:
 
 def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_name: str | None = None):
     """``(model, optimizer, state)`` a run of ``config`` starts from (also the
-    template its checkpoints restore into)."""
+    template its checkpoints restore into).  An ensemble or one-program sweep
+    (``fundl.sweeps``) gets a state with a leading member axis: member ``i``'s
+    slice is what a run of its own config would start from."""
     model = build_model(config["model"], data.num_classes, axis_name=axis_name)
-    optimizer = optimizer_from_config(config, total_steps_of(config, steps_per_epoch))
+    inject = sweeps.injected(config)
+    optimizer = optimizer_from_config(config, total_steps_of(config, steps_per_epoch), inject=inject)
     t = config["training"]
-    state = create_train_state(model, optimizer, jax.random.key(t["seed"]), (1,) + tuple(data.input_shape),
-                               compute_dtype=t["compute_dtype"], loss_scale=t["loss_scale"] or None)
+
+    def state_for(member: dict) -> TrainState:
+        seed = member.get("training.seed", t["seed"])
+        state = create_train_state(model, optimizer, jax.random.key(seed), (1,) + tuple(data.input_shape),
+                                   compute_dtype=t["compute_dtype"], loss_scale=t["loss_scale"] or None)
+        values = {k: member.get(f"optimizer.{k}", config["optimizer"][k]) for k in inject}
+        return state.replace(opt_state=set_hyperparams(state.opt_state, **values)) if values else state
+
+    members = sweeps.members(config)
+    state = state_for(members[0]) if len(members) == 1 else stack_states([state_for(m) for m in members])
     return model, optimizer, state
 
 
@@ -156,9 +169,16 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     (``fundl.train.resume``).
     """
     check_allowed_names(allow_changes)
+    one_program, separate = sweeps.in_one_program(config)
     placement = placement_from_config(config)
+    if len(sweeps.members(config)) > 1 and one_program and placement.num_devices > 1:
+        raise cfg.ConfigError(f"an ensemble or sweep trains its members in one program on one device; "
+                              f"parallel.mode={config['parallel']['mode']!r} with {placement.num_devices} "
+                              f"devices is not supported with it: set parallel.mode=\"none\"")
     rd = open_run_dir(run_dir, config, overwrite=overwrite)
     with rd:
+        if not one_program:
+            return _run_separately(config, rd, separate, config_path, verbose)
         return _run(config, rd, placement, config_path, verbose, allow_changes)
 
 
@@ -175,24 +195,28 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
         placement.check_batch_size(t["batch_size"])
     except ValueError as e:
         raise cfg.ConfigError(f"training.batch_size: {e}") from None
-    loader = Loader(data.train, t["batch_size"], seed=t["seed"], drop_last=True, prefetch=config["data"]["prefetch"],
-                    process_index=jax.process_index(), process_count=jax.process_count())
+    members = sweeps.members(config)  # [{}] for a plain run
+    ensemble = len(members) > 1
+    loaders = [Loader(data.train, t["batch_size"], seed=m.get("training.seed", t["seed"]), drop_last=True,
+                      prefetch=config["data"]["prefetch"], process_index=jax.process_index(),
+                      process_count=jax.process_count()) for m in members]
+    loader = MemberLoaders(loaders) if ensemble else loaders[0]
     total = total_steps_of(config, loader.steps_per_epoch)
 
     # model and optimiser
     model, optimizer, state = initial_state(config, data, loader.steps_per_epoch, axis_name=placement.axis_name)
-    num_params = count_params(state.params)
+    num_params = count_params(state.params) // len(members)  # of one member
 
     # resume
     run_id = uuid.uuid4().hex[:12]
     if t["resume"]:
         state, run_id = resume(rd, state, config, loader, allow_changes, verbose=say, new_run_id=run_id)
-        if int(state.step) > total:
+        if _step_of(state) > total:
             raise cfg.ConfigError(
-                f"cannot resume {rd.path}: its checkpoint is at step {int(state.step)}, past the {total} steps "
+                f"cannot resume {rd.path}: its checkpoint is at step {_step_of(state)}, past the {total} steps "
                 f"this config asks for; raise training.steps or training.epochs")
     rd.write_text("config.toml", cfg.dumps(config))  # what is actually being run
-    rd.truncate_metrics(int(state.step))
+    rd.truncate_metrics(_step_of(state))
 
     # steps
     dtype = t["compute_dtype"]
@@ -200,20 +224,15 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     train_step = make_train_step(model, optimizer, softmax_cross_entropy, classification_metrics(),
                                  compute_dtype=dtype, loss_scale=loss_scale,
                                  axis_name=placement.axis_name)
-    eval_step = placement.compile_eval(make_eval_step(model, softmax_cross_entropy, classification_metrics(),
-                                                      compute_dtype=dtype,
-                                                      axis_name=placement.axis_name))
-    eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
-    eval_batch -= eval_batch % placement.num_devices
-
-    def eval_fn(s: TrainState):  # the state fit holds on the devices: evaluated there, no host copy
-        return evaluate(eval_step, *placement.eval_params(s), data.test, eval_batch,
-                        placement=placement.for_eval())
+    if ensemble:
+        train_step = jax.vmap(train_step)  # the members as one program
+    eval_fn = make_evaluator(config, model, data, placement, len(members))
 
     if say:
+        who = f"{len(members)} members ({', '.join(map(_describe_member, members))}) of " if ensemble else ""
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
-              f"model {config['model']['kind']} with {num_params:,} params, {total} steps of batch "
-              f"{t['batch_size']} from step {int(state.step)}; run dir {rd.path}", flush=True)
+              f"{who}model {config['model']['kind']} with {num_params:,} params, {total} steps of batch "
+              f"{t['batch_size']} from step {_step_of(state)}; run dir {rd.path}", flush=True)
     result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
                  log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
                  keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config": config, "run_id": run_id},
@@ -242,9 +261,114 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     }
     if result.skipped_updates is not None:
         summary["skipped_updates"] = result.skipped_updates  # nan_policy="skip"
+    if ensemble or t["sweep"]:
+        summary.update(_members_summary(config, members, result.history, result.train_seconds, rd))
     rd.write_summary(summary)
     if rd.writer and config["logging"]["plots"]:
         plot_curves(rd.path)
+    return summary
+
+
+def _step_of(state) -> int:
+    """The step of a state (an ensemble's members all share it)."""
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
+def _describe_member(member: dict) -> str:
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in member.items()) or "the config's"
+
+
+def make_evaluator(config: dict, model, data: Dataset, placement, num_members: int = 1):
+    """``eval_fn(state) -> dict``: exact test-split means for a state as ``fit`` holds it.  For an
+    ensemble: the ensemble's prediction (mean of the members' probabilities) and ``members``, a
+    list of each member's."""
+    t = config["training"]
+    eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
+    eval_batch -= eval_batch % placement.num_devices
+    if num_members > 1:
+        step = jax.jit(make_ensemble_eval_step(model, softmax_cross_entropy, classification_metrics(),
+                                               compute_dtype=t["compute_dtype"]))
+        return lambda s: split_members(evaluate(step, s.params, s.model_state, data.test, eval_batch), num_members)
+    step = placement.compile_eval(make_eval_step(model, softmax_cross_entropy, classification_metrics(),
+                                                 compute_dtype=t["compute_dtype"], axis_name=placement.axis_name))
+
+    def eval_fn(s: TrainState):  # the state fit holds on the devices: evaluated there, no host copy
+        return evaluate(step, *placement.eval_params(s), data.test, eval_batch, placement=placement.for_eval())
+
+    return eval_fn
+
+
+def _member_rows(config: dict, members: list[dict], history: list[dict], wall: float) -> tuple[list, list]:
+    """One summary row per member of a one-program ensemble or sweep, and each member's records."""
+    rows, histories = [], []
+    last = {split: next((r for r in reversed(history) if r["split"] == split), {}) for split in ("train", "eval")}
+    for i, m in enumerate(members):
+        train = (last["train"].get("members") or [last["train"]])[i] if last["train"] else {}
+        test = (last["eval"].get("members") or [last["eval"]])[i] if last["eval"] else {}
+        overrides = {k: v for k, v in m.items() if config["training"]["sweep"] or k != "training.seed"}
+        rows.append({"seed": m.get("training.seed", config["training"]["seed"]), "overrides": overrides,
+                     "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"),
+                     "train_accuracy": train.get("accuracy"), "train_loss": train.get("loss"),
+                     "wall_seconds": wall})
+        histories.append([{"step": r["step"], "split": r["split"], **(r.get("members") or [r])[i]}
+                          for r in history if r["split"] in ("train", "eval")])
+    return rows, histories
+
+
+def _members_summary(config, members, history, wall, rd) -> dict:
+    """The summary entries of an ensemble (its prediction's accuracy) or a sweep (the best member)."""
+    rows, histories = _member_rows(config, members, history, wall)
+    out = {"members": [{k: r[k] for k in ("seed", "overrides", "test_accuracy", "test_loss", "train_accuracy",
+                                          "train_loss")} for r in rows]}
+    final = next((r for r in reversed(history) if r["split"] == "eval"), {})
+    if config["training"]["sweep"]:
+        best = sweeps.write_reports(rd.path, rows, histories) if rd.writer else {"best_member": None}
+        out.update(best_member=best["best_member"], test_accuracy=best.get("test_accuracy"),
+                   test_loss=best.get("test_loss"))
+    else:
+        out.update(ensemble_test_accuracy=final.get("accuracy"), ensemble_test_loss=final.get("loss"))
+    return out
+
+
+def _run_separately(config: dict, rd: RunDir, keys: list[str], config_path: str, verbose: bool) -> dict:
+    """A sweep over settings that change shapes or structure: each point as its own run in
+    ``RUN_DIR/members/<k>/``, one after another; the reports of a one-program sweep."""
+    import time
+
+    from fundl.train.rundir import read_metrics
+
+    members = sweeps.members(config)
+    print(f"fundl: the sweep over {', '.join(keys)} changes shapes or structure, so its {len(members)} points "
+          f"run as separate runs in {rd.path / 'members'}/<k>/ (seeds and "
+          f"{', '.join('optimizer.' + k for k in injectable(config))} alone would share one compiled program)",
+          file=sys.stderr, flush=True)
+    rd.write_text("config.toml", cfg.dumps(config))
+    rows, histories, summaries = [], [], []
+    for k, member in enumerate(members):
+        member_config = sweeps.with_overrides(config, member)
+        member_dir = rd.path / "members" / str(k)
+        if verbose and rd.writer:
+            print(f"fundl: sweep member {k}: {_describe_member(member)}", flush=True)
+        t0 = time.perf_counter()
+        s = run(member_config, member_dir, config_path=config_path, verbose=verbose)
+        summaries.append(s)
+        rows.append({"seed": member_config["training"]["seed"], "overrides": member,
+                     "test_accuracy": s["test_accuracy"], "test_loss": s["test_loss"],
+                     "wall_seconds": time.perf_counter() - t0})
+        records = read_metrics(member_dir) if rd.writer else []
+        last_train = next((r for r in reversed(records) if r["split"] == "train"), {})
+        rows[-1].update(train_loss=last_train.get("loss"), train_accuracy=last_train.get("accuracy"))
+        histories.append(records)
+    best = sweeps.write_reports(rd.path, rows, histories) if rd.writer else {"best_member": None}
+    summary = {"final_step": summaries[-1]["final_step"], "test_accuracy": best.get("test_accuracy"),
+               "test_loss": best.get("test_loss"), "best_member": best["best_member"],
+               "config_path": str(config_path), "separate_runs": True,
+               "train_seconds": sum(s["train_seconds"] for s in summaries),
+               "examples_per_second": sum(s["examples_per_second"] * s["train_seconds"] for s in summaries)
+               / max(sum(s["train_seconds"] for s in summaries), 1e-9),
+               "members": [{k: r[k] for k in ("seed", "overrides", "test_accuracy", "test_loss", "train_accuracy",
+                                              "train_loss")} for r in rows]}
+    rd.write_summary(summary)
     return summary
 
 

@@ -20,14 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def evaluate_run(run_dir: Path) -> dict:
     """The latest valid checkpoint of ``run_dir`` evaluated on the test split of its config's data."""
-    import jax
 
     from fundl import config as cfg
     from fundl.data import Loader
-    from fundl.experiment import initial_state, load_data
+    from fundl import sweeps
+    from fundl.experiment import initial_state, load_data, make_evaluator
     from fundl.train import checkpoint as ckpt
-    from fundl.train.loop import evaluate
-    from fundl.train.step import make_eval_step
+    from fundl.train.parallel import SingleDevice
 
     config = cfg.load_config(run_dir / "config.toml")
     t = config["training"]
@@ -40,13 +39,18 @@ def evaluate_run(run_dir: Path) -> dict:
     for w in skipped:
         print(f"warning: {w.message}", file=sys.stderr)
     if path is None:
+        if (run_dir / "members").is_dir():
+            raise ckpt.CheckpointError(f"{run_dir} is a sweep of separate runs: evaluate each of "
+                                       f"{run_dir / 'members'}/<k>")
         raise ckpt.CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
     state, manifest = ckpt.restore(path, template)
-    eval_step = jax.jit(make_eval_step(model, compute_dtype=t["compute_dtype"]))
-    results = evaluate(eval_step, state.params, state.model_state, data.test,
-                       min(t["eval_batch_size"], len(data.test["y"])))
-    return {"checkpoint": str(path), "step": manifest["step"],
-            "test_accuracy": results["accuracy"], "test_loss": results["loss"]}
+    num_members = len(sweeps.members(config))
+    results = make_evaluator(config, model, data, SingleDevice(), num_members)(state)
+    out = {"checkpoint": str(path), "step": manifest["step"],
+           "test_accuracy": results["accuracy"], "test_loss": results["loss"]}
+    if num_members > 1:  # the ensemble's prediction above; each member here
+        out["members"] = [{"test_accuracy": m["accuracy"], "test_loss": m["loss"]} for m in results["members"]]
+    return out
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ Set FUNDL_TRACEBACK=1 to see the traceback of an error.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--allow-change", action="append", default=[], metavar="SECTION.KEY",
                    help="on resume, accept a changed setting that alters the run's trajectory (schedule, "
                         "learning rate, steps/epochs, batch size, seed, data); repeatable; a section allows all its keys")
+    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="train one member per value (repeatable: the cartesian product); seeds and the learning "
+                        "rate vary inside one compiled program, other settings run as separate runs "
+                        "(RUN_DIR/members/<k>/); sets training.sweep")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
     distributed.add_arguments(p)
     args = p.parse_args(argv)
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
         p.error("--allow-change applies to a resumed run: add --resume")
 
     overrides = list(args.set) + (["training.resume=true"] if args.resume else [])
+    overrides += [f"training.sweep={json.dumps(args.sweep)}"] if args.sweep else []
     overrides += ["training.progress=false"] if args.quiet else []
     try:
         config = cfg.load_config(config_path, overrides)

@@ -57,7 +57,7 @@ def install(spec: str, slow: float) -> None:
             fn = original(self, step, steps_per_call, unroll)
 
             def wrapped(state, batch):
-                now = int(np.asarray(jax.device_get(self.get_state(state).step)))
+                now = int(np.asarray(jax.device_get(self.get_state(state).step)).reshape(-1)[0])  # ensembles: (members,)
                 if slow:
                     print(f"fault_driver: step {now}", file=sys.stderr, flush=True)
                     time.sleep(slow)

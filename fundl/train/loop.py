@@ -11,7 +11,6 @@ sharded ``jit``.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
     if nan_policy not in ("stop", "skip", "ignore"):
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")
     placement = placement or SingleDevice()
-    start_step = int(jax.device_get(placement.get_state(state).step))
+    start_step = int(np.asarray(jax.device_get(placement.get_state(state).step)).reshape(-1)[0])  # ensembles: (members,)
     if start_step > num_steps:
         raise ValueError(f"fit: the state is at step {start_step}, past num_steps={num_steps}; a resumed run "
                          f"cannot end before its checkpoint: raise training.steps/epochs or use a new run dir")
@@ -159,21 +158,23 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
 
 
 def _packed_metrics(train_step):
-    """The step with its scalar metrics packed into one float32 vector, and their names.
+    """The step with its metrics packed into one float32 array (metrics on the last axis), and
+    their names.
 
     Fetching metrics costs ~30 us of host time per array, per step: one array
     instead of one per metric halves that for the usual loss + accuracy.  The
-    names are filled in when the step is first traced; a step with a
-    non-scalar metric is left as it is (``names`` stays empty).
+    names are filled in when the step is first traced; metrics of different
+    shapes are left as they are (``names`` stays empty).  An ensemble's
+    metrics have a member axis: shape (members,) each.
     """
     names: list[str] = []
 
     def step(state, batch):
         state, metrics = train_step(state, batch)
-        if not all(jnp.ndim(v) == 0 for v in metrics.values()):
+        if len({jnp.shape(v) for v in metrics.values()}) != 1:
             return state, metrics
         names[:] = sorted(metrics)
-        return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+        return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names], axis=-1)
 
     return step, names
 
@@ -198,8 +199,8 @@ class _TrainMetrics:
         for m, (_, n, before) in zip(fetched, self.pending):
             if self.names:  # packed by _packed_metrics: one array per dispatch
                 m = {k: np.asarray(m)[..., i] for i, k in enumerate(self.names)}
-            row = {k: np.asarray(v).reshape(n, -1).mean(axis=1) if n > 1 else np.asarray(v).reshape(1)
-                   for k, v in m.items()}
+            # (n, *S): n steps, each a scalar (S = ()) or one value per ensemble member (S = (members,))
+            row = {k: np.asarray(v) if n > 1 else np.asarray(v)[None] for k, v in m.items()}
             if self.nan_policy == "stop":
                 _raise_if_non_finite(row, before, last_checkpoint)
             self.rows.append(row)
@@ -211,7 +212,11 @@ class _TrainMetrics:
         if not self.rows:
             return None
         per_step = {k: np.concatenate([r[k] for r in self.rows]) for k in self.rows[0]}
-        means = {k: _mean(v, finite_only=self.nan_policy == "skip") for k, v in per_step.items()}
+        skip = self.nan_policy == "skip"
+        means = {k: _mean(v, finite_only=skip) for k, v in per_step.items()}
+        if any(v.ndim > 1 for v in per_step.values()):  # an ensemble: the mean, and each member's
+            members = {k: [_mean(col, finite_only=skip) for col in v.T] for k, v in per_step.items()}
+            means["members"] = [dict(zip(members, vals)) for vals in zip(*members.values())]
         now = time.perf_counter()
         means["examples_per_second"] = self.steps * batch_size / max(now - self.since, 1e-9)
         self.rows, self.steps, self.since = [], 0, now
@@ -390,13 +395,16 @@ def _non_finite_error(what: str, value, step: int, metric: str, last_ckpt, note:
 
 
 def _raise_if_non_finite(row: dict, before: int, last_ckpt) -> None:
-    """``row``: per-step metrics of the steps ``before + 1, before + 2, ...``."""
+    """``row``: per-step metrics of the steps ``before + 1, before + 2, ...`` (an ensemble's with a
+    member axis after the step axis)."""
     names = ["loss"] + sorted(k for k in row if k != "loss")
     for i in range(len(row["loss"])):
         for k in names:
-            value = float(row[k][i])
-            if not math.isfinite(value):
-                raise _non_finite_error(f"training {k}", value, before + i + 1, k, last_ckpt)
+            values = np.asarray(row[k][i], np.float64).reshape(-1)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                what = f"training {k}" + (f" of ensemble member {bad[0]}" if np.ndim(row[k][i]) else "")
+                raise _non_finite_error(what, float(values[bad[0]]), before + i + 1, k, last_ckpt)
 
 
 @jax.jit

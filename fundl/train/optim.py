@@ -33,7 +33,8 @@ def make_schedule(learning_rate: float, total_steps: int, *, name: str = "consta
     if name == "constant":
         return optax.constant_schedule(learning_rate)
     if name == "cosine":
-        return optax.cosine_decay_schedule(learning_rate, total_steps, alpha=end_value / learning_rate if learning_rate else 0.0)
+        alpha = 0.0 if isinstance(learning_rate, (int, float)) and not learning_rate else end_value / learning_rate
+        return optax.cosine_decay_schedule(learning_rate, total_steps, alpha=alpha)
     if name == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), total_steps, end_value)
     if name == "exponential":
@@ -111,7 +112,7 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
         kwargs["weight_decay"] = weight_decay
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(_optax_factory(name)(learning_rate=learning_rate, **kwargs))
-    if weight_decay and "weight_decay" not in accepted:
+    if "weight_decay" not in accepted and weight_decay:
         parts.append(decoupled_weight_decay(weight_decay, learning_rate))
     opt = optax.chain(*parts) if len(parts) > 1 else parts[0]
     if accumulate_steps > 1:
@@ -139,32 +140,78 @@ def _momentum_options(o: dict) -> dict:
     return options
 
 
-def schedule_from_config(config: dict, total_steps: int) -> optax.Schedule:
-    """The learning-rate schedule ``step -> lr`` of a config's ``optimizer.learning_rate`` and ``[schedule]``."""
+def schedule_from_config(config: dict, total_steps: int, *, learning_rate=None) -> optax.Schedule:
+    """The learning-rate schedule ``step -> lr`` of a config's ``optimizer.learning_rate`` and ``[schedule]``
+    (``learning_rate``: another peak value, e.g. a traced one of a sweep)."""
     o, s = config["optimizer"], config["schedule"]
+    learning_rate = o["learning_rate"] if learning_rate is None else learning_rate
     if s["name"] == "warmup_cosine" and s["warmup_steps"] >= total_steps:
         raise ConfigError(f"schedule.warmup_steps={s['warmup_steps']} must be smaller than the run's "
                           f"{total_steps} steps (training.steps/epochs): the cosine decay would have no steps left")
-    return make_schedule(o["learning_rate"], total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
+    return make_schedule(learning_rate, total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
                          end_value=s["end_value"], decay_rate=s["decay_rate"],
                          transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])
 
 
-def optimizer_from_config(config: dict, total_steps: int) -> optax.GradientTransformation:
+def injectable(config: dict) -> tuple[str, ...]:
+    """The ``[optimizer]`` settings that can be arrays in the optimiser state for this config
+    (``optimizer_from_config(inject=...)``): the learning rate always, the weight decay where the
+    optimiser takes it itself (adamw, lion, ...; the others add decay only when it is non-zero)."""
+    takes_decay = config["optimizer"]["name"] in OPTIMIZERS and "weight_decay" in _takes(config["optimizer"]["name"])
+    return ("learning_rate", "weight_decay") if takes_decay else ("learning_rate",)
+
+
+def optimizer_from_config(config: dict, total_steps: int, *, inject: tuple[str, ...] = ()) -> optax.GradientTransformation:
     """The optimiser a config's ``[optimizer]``, ``[schedule]`` and ``training.nan_policy`` describe.
 
     ``optimizer.name`` must be one of OPTIMIZERS.  Every setting reaches optax
     or is a ConfigError naming it: momentum and nesterov go to optimisers that
     take them (sgd, rmsprop; nesterov also to the adam family) and are errors
     elsewhere; weight decay is as in :func:`make_optimizer`.
+
+    ``inject``: ``[optimizer]`` keys (of :func:`injectable`) kept as arrays in
+    the optimiser state (``optax.inject_hyperparams``) instead of constants,
+    so that members of a vmapped sweep can hold different values
+    (:func:`set_hyperparams`); the schedule then scales the injected rate.
     """
     o = config["optimizer"]
     if o["name"] not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name={o['name']!r} is not one of fundl's optimisers {list(OPTIMIZERS)}; "
                           "other optax optimisers can be passed to the training step directly")
-    opt = make_optimizer(o["name"], schedule_from_config(config, total_steps), clip_norm=o["clip_norm"], weight_decay=o["weight_decay"],
-                         accumulate_steps=o["accumulate_steps"], **_momentum_options(o))
+    bad = sorted(set(inject) - set(injectable(config)))
+    if bad:
+        raise ValueError(f"cannot inject {bad} for optax.{o['name']}; injectable: {list(injectable(config))}")
+
+    def build(learning_rate=o["learning_rate"], weight_decay=o["weight_decay"]):
+        return make_optimizer(o["name"], schedule_from_config(config, total_steps, learning_rate=learning_rate),
+                              clip_norm=o["clip_norm"], weight_decay=weight_decay,
+                              accumulate_steps=o["accumulate_steps"], **_momentum_options(o))
+
+    static = tuple(k for k in ("learning_rate", "weight_decay") if k not in inject)  # defaults would be injected too
+    opt = optax.inject_hyperparams(build, static_args=static)(**{k: o[k] for k in inject}) if inject else build()
     if config["training"]["nan_policy"] == "skip":
         # A non-finite gradient leaves params and optimiser state untouched and is counted.
         opt = optax.apply_if_finite(opt, max_consecutive_errors=1_000_000)
     return opt
+
+
+def set_hyperparams(opt_state, **values):
+    """``opt_state`` with the injected hyper-parameters (``optax.inject_hyperparams``) set to
+    ``values``, wherever the injecting state sits (e.g. inside ``apply_if_finite``)."""
+    def is_injected(x):  # optax's two injecting states (stateful schedules or not) carry .hyperparams
+        return isinstance(x, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+    def set_(x):
+        if not is_injected(x):
+            return x
+        missing = sorted(set(values) - set(x.hyperparams))
+        if missing:
+            raise ValueError(f"set_hyperparams: {missing} are not injected (injected: {sorted(x.hyperparams)})")
+        hp = {k: jnp.asarray(values[k], v.dtype) if k in values else v for k, v in x.hyperparams.items()}
+        return x._replace(hyperparams=hp)
+
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(x)]
+    if not found:
+        raise ValueError("set_hyperparams: the optimiser state has no optax.inject_hyperparams state; build the "
+                         "optimiser with optimizer_from_config(..., inject=(...)) or optax.inject_hyperparams")
+    return jax.tree.map(set_, opt_state, is_leaf=is_injected)
