@@ -90,6 +90,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "parallel": {
         "mode": "none",           # none | pmap | sharding
         "devices": 0,             # 0: all local devices
+        "member_devices": 1,      # sharding + ensemble: mesh rows holding members (1: members replicated)
     },
     "logging": {
         "plots": True,            # curves.png at the end
@@ -116,7 +117,7 @@ AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
 POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
             ("optimizer", "accumulate_steps"), ("model", "kernel_size"), ("model", "stride"),
-            ("training", "ensemble"),
+            ("training", "ensemble"), ("parallel", "member_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),

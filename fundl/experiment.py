@@ -125,8 +125,11 @@ def placement_from_config(config: dict):
     """The placement ``[parallel]`` asks for (see ``fundl.train.parallel.make_placement``)."""
     from fundl.train import parallel
 
+    p, n = config["parallel"], len(sweeps.members(config))
+    one_program, _ = sweeps.in_one_program(config)
     try:
-        return parallel.make_placement(config["parallel"]["mode"], config["parallel"]["devices"])
+        return parallel.make_placement(p["mode"], p["devices"], members=n if n > 1 and one_program else 0,
+                                       member_devices=p["member_devices"])
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
 
@@ -171,10 +174,6 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     check_allowed_names(allow_changes)
     one_program, separate = sweeps.in_one_program(config)
     placement = placement_from_config(config)
-    if len(sweeps.members(config)) > 1 and one_program and placement.num_devices > 1:
-        raise cfg.ConfigError(f"an ensemble or sweep trains its members in one program on one device; "
-                              f"parallel.mode={config['parallel']['mode']!r} with {placement.num_devices} "
-                              f"devices is not supported with it: set parallel.mode=\"none\"")
     rd = open_run_dir(run_dir, config, overwrite=overwrite)
     with rd:
         if not one_program:
@@ -286,14 +285,15 @@ def make_evaluator(config: dict, model, data: Dataset, placement, num_members: i
     eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
     eval_batch -= eval_batch % placement.num_devices
     if num_members > 1:
-        step = jax.jit(make_ensemble_eval_step(model, softmax_cross_entropy, classification_metrics(),
-                                               compute_dtype=t["compute_dtype"]))
-        return lambda s: split_members(evaluate(step, s.params, s.model_state, data.test, eval_batch), num_members)
-    step = placement.compile_eval(make_eval_step(model, softmax_cross_entropy, classification_metrics(),
-                                                 compute_dtype=t["compute_dtype"], axis_name=placement.axis_name))
+        step = placement.compile_eval(make_ensemble_eval_step(model, softmax_cross_entropy, classification_metrics(),
+                                                              compute_dtype=t["compute_dtype"]))
+    else:
+        step = placement.compile_eval(make_eval_step(model, softmax_cross_entropy, classification_metrics(),
+                                                     compute_dtype=t["compute_dtype"], axis_name=placement.axis_name))
 
     def eval_fn(s: TrainState):  # the state fit holds on the devices: evaluated there, no host copy
-        return evaluate(step, *placement.eval_params(s), data.test, eval_batch, placement=placement.for_eval())
+        out = evaluate(step, *placement.eval_params(s), data.test, eval_batch, placement=placement.for_eval())
+        return split_members(out, num_members) if num_members > 1 else out
 
     return eval_fn
 

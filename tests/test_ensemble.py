@@ -176,3 +176,31 @@ def test_sweep_parsing_and_errors():
     config = tiny('training.sweep=["optimizer.learning_rate=0.1,0.2", "model.hidden=[4],[8]"]')
     assert sweeps.in_one_program(config) == (False, ["model.hidden"])
     assert sweeps.in_one_program(tiny('training.sweep=["optimizer.learning_rate=0.1,0.2"]')) == (True, [])
+
+
+@pytest.mark.parametrize("member_devices", [1, 2])
+def test_a_sharded_ensemble_on_four_devices_equals_one_device(tmp_path, member_devices):
+    """Members replicated with each member's batch split over 4 devices (member_devices = 1), or a
+    2 x 2 members x data mesh (2): the single-device ensemble's parameters within float32 rounding."""
+    args = ["--config", str(TINY), "--quiet", "--set", "logging.plots=false", "--set", "training.steps=20",
+            "--set", "training.ensemble=2", "--set", "model.dropout=0.2", "--set", "training.eval_every=10"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNDL_") and k != "XLA_FLAGS"}
+    run = lambda *a: subprocess.run([sys.executable, "scripts/train.py", *args, *a], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=300)
+    r = run("--run-dir", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    r = run("--run-dir", str(tmp_path / "four"), "--local-devices", "4", "--set", 'parallel.mode="sharding"',
+            "--set", f"parallel.member_devices={member_devices}")
+    assert r.returncode == 0, r.stderr
+    one, four = final_arrays(tmp_path / "one"), final_arrays(tmp_path / "four")
+    for i in range(2):
+        assert_member_equals(four, i, {k: v[i] for k, v in one.items()})
+    s1, s4 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "four"))
+    assert s4["devices"] == 4
+    for a, b in zip(s1["members"], s4["members"]):
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+
+
+def test_ensembles_refuse_pmap_with_a_reason():
+    with pytest.raises(cfg.ConfigError, match="not 'pmap'"):
+        experiment.placement_from_config(tiny("training.ensemble=2", 'parallel.mode="pmap"'))

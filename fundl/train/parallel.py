@@ -170,7 +170,7 @@ class _MultiDevice:
                 raise ValueError(f"a global batch of {size} cannot be split over {n} processes")
             per = size // n
             batch = {k: v[p * per:(p + 1) * per] for k, v in batch.items()}
-        return self.put_batch(batch)
+        return self.put_eval_batch(batch)
 
     def for_eval(self):
         """The view ``fundl.train.loop.evaluate`` should get: it hands out global batches."""
@@ -265,6 +265,9 @@ class PmapPlacement(_MultiDevice):
         _split_evenly(first[1] if stacked else first[0], d)
         return {k: split(v) for k, v in batch.items()}
 
+    def put_eval_batch(self, batch):
+        return self.put_batch(batch)
+
     def host_metrics(self, metrics):
         return jax.tree.map(lambda m: np.asarray(np.asarray(m.addressable_data(0))[0]), metrics)
 
@@ -283,8 +286,13 @@ class ShardingPlacement(_MultiDevice):
 
     axis_name = None
     data_axis = "data"
+    member_axis = "members"
 
-    def __init__(self, devices: int = 0):
+    def __init__(self, devices: int = 0, *, members: int = 0, member_devices: int = 1):
+        """``members`` > 0: the state and batches of an ensemble (a leading member axis, batches
+        ``(members, B, ...)``).  Its members are replicated over the devices and each member's batch
+        is split on ``data`` (``member_devices = 1``), or the devices form a ``members x data`` mesh
+        with ``member_devices`` rows and each row holds ``members / member_devices`` members."""
         local = _select_devices(devices)
         self.num_local = len(local)
         if jax.process_count() > 1:
@@ -298,53 +306,87 @@ class ShardingPlacement(_MultiDevice):
         else:
             self.devices = list(local)
         self.num_devices = len(self.devices)
-        self.mesh = jax.sharding.Mesh(np.array(self.devices), (self.data_axis,))
+        self.members, self.member_devices = members, member_devices
+        if member_devices < 1 or self.num_devices % member_devices or (members and members % member_devices):
+            raise ValueError(f"parallel.member_devices={member_devices} must divide both the {self.num_devices} "
+                             f"devices and the {members} ensemble members")
+        if member_devices > 1 and not members:
+            raise ValueError("parallel.member_devices > 1 needs an ensemble or a sweep (training.ensemble > 1)")
+        if member_devices > 1 and jax.process_count() > 1:
+            raise ValueError("parallel.member_devices > 1 is for one process; across processes use 1 "
+                             "(members replicated, each member's batch split over the devices)")
+        if member_devices > 1:
+            grid = np.array(self.devices).reshape(member_devices, self.num_devices // member_devices)
+            self.mesh = jax.sharding.Mesh(grid, (self.member_axis, self.data_axis))
+        else:
+            self.mesh = jax.sharding.Mesh(np.array(self.devices), (self.data_axis,))
+        self.data_devices = self.num_devices // member_devices
+        m = self.member_axis if member_devices > 1 else None
+        lead = (m,) if members else ()  # an ensemble's batches lead with the member axis
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axis))
-        self.stacked_sharding = NamedSharding(self.mesh, P(None, self.data_axis))
+        self.state_sharding = NamedSharding(self.mesh, P(m)) if member_devices > 1 else self.replicated
+        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axis))  # evaluation: one batch for all
+        self.train_sharding = NamedSharding(self.mesh, P(*lead, self.data_axis))
+        self.stacked_sharding = NamedSharding(self.mesh, P(None, *lead, self.data_axis))
 
     def compile_train(self, step, steps_per_call: int = 1, unroll=1):
         self._set_sync(steps_per_call)
-        if steps_per_call == 1:
-            return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
-                           out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        multi = make_multi_step(step, unroll=unroll)
-        return jax.jit(multi, in_shardings=(self.replicated, self.stacked_sharding),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        fn, batch = (step, self.train_sharding) if steps_per_call == 1 else \
+            (make_multi_step(step, unroll=unroll), self.stacked_sharding)
+        return jax.jit(fn, in_shardings=(self.state_sharding, batch),
+                       out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
     def compile_eval(self, eval_step):
-        return jax.jit(eval_step, in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+        return jax.jit(eval_step, in_shardings=(self.state_sharding, self.state_sharding, self.batch_sharding),
                        out_shardings=self.replicated)
 
     def put_state(self, state):
-        return jax.tree.map(lambda x: _place(x, self.replicated), state)
+        return jax.tree.map(lambda x: _place(x, self.state_sharding), state)
 
-    def _replicated(self, x) -> bool:
-        return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim)
+    def _placed(self, x) -> bool:
+        return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.state_sharding, x.ndim)
 
     def eval_params(self, state):
-        """Replicated leaves (the device state ``fit`` holds) as they are; plain leaves are replicated."""
-        return jax.tree.map(lambda x: x if self._replicated(x) else _place(x, self.replicated),
+        """Leaves placed as the train state is (the device state ``fit`` holds) as they are; plain
+        leaves are placed so."""
+        return jax.tree.map(lambda x: x if self._placed(x) else _place(x, self.state_sharding),
                             (state.params, state.model_state))
 
     def get_state(self, state):
-        """The replicated state as plain single-device arrays (this process's first copy)."""
-        return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, state)
+        """The state as plain single-device arrays: this process's first copy of a replicated
+        leaf, all members of a member-sharded one."""
+        def plain(x):
+            if not isinstance(x, jax.Array):
+                return x
+            return jax.device_put(np.asarray(x)) if self.member_devices > 1 else x.addressable_data(0)
+        return jax.tree.map(plain, state)
 
     def put_batch(self, batch, stacked: bool = False):
-        sharding = self.stacked_sharding if stacked else self.batch_sharding
-        axis = 1 if stacked else 0
-        _split_evenly(np.shape(next(iter(batch.values())))[axis], self.num_local)
+        sharding = self.stacked_sharding if stacked else self.train_sharding
+        axis = int(stacked) + (1 if self.members else 0)
+        _split_evenly(np.shape(next(iter(batch.values())))[axis], self.num_local // self.member_devices)
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+    def put_eval_batch(self, batch):
+        _split_evenly(np.shape(next(iter(batch.values())))[0], self.num_local // self.member_devices)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in batch.items()}
+
+    def check_batch_size(self, batch_size: int) -> None:
+        local_batches_divisible(batch_size, self.data_devices)
 
     def host_metrics(self, metrics):
         return jax.tree.map(lambda m: np.asarray(m.addressable_data(0)), metrics)
 
 
 # ------------------------------------------------------------------- factory
-def make_placement(mode: str = "none", devices: int = 0):
+def make_placement(mode: str = "none", devices: int = 0, *, members: int = 0, member_devices: int = 1):
     """``"none"`` -> :class:`SingleDevice`, ``"pmap"`` -> :class:`PmapPlacement`,
-    ``"sharding"`` -> :class:`ShardingPlacement`; ``devices`` local devices per process (0: all)."""
+    ``"sharding"`` -> :class:`ShardingPlacement`; ``devices`` local devices per process (0: all).
+    ``members``/``member_devices``: an ensemble's member axis (sharding only, see ShardingPlacement)."""
+    if members and mode == "pmap":
+        raise ValueError("an ensemble or sweep trains under parallel.mode='sharding' or 'none', not 'pmap' "
+                         "(pmap maps the leading axis, which is the members' here)")
     if mode == "none":
         if jax.process_count() > 1:
             raise ValueError(
@@ -354,5 +396,5 @@ def make_placement(mode: str = "none", devices: int = 0):
     if mode == "pmap":
         return PmapPlacement(devices)
     if mode == "sharding":
-        return ShardingPlacement(devices)
+        return ShardingPlacement(devices, members=members, member_devices=member_devices)
     raise ValueError(f"parallel.mode must be 'none', 'pmap' or 'sharding', got {mode!r}")
