@@ -27,7 +27,8 @@ Reported: the median examples/s of each, ``fit/bare`` (target >= 0.9) and
 ``hand time / fit time`` (target: fit takes at most 1.15x the hand loop's
 time, i.e. a ratio >= 0.87).  Configs whose data are not on this machine are
 skipped with the reason.  ``tiny_synthetic`` (the tests' fixture, which
-evaluates and checkpoints every 12 steps on purpose) runs only when named.
+evaluates and checkpoints every 12 steps on purpose) and ensemble or sweep
+configs (``scripts/bench_ensemble.py`` measures those) run only when named.
 """
 
 from __future__ import annotations
@@ -215,8 +216,14 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown config(s) {unknown}; choose from {[q.stem for q in paths]}")
         paths = [q for q in paths if q.stem in names]
-    else:
-        paths = [q for q in paths if q.stem != "tiny_synthetic"]
+    else:  # the tests' fixture and the ensemble/sweep variants of other configs (bench_ensemble.py) only when named
+        from fundl import config as cfg
+
+        def plain(q):
+            t = cfg.load_config(q)["training"]
+            return t["ensemble"] == 1 and not t["sweep"]
+
+        paths = [q for q in paths if q.stem != "tiny_synthetic" and plain(q)]
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
     t0 = time.perf_counter()
     rows = measure(paths, args.steps, args.rounds, args.seconds)
