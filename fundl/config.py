@@ -1,7 +1,7 @@
 """Experiment configs: TOML files checked against one schema before anything runs.
 
 A config has the sections model, data, optimizer, schedule, training,
-parallel and logging.  Every key has a default (the schema below is the
+parallel, logging and privacy.  Every key has a default (the schema below is the
 reference for what exists); a file overrides some; ``--set section.key=value``
 overrides again.  Unknown sections or keys are errors that list the valid
 keys and the closest match; values of the wrong type are errors naming the
@@ -96,6 +96,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "plots": True,            # curves.png at the end
         "tensorboard": False,     # event files via tensorboardX when installed
     },
+    "privacy": {                  # DP-SGD (docs/privacy.md)
+        "enabled": False,
+        "clip_norm": 1.0,         # per-example gradients clipped to this global L2 norm
+        "noise_multiplier": 1.0,  # Gaussian noise std on the clipped sum, in units of clip_norm
+        "delta": 1e-5,            # epsilon is reported for this delta
+        "sampling": "poisson",    # each example in each step's batch with probability batch_size / N
+        "accountant": "pld",      # pld | rdp (dp-accounting)
+    },
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -109,6 +117,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("training", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("training", "nan_policy"): ("stop", "skip", "ignore"),
     ("parallel", "mode"): ("none", "pmap", "sharding"),
+    ("privacy", "sampling"): ("poisson",),
+    ("privacy", "accountant"): ("pld", "rdp"),
 }
 
 # Keys that take "auto" or an int (their default is "auto").
@@ -118,12 +128,13 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
             ("optimizer", "accumulate_steps"), ("model", "kernel_size"), ("model", "stride"),
             ("training", "ensemble"), ("parallel", "member_devices"),
-            ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len")}
+            ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
+            ("privacy", "clip_norm"), ("privacy", "delta")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
                 ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
-                ("schedule", "warmup_steps"), ("schedule", "transition_steps")}
+                ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier")}
 
 
 class ConfigError(ValueError):
@@ -201,6 +212,8 @@ def _check_consistency(config: dict) -> None:
         raise ConfigError(
             f"schedule.boundaries ({len(sched['boundaries'])} values) and schedule.scales "
             f"({len(sched['scales'])} values) must have the same length")
+    if not config["privacy"]["delta"] < 1.0:
+        raise ConfigError(f"privacy.delta is a probability in (0, 1), got {config['privacy']['delta']}")
     for key in ("dropout", "input_dropout"):
         if not 0.0 <= config["model"][key] < 1.0:
             raise ConfigError(f"model.{key} is a drop probability in [0, 1), got {config['model'][key]}")
@@ -289,6 +302,10 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
                  "progress": "cosmetic", "ensemble": "structure", "sweep": "structure"},
     "parallel": "cosmetic",  # every placement trains the same run (tests/test_parallel.py)
     "logging": "cosmetic",
+    # A run's epsilon is accounted for the whole run with one noise multiplier and sampling:
+    # changing those mid-run would make the reported epsilon wrong, so they are refused.
+    "privacy": {"enabled": "structure", "sampling": "structure", "noise_multiplier": "structure",
+                "clip_norm": "trajectory", "delta": "cosmetic", "accountant": "cosmetic"},
 }
 
 

@@ -19,14 +19,13 @@ import jax
 import numpy as np
 
 from fundl import config as cfg
-from fundl import distributed, models
+from fundl import distributed, models, sweeps
 from fundl.data import Dataset, Loader, load_dataset
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
 from fundl.nn import Layer
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import evaluate, fit
-from fundl import sweeps
 from fundl.train.ensemble import MemberLoaders, make_ensemble_eval_step, split_members, stack_states
 from fundl.train.optim import injectable, optimizer_from_config, set_hyperparams
 from fundl.train.resume import (
@@ -199,7 +198,8 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     loaders = [Loader(data.train, t["batch_size"], seed=m.get("training.seed", t["seed"]), drop_last=True,
                       prefetch=config["data"]["prefetch"], process_index=jax.process_index(),
                       process_count=jax.process_count()) for m in members]
-    loader = MemberLoaders(loaders) if ensemble else loaders[0]
+    dp = dp_setup(config, data, placement)  # None unless [privacy] enabled (docs/privacy.md)
+    loader = dp.loader if dp is not None else MemberLoaders(loaders) if ensemble else loaders[0]
     total = total_steps_of(config, loader.steps_per_epoch)
 
     # model and optimiser
@@ -220,12 +220,18 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     # steps
     dtype = t["compute_dtype"]
     loss_scale = t["loss_scale"] or None
-    train_step = make_train_step(model, optimizer, softmax_cross_entropy, classification_metrics(),
-                                 compute_dtype=dtype, loss_scale=loss_scale,
-                                 axis_name=placement.axis_name)
+    if dp is not None:  # per-example clipping and noise (fundl.transforms.dp)
+        train_step = dp.make_train_step(model, optimizer, softmax_cross_entropy, classification_metrics(),
+                                        compute_dtype=dtype, axis_name=placement.axis_name)
+    else:
+        train_step = make_train_step(model, optimizer, softmax_cross_entropy, classification_metrics(),
+                                     compute_dtype=dtype, loss_scale=loss_scale,
+                                     axis_name=placement.axis_name)
     if ensemble:
         train_step = jax.vmap(train_step)  # the members as one program
     eval_fn = make_evaluator(config, model, data, placement, len(members))
+    if dp is not None:
+        eval_fn = dp.with_epsilon(eval_fn)  # eval records in metrics.jsonl carry epsilon and delta
 
     if say:
         who = f"{len(members)} members ({', '.join(map(_describe_member, members))}) of " if ensemble else ""
@@ -260,6 +266,10 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     }
     if result.skipped_updates is not None:
         summary["skipped_updates"] = result.skipped_updates  # nan_policy="skip"
+    if dp is not None:
+        summary.update(dp.summary(total))  # epsilon, delta, and what they were computed from
+        if say:
+            print(f"fundl: {dp.describe(total)}", flush=True)
     if ensemble or t["sweep"]:
         summary.update(_members_summary(config, members, result.history, result.train_seconds, rd))
     rd.write_summary(summary)
@@ -420,7 +430,7 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
         saved = cfg.load_config(rd.path / "config.toml") if (rd.path / "config.toml").is_file() else config
     where = str(rd.path)
     changes = config_changes(saved, config)
-    check_changes(changes, allow_changes, where)
+    check_changes(changes, allow_changes, where, privacy=config["privacy"]["enabled"])
     step = int(manifest["step"])
     expected = loader.state_at_step(step)
     mismatch = loader_mismatch(extras.get("loader"), expected)
@@ -472,3 +482,45 @@ def user_errors() -> tuple:
 
 def read_summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+# --------------------------------------------------------------- privacy
+def dp_setup(config: dict, data: Dataset, placement=None):
+    """The DP-SGD pieces a run of ``config`` needs (``fundl.transforms.DPTraining``: its Poisson
+    loader, padded to a multiple of ``placement.num_devices``, its step and ε), or None when
+    ``[privacy]`` is off.  Settings DP-SGD cannot honour are
+    config errors here, before anything runs (docs/privacy.md)."""
+    p, t = config["privacy"], config["training"]
+    if not p["enabled"]:
+        return None
+    from fundl.data.poisson import PoissonLoader
+    from fundl.transforms.dp import DPTraining
+
+    if t["ensemble"] > 1 or t["sweep"]:
+        raise cfg.ConfigError("privacy.enabled with training.ensemble > 1 or training.sweep: every member would "
+                              "train on the same data and their privacy costs add up, which one epsilon per "
+                              "run does not report; train one model per DP run")
+    if config["model"]["batch_norm"]:
+        raise cfg.ConfigError("privacy.enabled with model.batch_norm = true: batch norm normalises each example "
+                              "with statistics of its whole batch, so per-example gradients (and their clipping) "
+                              "are not defined; set model.batch_norm = false (nn.layer_norm / nn.group_norm "
+                              "normalise per example)")
+    if config["parallel"]["mode"] == "sharding" and placement is not None and placement.num_devices > 1:
+        # jax 0.10.2, XLA:CPU, 4 devices: vmap(grad) of a convolution over a batch sharded on 'data' returns
+        # wrong per-example kernel gradients (off by O(100) against a loop; unsharded and pmap are exact)
+        raise cfg.ConfigError("privacy.enabled with parallel.mode = 'sharding' on several devices: XLA's SPMD "
+                              "partitioner computes wrong per-example gradients of convolutions here (measured "
+                              "with jax 0.10.2; docs/privacy.md); use parallel.mode = 'pmap', which equals one "
+                              "device")
+    if t["compute_dtype"] == "float16":
+        raise cfg.ConfigError("privacy.enabled with training.compute_dtype = 'float16': DP-SGD does not support "
+                              "float16 loss scaling; use 'float32' or 'bfloat16'")
+    n = len(data.train["y"])
+    if t["batch_size"] > n:
+        raise cfg.ConfigError(f"privacy.enabled: training.batch_size = {t['batch_size']} is the expected Poisson "
+                              f"batch size and must be <= the {n} training examples")
+    loader = PoissonLoader(data.train, t["batch_size"], seed=t["seed"], prefetch=config["data"]["prefetch"],
+                           multiple_of=placement.num_devices if placement is not None else 1,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    return DPTraining(loader, clip_norm=p["clip_norm"], noise_multiplier=p["noise_multiplier"], delta=p["delta"],
+                      accountant=p["accountant"])

@@ -35,6 +35,7 @@ TABLE = {
     "avg_pool2d": (nn.avg_pool2d(2), (2, 6, 6, 3), F32, {}),
     "global_avg_pool": (nn.global_avg_pool(), (2, 5, 5, 3), F32, {}),
     "layer_norm": (nn.layer_norm(), (3, 6), F32, {}),
+    "group_norm": (nn.group_norm(2), (2, 5, 4), F32, {}),
     "batch_norm_train": (nn.batch_norm(), (6, 4), F32, {"train": True}),
     "batch_norm_eval": (nn.batch_norm(), (6, 4), F32, {}),
     "lstm": (nn.lstm(8), (2, 5, 3), F32, {}),

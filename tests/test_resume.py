@@ -156,3 +156,12 @@ def test_effects_in_words():
     assert lines[1].startswith("the cosine schedule is re-spanned from 400 to 6000 steps; the learning rate at "
                                "step 400 becomes 0.00989074 (was 0)")  # 0.01 * (1 + cos(pi * 400/6000)) / 2
     assert "the data order from step 400 on differs" in lines[2]
+
+
+def test_a_dp_run_refuses_a_changed_sampling_rate_even_when_allowed():
+    from fundl.train.resume import Change, check_changes
+
+    changes = [Change("training", "batch_size", 100, 200)]
+    check_changes(changes, ["training"], "runs/x")  # an ordinary run: allowed when confirmed
+    with pytest.raises(cfg.ConfigError, match="one epsilon computed from one sampling rate"):
+        check_changes(changes, ["training"], "runs/x", privacy=True)

@@ -13,7 +13,7 @@ from fundl.nn.conv import (
 )
 from fundl.nn.dropout import dropout
 from fundl.nn.linear import dense, embedding, flatten, reshape
-from fundl.nn.norm import batch_norm, layer_norm
+from fundl.nn.norm import batch_norm, group_norm, layer_norm
 from fundl.nn.recurrent import (
     Cell, bidirectional, gru, gru_cell, gru_params_from_torch, lstm, lstm_cell, lstm_params_from_torch,
     reverse_sequences, rnn, stacked,

@@ -1,6 +1,6 @@
-"""Normalisation layers: layer norm and batch norm (channels-last).
+"""Normalisation layers: layer norm, group norm and batch norm (channels-last).
 
-Both compute their statistics in float32 (float64 when ``x`` is float64) even
+All compute their statistics in float32 (float64 when ``x`` is float64) even
 when ``x`` is bfloat16 or float16, and return ``y`` in ``x``'s dtype.
 """
 
@@ -206,5 +206,74 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
         if use_bias:
             y = y + get_param(params, "bias").astype(sdt)
         return y.astype(x.dtype), new_state
+
+    return Layer(init, apply, name)
+
+
+def group_norm(num_groups: int, eps: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
+               *, dtype=jnp.float32) -> Layer:
+    """Normalise each example over groups of channels (the last axis), as PyTorch's ``GroupNorm``.
+
+    For input ``(batch, ..., C)`` the ``C`` channels are split into
+    ``num_groups`` contiguous groups of ``C // num_groups``; each example's
+    mean and biased variance (divide by n) are taken over its spatial axes and
+    the channels of one group::
+
+        y = (x - mean_group) / sqrt(var_group + eps) * scale + bias
+
+    ``scale`` (ones) and ``bias`` (zeros) have shape (C,), per channel.
+    ``num_groups=1`` is layer norm over all non-batch axes with a per-channel
+    affine; ``num_groups=C`` is instance norm.  The statistics are per example
+    and there is no state, so unlike :func:`batch_norm` the examples of a
+    batch never interact: the layer to use where per-example gradients
+    (``fundl.transforms.per_example_grads``, DP-SGD) are needed.
+    """
+    name = "group_norm"
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
+
+    def check(shape, c):
+        if len(shape) < 2 or shape[-1] != c:
+            raise ShapeError(f"{name} expected input of shape (batch, ..., {c}) (rank >= 2), "
+                             f"got shape {_fmt(shape)} (rank {len(shape)})")
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2:
+            raise ShapeError(f"{name} expects an input shape (batch, ..., channels) of rank >= 2, "
+                             f"got {_fmt(input_shape)}")
+        c = input_shape[-1]
+        if c % num_groups:
+            raise ShapeError(f"{name}({num_groups}): the {c} channels of input shape {_fmt(input_shape)} "
+                             f"do not split into {num_groups} groups; use a num_groups that divides {c}")
+        params = {}
+        if use_scale:
+            params["scale"] = jnp.ones((c,), dtype)
+        if use_bias:
+            params["bias"] = jnp.zeros((c,), dtype)
+        return params, {}, input_shape
+
+    def apply(params, state, x, *, key=None, train=False):
+        shape = tuple(jnp.shape(x))
+        if use_scale or use_bias:
+            check(shape, jnp.shape(get_param(params, "scale" if use_scale else "bias"))[0])
+        elif len(shape) < 2:
+            raise ShapeError(f"{name} expected input of shape (batch, ..., channels) (rank >= 2), "
+                             f"got shape {_fmt(shape)} (rank {len(shape)})")
+        c = shape[-1]
+        if c % num_groups:
+            raise ShapeError(f"{name}({num_groups}): the {c} channels of input shape {_fmt(shape)} "
+                             f"do not split into {num_groups} groups")
+        x32 = x.astype(_stat_dtype(x.dtype))
+        g = x32.reshape(shape[:-1] + (num_groups, c // num_groups))
+        axes = tuple(range(1, len(shape) - 1)) + (len(shape),)  # spatial axes and the channels of a group
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + eps)).reshape(shape)
+        if use_scale:
+            y = y * get_param(params, "scale").astype(y.dtype)
+        if use_bias:
+            y = y + get_param(params, "bias").astype(y.dtype)
+        return y.astype(x.dtype), {}
 
     return Layer(init, apply, name)

@@ -82,8 +82,20 @@ def _allowed(change: Change, allowed: Sequence[str]) -> bool:
     return change.name in allowed or change.section in allowed
 
 
-def check_changes(changes: Sequence[Change], allowed: Sequence[str], where: str) -> None:
-    """Raise ConfigError for structure changes and for trajectory changes not in ``allowed``."""
+# With DP-SGD one epsilon is reported for the whole run, computed from one sampling rate
+# (batch size / training examples): changing either mid-run would make it wrong.
+PRIVACY_FIXED = ("training.batch_size", "data.num_train")
+
+
+def check_changes(changes: Sequence[Change], allowed: Sequence[str], where: str, privacy: bool = False) -> None:
+    """Raise ConfigError for structure changes and for trajectory changes not in ``allowed``
+    (with ``privacy``, also for changes of the sampling rate: PRIVACY_FIXED)."""
+    fixed = [c for c in changes if privacy and c.name in PRIVACY_FIXED]
+    if fixed:
+        raise cfg.ConfigError(
+            f"cannot resume {where}: a DP-SGD run reports one epsilon computed from one sampling rate "
+            f"(batch size / training examples), and these settings change it:\n  " + "\n  ".join(map(str, fixed)) +
+            "\nUndo them, or start a new run")
     structure = [c for c in changes if c.kind == "structure"]
     if structure:
         raise cfg.ConfigError(

@@ -1,0 +1,13 @@
+"""fundl.transforms: JAX transforms of fundl models and training steps, as features.
+
+- Per-example gradients (``vmap(grad)``) and DP-SGD: :func:`per_example_grads`,
+  :func:`make_dp_train_step`, :func:`epsilon` (docs/privacy.md).
+"""
+
+from fundl.transforms.dp import DPTraining, clip_and_sum, epsilon, make_dp_train_step, privatize
+from fundl.transforms.per_example import ExampleCouplingError, model_loss, per_example_grads
+
+__all__ = [
+    "DPTraining", "ExampleCouplingError", "clip_and_sum", "epsilon", "make_dp_train_step", "model_loss",
+    "per_example_grads", "privatize",
+]
