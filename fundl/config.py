@@ -32,6 +32,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "batch_norm": False,
         "dropout": 0.0,           # drop probability after each hidden layer (not on the raw inputs)
         "input_dropout": 0.0,     # mlp: drop probability on the inputs (0: inputs are never dropped)
+        "remat": False,           # mlp / rnn / char_lm: recompute activations in the backward pass (less memory)
         "activation": "relu",
         "cell": "lstm",           # rnn / char_lm: lstm | gru
         "rnn_hidden": 128,
@@ -287,7 +288,7 @@ def dumps(config: dict) -> str:
 #   "cosmetic":   how the run is observed, stored or placed -> allowed, printed.
 # A section maps to one kind, or to {key: kind} for its keys.
 RESUME_KINDS: dict[str, str | dict[str, str]] = {
-    "model": "structure",
+    "model": {**{k: "structure" for k in SCHEMA["model"]}, "remat": "cosmetic"},  # remat: same values, less memory
     "data": {"name": "structure", "seq_len": "structure", "flatten": "structure",
              "num_train": "trajectory", "num_test": "trajectory", "dir": "cosmetic", "prefetch": "cosmetic"},
     "optimizer": {"name": "structure", "momentum": "structure", "accumulate_steps": "structure",

@@ -73,9 +73,11 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
     if m["input_dropout"] and kind != "mlp":
         raise cfg.ConfigError(f"model.input_dropout applies to model.kind='mlp' only, got kind={kind!r}; "
                               f"use model.dropout (on hidden features) instead")
+    if m["remat"] and kind not in ("mlp", "rnn", "char_lm"):
+        raise cfg.ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn' and 'char_lm', got {kind!r}")
     if kind == "mlp":
         return models.mlp(m["hidden"], num_outputs, activation=m["activation"], dropout=m["dropout"],
-                          input_dropout=m["input_dropout"])
+                          input_dropout=m["input_dropout"], remat=m["remat"])
     if kind in ("cnn", "cnn1d"):
         return models.cnn(m["channels"], m["hidden"], num_outputs, kernel_size=m["kernel_size"],
                           stride=m["stride"], padding=m["padding"], pool=m["pool"],
@@ -84,10 +86,11 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
     if kind == "rnn":
         return models.rnn_classifier(m["cell"], m["rnn_hidden"], num_outputs, num_layers=m["num_layers"],
                                      bidirectional=m["bidirectional"], readout=m["readout"],
-                                     dropout=m["dropout"])
+                                     dropout=m["dropout"], remat=m["remat"])
     if kind == "char_lm":
         return models.char_lm(num_outputs, embed_dim=m["embed_dim"], cell=m["cell"],
-                              hidden=m["rnn_hidden"], num_layers=m["num_layers"], dropout=m["dropout"])
+                              hidden=m["rnn_hidden"], num_layers=m["num_layers"], dropout=m["dropout"],
+                              remat=m["remat"])
     raise cfg.ConfigError(f"model.kind {kind!r} is not one of {cfg.CHOICES[('model', 'kind')]}")
 
 

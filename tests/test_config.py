@@ -106,3 +106,24 @@ def test_input_dropout_is_a_probability_and_only_for_the_mlp():
     train, _ = model.apply(params, state, x, key=jax.random.key(1), train=True)
     test, _ = model.apply(params, state, x)
     assert not np.allclose(train, test)  # model.dropout is 0: only the inputs were dropped
+
+
+def test_model_remat_is_wired_and_changes_no_value():
+    import jax
+    import numpy as np
+
+    from fundl import experiment
+
+    for kind in ('"mlp"', '"rnn"'):
+        plain = experiment.build_model(cfg.load_config(None, [f"model.kind={kind}", "model.rnn_hidden=8"])["model"], 3)
+        remat = experiment.build_model(cfg.load_config(None, [f"model.kind={kind}", "model.rnn_hidden=8",
+                                                              "model.remat=true"])["model"], 3)
+        shape = (2, 5, 4)
+        params, state, _ = plain.init(jax.random.key(0), shape)
+        x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        loss = lambda m: jax.jit(jax.grad(lambda p: m.apply(p, state, x)[0].sum()))(params)
+        for a, b in zip(jax.tree.leaves(loss(plain)), jax.tree.leaves(loss(remat))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(cfg.ConfigError, match="model.remat applies to"):
+        experiment.build_model(cfg.load_config(None, ['model.kind="cnn1d"', "model.remat=true"])["model"], 3)
+    assert cfg.resume_kind("model", "remat") == "cosmetic"

@@ -64,3 +64,53 @@ def test_grad_of_validation_loss_wrt_learning_rate_matches_finite_differences(na
         # and changes nothing, to the bit.
         f_remat = jax.jit(lambda lr: val_loss_after_training(lr, model, jax.checkpoint(step), state, batches, val))
         assert float(jax.grad(f_remat)(lr)) == g
+
+
+def test_meta_gradient_through_adam_needs_eps_root_when_a_gradient_is_exactly_zero():
+    """Adam divides by sqrt(nu): its derivative at nu = 0 is infinite, so one exactly-zero gradient
+    entry (a dead ReLU unit, an unused input) turns the meta-gradient into NaN; optax's eps_root > 0
+    (inside the square root) is the documented cure.  Here input feature 0 is always 0, so the first
+    layer's weights from it get exactly zero gradients."""
+    from fundl.transforms.through_training import unrolled_training, with_learning_rate
+
+    model = models.mlp([8], 3, activation="tanh")
+    x = jax.random.normal(jax.random.key(0), (3, 16, 4)).at[..., 0].set(0.0)
+    batches = {"x": x, "y": jnp.zeros((3, 16), jnp.int32)}
+
+    def meta_grad(**adam_kw):
+        opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.01, **adam_kw)
+        state = create_train_state(model, opt, jax.random.key(1), (1, 4))
+        step = make_train_step(model, opt)
+
+        def f(log_lr):
+            trained, _ = unrolled_training(step, with_learning_rate(state, jnp.exp(log_lr)), batches)
+            out, _ = model.apply(trained.params, trained.model_state, x[0])
+            return jnp.mean(out ** 2)
+
+        return float(jax.jit(jax.grad(f))(jnp.log(0.01)))
+
+    assert jnp.isnan(meta_grad())
+    assert jnp.isfinite(meta_grad(eps_root=1e-8))
+
+
+def test_meta_lr_script_runs_with_tiny_settings(tmp_path):
+    """scripts/meta_lr.py end to end on MNIST-1D (generated offline) with tiny settings: the plot,
+    the JSON (history, sweep, comparison) and the table are written, and the learned rate stays
+    inside the swept range."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "meta_lr.py"
+    spec = importlib.util.spec_from_file_location("meta_lr", path)
+    meta_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(meta_lr)
+    meta_lr.main(["--out", str(tmp_path), "--inner-steps", "4", "--outer-steps", "3", "--sweep-points", "3",
+                  "--val", "200", "--hidden", "16", "--batch", "32", "--init-lr", "1e-3", "--lr-range", "1e-4,1e-1"])
+    result = json.loads((tmp_path / "meta_lr.json").read_text())
+    assert len(result["history"]) == 3 and len(result["sweep"]) == 3
+    assert all(jnp.isfinite(h["d_val_loss_d_log_lr"]) for h in result["history"])
+    assert 1e-4 <= result["learned"]["lr"] <= 1e-1
+    assert result["sweep_best"] in result["sweep"]
+    assert (tmp_path / "meta_lr.png").stat().st_size > 10_000
+    assert "best of a 3-point sweep" in (tmp_path / "meta_lr.md").read_text()

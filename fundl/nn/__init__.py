@@ -14,6 +14,7 @@ from fundl.nn.conv import (
 from fundl.nn.dropout import dropout
 from fundl.nn.linear import dense, embedding, flatten, reshape
 from fundl.nn.norm import batch_norm, group_norm, layer_norm
+from fundl.nn.remat import remat, remat_cell, remat_serial
 from fundl.nn.recurrent import (
     Cell, bidirectional, gru, gru_cell, gru_params_from_torch, lstm, lstm_cell, lstm_params_from_torch,
     reverse_sequences, rnn, stacked,
