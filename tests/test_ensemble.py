@@ -146,6 +146,17 @@ def test_a_diverging_member_is_named(tmp_path):
         experiment.run(config, tmp_path, verbose=False)
 
 
+def test_skipped_updates_count_every_member(tmp_path):
+    """nan_policy="skip": the summary counts the skipped updates of all members, not member 0's."""
+    skip = ['optimizer.name="sgd"', "model.dropout=0.0", 'training.nan_policy="skip"']
+    experiment.run(tiny(*skip, "optimizer.learning_rate=1e6"), tmp_path / "alone", verbose=False)
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())["skipped_updates"]
+    assert alone > 0
+    experiment.run(tiny(*skip, 'training.sweep=["optimizer.learning_rate=0.01,1e6,1e6"]'), tmp_path / "sweep",
+                   verbose=False)
+    assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["skipped_updates"] == 2 * alone
+
+
 def test_a_killed_ensemble_resumes_bit_identically(tmp_path):
     args = ["--config", str(TINY), "--quiet", "--set", "logging.plots=false", "--set", "training.steps=20",
             "--set", "training.checkpoint_every=5", "--set", "training.ensemble=2", "--set", "model.dropout=0.2"]

@@ -416,9 +416,10 @@ def _all_finite(tree) -> jax.Array:
 
 def skipped_updates(opt_state) -> int | None:
     """Updates skipped for non-finite gradients so far: ``total_notfinite`` of every
-    ``optax.apply_if_finite`` state in ``opt_state`` (None if there is none)."""
+    ``optax.apply_if_finite`` state in ``opt_state``, summed over ensemble members
+    (None if there is none).  ``opt_state`` is the host copy (``placement.get_state``)."""
     found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
              if isinstance(x, optax.ApplyIfFiniteState)]
     if not found:
         return None
-    return int(sum(int(np.asarray(jax.device_get(x.total_notfinite)).reshape(-1)[0]) for x in found))
+    return int(sum(int(np.asarray(jax.device_get(x.total_notfinite)).sum()) for x in found))
