@@ -24,6 +24,15 @@ class TrainState:
     (``jax.random.wrap_key_data``).  A typed key array as a jitted argument
     costs ~4% of a small step's time in argument handling, every dispatch
     (docs/benchmarks.md); a typed key put here by hand still works.
+
+    Examples:
+        >>> from fundl.train.state import create_train_state
+        >>> from fundl.train.optim import make_optimizer
+        >>> state = create_train_state(models.mlp([8], 3), make_optimizer("adam", 1e-3),
+        ...                            jax.random.key(0), (1, 4))
+        >>> int(state.step), jax.tree.map(jnp.shape, state.params), state.key.shape, state.loss_scale
+        (0, {'dense_0': {'b': (8,), 'w': (4, 8)}, 'dense_1': {'b': (3,), 'w': (8, 3)}}, (2,), None)
+        >>> state = state.replace(step=state.step + 1)      # a new state: it is immutable
     """
 
     step: jax.Array
@@ -48,6 +57,9 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     ``loss_scale`` are the settings ``make_train_step`` gets: float16 with
     ``loss_scale`` None or 0 adds a dynamic :class:`LossScale` (start 2**15);
     any other combination (a fixed scale, float32, bfloat16) adds nothing.
+
+    ``key`` may be a typed key (``jax.random.key(0)``), raw key data or an int seed.
+    See :class:`TrainState` for an example.
     """
     if not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
@@ -60,8 +72,13 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     # One compiled program (run eagerly, every initialiser op compiles on its own), and on
     # XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves:
     # 2.5 s eager, 2.1 s jitted, 0.8 s at level 0 for the MNIST-1D CNN on 2 cores.
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    params, model_state, opt_state, base_key = jax.jit(build, compiler_options=options)(key)
+    # Under an outer transform (jit, vmap, grad) the key is a tracer: build inline, since
+    # compiler_options are accepted only by a top-level jit.
+    if isinstance(key, jax.core.Tracer):
+        params, model_state, opt_state, base_key = build(key)
+    else:
+        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        params, model_state, opt_state, base_key = jax.jit(build, compiler_options=options)(key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -81,4 +98,5 @@ def uses_dynamic_loss_scale(compute_dtype, loss_scale: float | None) -> bool:
 
 
 def count_params(params) -> int:
+    """The number of scalars in ``params`` (every leaf's size, summed)."""
     return int(sum(x.size for x in jax.tree.leaves(params)))
