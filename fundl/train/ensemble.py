@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fundl.data import Loader
+from fundl.losses import softmax_cross_entropy
+from fundl.metrics import classification_metrics
 
 
 def stack_states(states: Sequence):
@@ -111,13 +113,15 @@ def _stack(batches: list[dict], axis: int) -> dict:
     return {k: np.stack([b[k] for b in batches], axis=axis) for k in batches[0]}
 
 
-def make_ensemble_eval_step(model, loss_fn: Callable, metrics_fn: Callable, *, compute_dtype="float32"):
+def make_ensemble_eval_step(model, loss_fn: Callable = softmax_cross_entropy, metrics_fn: Callable | None = None,
+                            *, compute_dtype="float32"):
     """``eval(params, model_state, batch) -> sums`` for a state with a member axis and one shared
     batch: each member's sums as ``members/<i>/<metric>``, and the ensemble's — the mean of the
     members' probabilities (softmax of their logits) — as ``<metric>``, with the shared ``count``."""
     from fundl.train.step import _forward, resolve_dtype
 
     compute_dtype = resolve_dtype(compute_dtype)
+    metrics_fn = classification_metrics() if metrics_fn is None else metrics_fn   # as make_eval_step
 
     def eval_step(params, model_state, batch):
         def logits_of(p, s):
