@@ -24,10 +24,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "model": {
         "kind": "mlp",            # mlp | cnn (2D) | cnn1d | rnn | char_lm
         "hidden": [128],          # mlp widths / dense widths after the conv stack
+        "residual": 0,            # mlp: blocks h + activation(dense(h)) of the last hidden width, after it
         "channels": [32, 64],     # conv channels per block
-        "kernel_size": 3,
+        "kernel_size": 3,         # an int for every conv layer, or a list: one per layer
         "stride": 1,
-        "padding": "SAME",
+        "padding": "SAME",        # SAME | VALID | an int p (p zeros on both sides, torch's padding=p)
         "pool": "avg",            # avg | max | none: 2x pooling after each conv block
         "batch_norm": False,
         "dropout": 0.0,           # drop probability after each hidden layer (not on the raw inputs)
@@ -38,8 +39,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "rnn_hidden": 128,
         "num_layers": 1,
         "bidirectional": False,
-        "readout": "last",        # rnn: last | mean (over all outputs)
+        "readout": "last",        # rnn: last | mean (over all outputs) | flatten (all outputs, flattened)
         "embed_dim": 64,          # char_lm
+        "init": "default",        # default (fundl's) | torch (PyTorch's defaults; fundl/models.py)
     },
     "data": {
         "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | synthetic
@@ -49,6 +51,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "seq_len": 64,            # shakespeare windows
         "flatten": False,         # feed (N, prod(shape)) to the model
         "prefetch": 2,            # batches prefetched by a background thread (0: off)
+        "shuffle": True,          # reshuffle the training set every epoch (false: batches in array order)
     },
     "optimizer": {
         "name": "adam",           # one of fundl.train.optim.OPTIMIZERS (docs/optimizers.md)
@@ -112,7 +115,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "pool"): ("avg", "max", "none"),
     ("model", "padding"): ("SAME", "VALID"),
     ("model", "cell"): ("lstm", "gru"),
-    ("model", "readout"): ("last", "mean"),
+    ("model", "readout"): ("last", "mean", "flatten"),
+    ("model", "init"): ("default", "torch"),
     ("model", "activation"): ("relu", "gelu", "tanh", "silu", "elu", "sigmoid"),
     ("schedule", "name"): ("constant", "cosine", "warmup_cosine", "exponential", "piecewise"),
     ("training", "compute_dtype"): ("float32", "bfloat16", "float16"),
@@ -124,6 +128,10 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 
 # Keys that take "auto" or an int (their default is "auto").
 AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
+# Keys that take a positive int or a non-empty list of them (their default is an int).
+INT_OR_INT_LIST = {("model", "kernel_size")}
+# Keys that take one of their CHOICES or an int >= 0 (their default is a string).
+CHOICE_OR_INT = {("model", "padding")}
 
 POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
@@ -131,7 +139,7 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("training", "ensemble"), ("parallel", "member_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
             ("privacy", "clip_norm"), ("privacy", "delta")}
-NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"),
+NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
                 ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
@@ -151,9 +159,34 @@ def _type_name(value) -> str:
     return {bool: "bool", int: "int", float: "float", str: "string", list: "list"}.get(type(value), type(value).__name__)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int_or_list(where: str, value):
+    """A positive int, or a non-empty list of positive ints (``model.kernel_size``)."""
+    ints = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not ints or not all(_is_int(v) and v > 0 for v in ints):
+        raise ConfigError(f"{where} must be a positive int or a non-empty list of positive ints (one per layer), "
+                          f"got {_type_name(value)} {value!r}")
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_choice_or_int(where: str, value, choices):
+    """One of ``choices`` or an int >= 0 (``model.padding``)."""
+    if _is_int(value) and value >= 0 or value in choices:
+        return value
+    raise ConfigError(f"{where} must be one of {list(choices)} or an int >= 0, got {_type_name(value)} {value!r}."
+                      f"{_closest(str(value).upper(), choices)}")
+
+
 def _check_value(section: str, key: str, value, source: str):
     default = SCHEMA[section][key]
     where = f"{section}.{key}" + (f" (in {source})" if source else "")
+    if (section, key) in INT_OR_INT_LIST:
+        return _check_int_or_list(where, value)
+    if (section, key) in CHOICE_OR_INT:
+        return _check_choice_or_int(where, value, CHOICES[(section, key)])
     if (section, key) in AUTO_OR_INT:
         if value == "auto":
             return value
@@ -289,7 +322,7 @@ def dumps(config: dict) -> str:
 # A section maps to one kind, or to {key: kind} for its keys.
 RESUME_KINDS: dict[str, str | dict[str, str]] = {
     "model": {**{k: "structure" for k in SCHEMA["model"]}, "remat": "cosmetic"},  # remat: same values, less memory
-    "data": {"name": "structure", "seq_len": "structure", "flatten": "structure",
+    "data": {"name": "structure", "seq_len": "structure", "flatten": "structure", "shuffle": "trajectory",
              "num_train": "trajectory", "num_test": "trajectory", "dir": "cosmetic", "prefetch": "cosmetic"},
     "optimizer": {"name": "structure", "momentum": "structure", "accumulate_steps": "structure",
                   "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",

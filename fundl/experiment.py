@@ -35,11 +35,21 @@ from fundl.train.rundir import RunDir, RunDirError, plot_curves
 from fundl.train.state import TrainState, count_params, create_train_state
 from fundl.train.step import make_eval_step, make_train_step
 
-PUBLISHED = {  # reference test accuracies, for the printout beside ours
+PUBLISHED = {  # reference test accuracies, for the printout beside ours (docs/reproduction.md)
     ("mnist1d", "cnn1d"): ("MNIST-1D paper (Greydanus & Kobak 2020), CNN", 0.94),
+    ("mnist1d", "logistic"): ("MNIST-1D paper, logistic regression", 0.32),
     ("mnist1d", "mlp"): ("MNIST-1D paper, MLP", 0.68),
     ("mnist1d", "rnn"): ("MNIST-1D paper's recurrent baseline, a GRU", 0.91),
 }
+
+
+def published_reference(config: dict) -> tuple[str, float] | None:
+    """The published accuracy of the model family ``config`` trains, if any: an MLP
+    with no hidden layer is logistic regression, not the paper's MLP."""
+    kind = config["model"]["kind"]
+    if kind == "mlp" and not config["model"]["hidden"]:
+        kind = "logistic"
+    return PUBLISHED.get((config["data"]["name"], kind))
 
 
 # ----------------------------------------------------------------- data
@@ -75,23 +85,41 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
                               f"use model.dropout (on hidden features) instead")
     if m["remat"] and kind not in ("mlp", "rnn", "char_lm"):
         raise cfg.ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn' and 'char_lm', got {kind!r}")
+    _check_model_shapes(m)
     if kind == "mlp":
         return models.mlp(m["hidden"], num_outputs, activation=m["activation"], dropout=m["dropout"],
-                          input_dropout=m["input_dropout"], remat=m["remat"])
+                          input_dropout=m["input_dropout"], remat=m["remat"], residual=m["residual"],
+                          init=m["init"])
     if kind in ("cnn", "cnn1d"):
         return models.cnn(m["channels"], m["hidden"], num_outputs, kernel_size=m["kernel_size"],
                           stride=m["stride"], padding=m["padding"], pool=m["pool"],
                           batch_norm=m["batch_norm"], activation=m["activation"], dropout=m["dropout"],
-                          nd=2 if kind == "cnn" else 1, axis_name=axis_name)
+                          nd=2 if kind == "cnn" else 1, axis_name=axis_name, init=m["init"])
     if kind == "rnn":
         return models.rnn_classifier(m["cell"], m["rnn_hidden"], num_outputs, num_layers=m["num_layers"],
                                      bidirectional=m["bidirectional"], readout=m["readout"],
-                                     dropout=m["dropout"], remat=m["remat"])
+                                     dropout=m["dropout"], remat=m["remat"], init=m["init"])
     if kind == "char_lm":
         return models.char_lm(num_outputs, embed_dim=m["embed_dim"], cell=m["cell"],
                               hidden=m["rnn_hidden"], num_layers=m["num_layers"], dropout=m["dropout"],
-                              remat=m["remat"])
+                              remat=m["remat"], init=m["init"])
     raise cfg.ConfigError(f"model.kind {kind!r} is not one of {cfg.CHOICES[('model', 'kind')]}")
+
+
+def _check_model_shapes(m: dict) -> None:
+    """Settings that must agree with the model kind or with each other, as ConfigErrors naming the key."""
+    kind = m["kind"]
+    if m["residual"] and kind != "mlp":
+        raise cfg.ConfigError(f"model.residual applies to model.kind='mlp' only, got kind={kind!r}; "
+                              f"set model.residual = 0")
+    if m["residual"] and not m["hidden"]:
+        raise cfg.ConfigError(f"model.residual = {m['residual']} blocks need a hidden layer of the width they keep, "
+                              f"got model.hidden = []; give e.g. model.hidden = [100]")
+    sizes = m["kernel_size"]
+    if isinstance(sizes, list) and kind in ("cnn", "cnn1d") and len(sizes) != len(m["channels"]):
+        raise cfg.ConfigError(f"model.kernel_size must be an int or one size per conv layer: expected "
+                              f"{len(m['channels'])} sizes (model.channels = {m['channels']}), got {len(sizes)}: "
+                              f"{sizes}")
 
 
 # ------------------------------------------------------------ optimiser
@@ -199,7 +227,8 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     members = sweeps.members(config)  # [{}] for a plain run
     ensemble = len(members) > 1
     loaders = [Loader(data.train, t["batch_size"], seed=m.get("training.seed", t["seed"]), drop_last=True,
-                      prefetch=config["data"]["prefetch"], process_index=jax.process_index(),
+                      shuffle=config["data"]["shuffle"], prefetch=config["data"]["prefetch"],
+                      process_index=jax.process_index(),
                       process_count=jax.process_count()) for m in members]
     dp = dp_setup(config, data, placement)  # None unless [privacy] enabled (docs/privacy.md)
     loader = dp.loader if dp is not None else MemberLoaders(loaders) if ensemble else loaders[0]
@@ -503,6 +532,10 @@ def dp_setup(config: dict, data: Dataset, placement=None):
         raise cfg.ConfigError("privacy.enabled with training.ensemble > 1 or training.sweep: every member would "
                               "train on the same data and their privacy costs add up, which one epsilon per "
                               "run does not report; train one model per DP run")
+    if not config["data"]["shuffle"]:
+        raise cfg.ConfigError("privacy.enabled with data.shuffle = false: DP-SGD draws every batch by Poisson "
+                              "sampling (its privacy accounting needs it), so there is no fixed order to keep; "
+                              "set data.shuffle = true")
     if config["model"]["batch_norm"]:
         raise cfg.ConfigError("privacy.enabled with model.batch_norm = true: batch norm normalises each example "
                               "with statistics of its whole batch, so per-example gradients (and their clipping) "

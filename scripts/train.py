@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from fundl.experiment import PUBLISHED, report_error, run  # heavy imports after validation
+    from fundl.experiment import published_reference, report_error, run  # heavy imports after validation
     from fundl.train.signals import TrainingInterrupted
 
     t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     acc = summary["test_accuracy"]
     line = f"test accuracy {acc:.4f}, test loss {summary['test_loss']:.4f} after {summary['final_step']} steps"
-    ref = PUBLISHED.get((config["data"]["name"], config["model"]["kind"]))
+    ref = published_reference(config)
     if ref:
         line += f" (published: {ref[1]:.2f}, {ref[0]})"
     print(line)

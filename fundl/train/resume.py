@@ -29,7 +29,7 @@ from fundl.train.optim import schedule_from_config
 
 
 # Settings whose change moves the data order (the loader's position is then recomputed from the step).
-DATA_ORDER_KEYS = ("training.seed", "training.batch_size", "data.num_train")
+DATA_ORDER_KEYS = ("training.seed", "training.batch_size", "data.num_train", "data.shuffle")
 
 
 @dataclass(frozen=True)
