@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/mnist1d_cnn.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test train bench clean
+.PHONY: venv test train bench docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python scripts/benchmark.py
+
+# The documentation site (mkdocs.yml, docs/, notebooks/) into site/; --strict: a broken link or reference fails.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

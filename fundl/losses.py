@@ -24,6 +24,11 @@ def softmax_cross_entropy(logits, labels):
 
     logits: (..., C); labels: (...) ints in [0, C). Returns shape (...).
     Computed in float32 whatever the logits' dtype.
+
+    Examples:
+        >>> from fundl.losses import softmax_cross_entropy
+        >>> softmax_cross_entropy(jnp.array([[0.0, 0.0], [10.0, 0.0]]), jnp.array([0, 0])).round(4)
+        Array([0.6931, 0.    ], dtype=float32)
     """
     _check_labels(logits, labels)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -31,7 +36,13 @@ def softmax_cross_entropy(logits, labels):
 
 
 def mse(predictions, targets):
-    """Squared error averaged over all but the leading (batch) axis: shape (B,)."""
+    """Squared error averaged over all but the leading (batch) axis: shape (B,).
+
+    Examples:
+        >>> from fundl.losses import mse
+        >>> mse(jnp.ones((2, 3)), jnp.zeros((2, 3)))
+        Array([1., 1.], dtype=float32)
+    """
     if predictions.shape != targets.shape:
         raise ValueError(
             f"mse: predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape"
@@ -41,3 +52,4 @@ def mse(predictions, targets):
 
 
 LOSSES = {"cross_entropy": softmax_cross_entropy, "mse": mse}
+"""The losses by name."""

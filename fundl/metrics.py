@@ -9,7 +9,13 @@ import jax.numpy as jnp
 
 
 def accuracy(logits, labels):
-    """1.0 where ``argmax(logits) == label``, else 0.0; shape of ``labels``."""
+    """1.0 where ``argmax(logits) == label``, else 0.0; shape of ``labels``.
+
+    Examples:
+        >>> from fundl.metrics import accuracy
+        >>> accuracy(jnp.array([[0.1, 0.9], [0.8, 0.2]]), jnp.array([1, 1]))
+        Array([1., 0.], dtype=float32)
+    """
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
@@ -18,6 +24,11 @@ def top_k_accuracy(logits, labels, k: int):
 
     Ties are counted in the label's favour only if its logit is strictly
     among the top ``k`` values (rank = number of strictly larger logits).
+
+    Examples:
+        >>> from fundl.metrics import top_k_accuracy
+        >>> top_k_accuracy(jnp.array([[0.1, 0.5, 0.4]]), jnp.array([2]), k=2)
+        Array([1.], dtype=float32)
     """
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     rank = jnp.sum(logits > label_logit, axis=-1)
@@ -25,7 +36,16 @@ def top_k_accuracy(logits, labels, k: int):
 
 
 def classification_metrics(top_k=()):
-    """``metrics_fn(logits, labels) -> {"accuracy", "top<k>_accuracy"...}`` per element."""
+    """``metrics_fn(logits, labels) -> {"accuracy", "top<k>_accuracy"...}`` per element.
+
+    The default ``metrics_fn`` of ``make_train_step`` and ``make_eval_step``.
+
+    Examples:
+        >>> from fundl.metrics import classification_metrics
+        >>> metrics_fn = classification_metrics(top_k=(5,))
+        >>> sorted(metrics_fn(jnp.zeros((4, 10)), jnp.zeros(4, jnp.int32)))
+        ['accuracy', 'top5_accuracy']
+    """
 
     def metrics_fn(logits, labels):
         out = {"accuracy": accuracy(logits, labels)}
@@ -37,6 +57,7 @@ def classification_metrics(top_k=()):
 
 
 def no_metrics(outputs, labels):
+    """No metrics (a ``metrics_fn`` for steps that report only the loss)."""
     return {}
 
 

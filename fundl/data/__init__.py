@@ -5,7 +5,7 @@
 - :class:`Loader` — batches by (seed, epoch), resumable position, per-process
   slices, device axis, background prefetch.
 - :func:`read_idx`, :func:`write_idx` — MNIST-format files, validated.
-- :func:`load_mnist1d`, :class:`CharCorpus`, :func:`download` (explicit only).
+- :func:`load_mnist1d`, :class:`CharCorpus`, :func:`~fundl.data.download.download` (explicit only).
 
 Importing this package needs only NumPy; mnist1d, jax and urllib load on use.
 """

@@ -32,6 +32,14 @@ class Dataset:
 
     ``meta`` holds extras some users need (normalisation mean/std, the text
     vocabulary for decoding samples, source files); it may be empty.
+    ``train`` and ``test`` are ``{"x": (N, *input_shape), "y": (N,) int32}``
+    (for text, ``y`` is ``(N, T)``: the next characters).
+
+    Examples:
+        >>> from fundl.data import load_dataset
+        >>> ds = load_dataset("synthetic", num_train=256, input_shape=(28, 28, 1), num_classes=10)
+        >>> ds.name, ds.train["x"].shape, ds.train["y"].dtype, ds.num_classes, ds.input_shape
+        ('synthetic', (256, 28, 28, 1), dtype('int32'), 10, (28, 28, 1))
     """
 
     name: str
@@ -167,11 +175,23 @@ def _canonical(name: str) -> str:
 
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, **opts) -> Dataset:
-    """Load dataset ``name`` with its options; see :func:`options` for what each accepts.
+    """Load dataset ``name`` with its options; ``fundl.data.datasets.options(name)`` lists what each accepts.
 
-    >>> ds = load_dataset("mnist1d")                       # generated offline
-    >>> ds = load_dataset("mnist", data_dir="/data")       # or FUNDL_DATA_DIR; md5-verified
-    >>> ds = load_dataset("synthetic", num_train=256, input_shape=(28, 28, 1), num_classes=10)
+    Names: ``"mnist"``, ``"fashion_mnist"`` (files found in ``data_dir``,
+    ``FUNDL_DATA_DIR`` or the usual places, md5-verified; nothing is
+    downloaded), ``"mnist1d"`` (generated offline), ``"shakespeare"``/``"text"``
+    (a character corpus) and ``"synthetic"``.  Unknown names and options are
+    errors that list the valid ones.
+
+    Examples:
+        >>> from fundl.data import load_dataset
+        >>> ds = load_dataset("mnist", data_dir="/data")       # doctest: +SKIP
+        >>> ds = load_dataset("mnist1d")                       # doctest: +SKIP
+        >>> ds = load_dataset("synthetic", num_train=256, input_shape=(28, 28, 1), num_classes=10)
+        >>> load_dataset("synthetic", num_trian=256)
+        Traceback (most recent call last):
+        ...
+        ValueError: load_dataset('synthetic'): unknown option(s) ['num_trian']; valid options: ...
     """
     key = _canonical(name)
     valid = options(key)

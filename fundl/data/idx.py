@@ -97,7 +97,11 @@ def read_idx(path: str | os.PathLike, *, md5: str | None = None, magic: int | No
     ``md5`` is checked against the *decompressed* bytes, which are the same on
     every mirror. Raises :class:`DataError` naming the file on any mismatch.
 
-    >>> images = read_idx("mnist/train-images-idx3-ubyte.gz", magic=2051, shape=(None, 28, 28))
+    Examples:
+        >>> from fundl.data import read_idx, write_idx
+        >>> path = write_idx("images-idx3-ubyte.gz", np.zeros((5, 28, 28), np.uint8))
+        >>> read_idx(path, magic=2051, shape=(None, 28, 28)).shape
+        (5, 28, 28)
     """
     data = read_bytes(path)
     array = parse_idx(data, str(path), magic=magic, shape=shape)  # structural errors first: they say more

@@ -34,11 +34,20 @@ _END = object()
 class Loader:
     """Batches of ``arrays`` (a dict of equal-length arrays); each batch is a dict with the same keys.
 
-    >>> loader = Loader({"x": x, "y": y}, batch_size=128, seed=0, drop_last=True)
-    >>> for batch in loader:            # the rest of the current epoch
-    ...     ...
-    >>> ckpt = loader.state()           # {"epoch": 1, "index": 0, ...}
-    >>> Loader({"x": x, "y": y}, 128, drop_last=True).restore(ckpt)   # continues exactly there
+    Examples:
+        >>> from fundl.data import Loader
+        >>> x, y = np.arange(10, dtype=np.float32)[:, None], np.arange(10) % 2
+        >>> loader = Loader({"x": x, "y": y}, batch_size=4, seed=0, drop_last=True)
+        >>> loader.steps_per_epoch, loader.batch(0, 0)["x"].shape     # batch 0 of epoch 0
+        (2, (4, 1))
+        >>> batches = iter(loader)                # the rest of the current epoch
+        >>> first = next(batches)
+        >>> ckpt = loader.state()                 # a plain dict, for a checkpoint
+        >>> ckpt
+        {'epoch': 0, 'index': 1, 'seed': 0, 'batch_size': 4, 'num_examples': 10}
+        >>> again = Loader({"x": x, "y": y}, batch_size=4, seed=0, drop_last=True).restore(ckpt)
+        >>> bool((next(iter(again))["x"] == next(batches)["x"]).all())     # continues exactly there
+        True
 
     Args:
       arrays: name -> array, all with the same leading (example) dimension.
@@ -47,7 +56,8 @@ class Loader:
       seed: non-negative int.
       drop_last: drop the final partial batch of each epoch (use for training:
         a constant shape compiles once); keep it for evaluation.
-      process_index, process_count: this process's slice of every global batch.
+      process_index: this process's index, in ``[0, process_count)``.
+      process_count: the processes sharing every global batch; each loads its slice.
       num_devices: if set, reshape local batches to ``(num_devices, B_local/num_devices, ...)``.
       prefetch: batches prepared ahead by a background thread; 0 disables the thread.
       device_put: ``None`` (batches stay NumPy), ``True`` (``jax.device_put`` to the

@@ -53,13 +53,21 @@ def binomial_quantile(n: int, q: float, tail: float) -> int:
 class PoissonLoader(Loader):
     """Poisson-sampled, padded and masked batches of ``arrays``; ``batch_size`` is the *expected* size.
 
-    >>> loader = PoissonLoader({"x": x, "y": y}, batch_size=100, seed=0)
-    >>> loader.sampling_rate, loader.max_batch_size      # 100 / len(x), padded shape
-    >>> batch = loader.batch(0, 0)                        # {"x", "y", "mask"}, each of max_batch_size rows
+    Examples:
+        >>> from fundl.data.poisson import PoissonLoader
+        >>> x, y = np.zeros((1000, 3), np.float32), np.zeros(1000, np.int32)
+        >>> loader = PoissonLoader({"x": x, "y": y}, batch_size=100, seed=0)
+        >>> loader.sampling_rate, loader.max_batch_size     # 100 / len(x), the padded shape
+        (0.1, 148)
+        >>> batch = loader.batch(0, 0)                       # max_batch_size rows, "mask" marks the real ones
+        >>> sorted(batch), batch["x"].shape
+        (['mask', 'x', 'y'], (148, 3))
+
+    ``arrays``, ``seed``, ``process_index``, ``process_count``, ``num_devices``, ``prefetch``
+    and ``device_put`` are as in ``Loader`` (``batch_size`` must split over processes x devices
+    as there).
 
     Args:
-      arrays, seed, process_index, process_count, num_devices, prefetch, device_put: as ``Loader``
-        (``batch_size`` must split over processes x devices as there).
       batch_size: the expected batch size; the sampling rate is ``batch_size / num_examples``.
       max_batch_size: the padded shape (None: chosen from ``overflow_probability``).
       overflow_probability: per-step probability that a batch exceeds the default padded shape.

@@ -19,12 +19,20 @@ from fundl.data.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
-    """Maps characters to int32 ids (their rank in ``chars``) and back."""
+    """Maps characters to int32 ids (their rank in ``chars``) and back.
+
+    Examples:
+        >>> from fundl.data import Vocabulary
+        >>> vocab = Vocabulary.from_text("hello")
+        >>> vocab.chars, vocab.size, vocab.encode("hole"), vocab.decode([3, 1])
+        ('ehlo', 4, array([1, 3, 2, 0], dtype=int32), 'oh')
+    """
 
     chars: str
 
     @classmethod
     def from_text(cls, text: str) -> "Vocabulary":
+        """The sorted distinct characters of ``text``."""
         return cls("".join(sorted(set(text))))
 
     def __post_init__(self):
@@ -35,6 +43,7 @@ class Vocabulary:
 
     @property
     def size(self) -> int:
+        """The number of characters (the language model's number of classes)."""
         return len(self.chars)
 
     def encode(self, text: str) -> np.ndarray:
@@ -58,7 +67,16 @@ class Vocabulary:
 
 @dataclasses.dataclass(frozen=True)
 class CharCorpus:
-    """A text and its vocabulary; ``source`` names where it came from for error messages."""
+    """A text and its vocabulary; ``source`` names where it came from for error messages.
+
+    Examples:
+        >>> from fundl.data import CharCorpus, windows
+        >>> corpus = CharCorpus.from_text("to be or not to be")
+        >>> train_ids, val_ids = corpus.split(val_fraction=0.25)
+        >>> x, y = windows(train_ids, seq_len=4)           # next-character pairs
+        >>> corpus.vocab.size, len(train_ids), x.shape, corpus.vocab.decode(x[0]), corpus.vocab.decode(y[0])
+        (7, 14, (3, 4), 'to b', 'o be')
+    """
 
     text: str
     vocab: Vocabulary
@@ -66,6 +84,7 @@ class CharCorpus:
 
     @classmethod
     def from_text(cls, text: str, source: str = "<string>") -> "CharCorpus":
+        """The corpus of ``text``, with the vocabulary of its characters."""
         if not text:
             raise DataError(f"{source}: expected a non-empty text corpus, got 0 characters")
         return cls(text, Vocabulary.from_text(text), source)
@@ -85,6 +104,7 @@ class CharCorpus:
         return cls.from_text(text, str(path))
 
     def encode(self) -> np.ndarray:
+        """The whole text as int32 ids, shape ``(len(text),)``."""
         return self.vocab.encode(self.text)
 
     def split(self, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +124,14 @@ def windows(ids: np.ndarray, seq_len: int, stride: int | None = None) -> tuple[n
 
     Window ``i`` starts at ``s_i = i * stride`` (default ``stride = seq_len``: no
     overlap). A sequence too short for one window is an error.
+
+    Examples:
+        >>> from fundl.data import windows
+        >>> x, y = windows(np.arange(10), seq_len=4)
+        >>> x, y
+        (array([[0, 1, 2, 3],
+               [4, 5, 6, 7]], dtype=int32), array([[1, 2, 3, 4],
+               [5, 6, 7, 8]], dtype=int32))
     """
     ids = np.asarray(ids, dtype=np.int32).reshape(-1)
     stride = seq_len if stride is None else stride

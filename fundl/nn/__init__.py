@@ -20,3 +20,27 @@ from fundl.nn.recurrent import (
     reverse_sequences, rnn, stacked,
 )
 from fundl.nn.summary import summary
+
+# The public API, in the order docs/api/nn.md shows it (tests/test_site.py checks it lists every export).
+__all__ = [  # noqa: RUF022 (ordered by topic, as the API page shows it)
+    # the contract, combinators and errors (fundl.nn.core)
+    "Layer", "serial", "parallel", "residual", "named", "lambda_layer", "elementwise", "abstract_init", "summary",
+    "LayerError", "ShapeError", "ParamsError", "KeyMissingError",
+    # dense, embedding, shape
+    "dense", "embedding", "flatten", "reshape",
+    # convolution and pooling (channels-last)
+    "conv1d", "conv2d", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "global_avg_pool",
+    "global_max_pool",
+    # normalisation and dropout
+    "batch_norm", "layer_norm", "group_norm", "dropout",
+    # activations (each a Layer)
+    "relu", "gelu", "tanh", "sigmoid", "silu", "swish", "elu", "leaky_relu", "softplus", "softmax", "log_softmax",
+    "identity",
+    # recurrent
+    "Cell", "lstm_cell", "gru_cell", "rnn", "lstm", "gru", "stacked", "bidirectional", "reverse_sequences",
+    "lstm_params_from_torch", "gru_params_from_torch",
+    # rematerialisation
+    "remat", "remat_serial", "remat_cell",
+    # initialisers (a module)
+    "init",
+]

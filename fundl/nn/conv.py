@@ -15,12 +15,11 @@ NWC/WIO (1D) and NHWC/HWIO (2D); the weight ``w`` has shape
 * a sequence with one entry per spatial axis, each an ``int`` (both sides) or
   a ``(lo, hi)`` pair, e.g. ``[(1, 2)]`` for conv1d or ``[(0, 1), (2, 2)]``.
 
-Example::
-
-    layer = conv2d(16, 3, stride=2)
-    params, state, out_shape = layer.init(jax.random.key(0), (8, 28, 28, 1))
-    # params["w"].shape == (3, 3, 1, 16); out_shape == (8, 14, 14, 16)
-    y, _ = layer.apply(params, state, x)
+Examples:
+    >>> layer = nn.conv2d(16, 3, stride=2)
+    >>> params, state, out_shape = layer.init(jax.random.key(0), (8, 28, 28, 1))
+    >>> params["w"].shape, out_shape
+    ((3, 3, 1, 16), (8, 14, 14, 16))
 """
 
 from __future__ import annotations
@@ -205,6 +204,12 @@ def conv1d(features: int, kernel_size, stride=1, padding="SAME", dilation=1,
     Default init: LeCun normal (fan_in = kernel * in/groups), zero bias.
     ``feature_group_count = in_channels`` with ``features = k * in_channels``
     is a depthwise convolution.  See the module docstring for ``padding``.
+
+    Examples:
+        >>> layer = nn.conv1d(16, 5, stride=2)                  # MNIST-1D: (batch, 40, 1)
+        >>> params, state, out_shape = layer.init(jax.random.key(0), (1, 40, 1))
+        >>> params["w"].shape, out_shape
+        ((5, 1, 16), (1, 20, 16))
     """
     return _conv(1, features, kernel_size, stride, padding, dilation,
                  feature_group_count, use_bias, w_init, b_init, dtype)
@@ -221,6 +226,12 @@ def conv2d(features: int, kernel_size, stride=1, padding="SAME", dilation=1,
     To port PyTorch ``Conv2d`` weights (out, in/groups, kh, kw) use
     ``w = torch_w.transpose(2, 3, 1, 0)``.  See the module docstring for
     ``padding``.
+
+    Examples:
+        >>> nn.conv2d(32, 3).init(jax.random.key(0), (1, 28, 28, 1))[2]                   # SAME
+        (1, 28, 28, 32)
+        >>> nn.conv2d(32, (3, 3), padding="VALID").init(jax.random.key(0), (1, 28, 28, 1))[2]
+        (1, 26, 26, 32)
     """
     return _conv(2, features, kernel_size, stride, padding, dilation,
                  feature_group_count, use_bias, w_init, b_init, dtype)
@@ -280,7 +291,12 @@ def max_pool1d(window, stride=None, padding="VALID") -> Layer:
 
 
 def max_pool2d(window, stride=None, padding="VALID") -> Layer:
-    """Max over windows of (batch, height, width, channels); see :func:`max_pool1d`."""
+    """Max over windows of (batch, height, width, channels); see :func:`max_pool1d`.
+
+    Examples:
+        >>> nn.max_pool2d(2).init(jax.random.key(0), (1, 28, 28, 32))[2]
+        (1, 14, 14, 32)
+    """
     return _pool(2, "max", window, stride, padding)
 
 
@@ -290,6 +306,11 @@ def avg_pool1d(window, stride=None, padding="VALID") -> Layer:
     With padding, each window is divided by the number of *real* elements it
     covers, not the window size: padding never dilutes the average (Flax's
     ``count_include_pad=False``, PyTorch's ``AvgPool1d(count_include_pad=False)``).
+
+    Examples:
+        >>> pool = nn.avg_pool1d(2)
+        >>> pool.apply({}, {}, jnp.array([[[1.0], [3.0], [5.0], [7.0]]]))[0][..., 0]
+        Array([[2., 6.]], dtype=float32)
     """
     return _pool(1, "avg", window, stride, padding)
 
@@ -325,7 +346,12 @@ def _global_pool(kind: str, reduce, keepdims: bool) -> Layer:
 
 def global_avg_pool(keepdims: bool = False) -> Layer:
     """Mean over all spatial axes: (batch, *spatial, C) -> (batch, C)
-    (or (batch, 1, ..., 1, C) with ``keepdims=True``)."""
+    (or (batch, 1, ..., 1, C) with ``keepdims=True``).
+
+    Examples:
+        >>> nn.global_avg_pool().init(jax.random.key(0), (1, 7, 7, 64))[2]
+        (1, 64)
+    """
     return _global_pool("avg", jnp.mean, keepdims)
 
 

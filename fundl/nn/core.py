@@ -31,7 +31,23 @@ Shape = tuple
 
 
 class Layer(NamedTuple):
-    """A layer: two pure functions and a default name used by combinators."""
+    """A layer: two pure functions and a default name used by combinators.
+
+    * ``init(key, input_shape) -> (params, state, output_shape)``: ``input_shape``
+      includes the batch axis; ``params`` and ``state`` are nested dicts of arrays
+      (``{}`` when there are none).
+    * ``apply(params, state, x, *, key=None, train=False) -> (y, new_state)``: pure;
+      ``x`` may have any batch size.
+
+    Examples:
+        >>> layer = nn.dense(3)
+        >>> params, state, out_shape = layer.init(jax.random.key(0), (1, 4))
+        >>> jax.tree.map(jnp.shape, params), state, out_shape
+        ({'b': (3,), 'w': (4, 3)}, {}, (1, 3))
+        >>> y, new_state = layer.apply(params, state, jnp.ones((5, 4)))
+        >>> y.shape
+        (5, 3)
+    """
 
     init: Callable[..., tuple[Params, State, Any]]
     apply: Callable[..., tuple[Any, State]]
@@ -62,7 +78,16 @@ class LayerError(ValueError):
 
 
 class ShapeError(LayerError):
-    """An input whose shape or rank does not fit the layer."""
+    """An input whose shape or rank does not fit the layer.
+
+    Examples:
+        >>> model = nn.serial(nn.named("encoder", nn.serial(nn.dense(8))))
+        >>> params, state, _ = model.init(jax.random.key(0), (1, 4))
+        >>> model.apply(params, state, jnp.ones((2, 5)))
+        Traceback (most recent call last):
+        ...
+        fundl.nn.core.ShapeError: at layer 'encoder/dense_0': expected input of shape (..., 4), got shape (2, 5)
+    """
 
 
 class ParamsError(LayerError):
@@ -218,7 +243,16 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
     Children are named ``<layer name>_<k>`` with ``k`` counting per layer
     kind (``dense_0``, ``relu_0``, ``dense_1``); wrap a child in
-    :func:`named` to choose its name.
+    :func:`named` to choose its name.  Each child gets its own key
+    (``fold_in(key, index)``) at ``init`` and ``apply``.
+
+    Examples:
+        >>> model = nn.serial(nn.dense(8), nn.relu, nn.dense(2))
+        >>> params, state, out_shape = model.init(jax.random.key(0), (1, 4))
+        >>> sorted(params), out_shape
+        (['dense_0', 'dense_1'], (1, 2))
+        >>> model.apply(params, state, jnp.ones((3, 4)))[0].shape
+        (3, 2)
     """
     names = _child_names(layers)
 
@@ -245,7 +279,13 @@ def serial(*layers: Layer, name: str = "serial") -> Layer:
 
 
 def named(name: str, layer: Layer) -> Layer:
-    """The same layer under a chosen name (used as is by combinators)."""
+    """The same layer under a chosen name (used as is by combinators, without ``_<k>``).
+
+    Examples:
+        >>> model = nn.serial(nn.named("encoder", nn.dense(8)), nn.dense(2))
+        >>> sorted(model.init(jax.random.key(0), (1, 4))[0])
+        ['dense_0', 'encoder']
+    """
     return layer._replace(name=name, auto_name=False)
 
 
@@ -257,6 +297,11 @@ def parallel(*layers: Layer, merge: str = "tuple", axis: int = -1, name: str = "
 
     ``merge="tuple"`` returns a tuple of outputs, ``"add"`` their sum and
     ``"concat"`` their concatenation along ``axis``.
+
+    Examples:
+        >>> branches = nn.parallel(nn.dense(3), nn.dense(5), merge="concat")
+        >>> branches.init(jax.random.key(0), (1, 4))[2]
+        (1, 8)
     """
     if merge not in _MERGES:
         raise ValueError(f"merge must be one of {_MERGES}, got {merge!r}")
@@ -305,7 +350,16 @@ def parallel(*layers: Layer, merge: str = "tuple", axis: int = -1, name: str = "
 
 
 def residual(*layers: Layer, name: str = "residual") -> Layer:
-    """``x + serial(*layers)(x)``; the branch must keep the input's shape."""
+    """``x + serial(*layers)(x)``; the branch must keep the input's shape.
+
+    The params are the branch's (``serial``'s children, not nested further).
+
+    Examples:
+        >>> block = nn.residual(nn.dense(4), nn.relu)
+        >>> params, state, out_shape = block.init(jax.random.key(0), (1, 4))
+        >>> jax.tree.map(jnp.shape, params), out_shape
+        ({'dense_0': {'b': (4,), 'w': (4, 4)}}, (1, 4))
+    """
     body = named("body", serial(*layers))
 
     def init(key, input_shape):
@@ -325,7 +379,13 @@ def residual(*layers: Layer, name: str = "residual") -> Layer:
 
 
 def elementwise(fn: Callable, name: str) -> Layer:
-    """A parameter-free layer applying ``fn`` to every element."""
+    """A parameter-free layer applying ``fn`` to every element (the activations are built so).
+
+    Examples:
+        >>> square = nn.elementwise(jnp.square, "square")
+        >>> square.apply({}, {}, jnp.array([1.0, 2.0, 3.0]))[0]
+        Array([1., 4., 9.], dtype=float32)
+    """
 
     def init(key, input_shape):
         return {}, {}, tuple(input_shape)
@@ -340,6 +400,11 @@ def lambda_layer(fn: Callable, name: str = "lambda") -> Layer:
     """A parameter-free layer from any shape-polymorphic function ``fn(x)``.
 
     The output shape is found by tracing ``fn`` with ``jax.eval_shape``.
+
+    Examples:
+        >>> mean_over_time = nn.lambda_layer(lambda x: x.mean(axis=1), "mean_over_time")
+        >>> mean_over_time.init(jax.random.key(0), (1, 10, 3))[2]
+        (1, 3)
     """
 
     def init(key, input_shape):
@@ -357,6 +422,13 @@ def abstract_init(layer: Layer, input_shape) -> tuple[Params, State, Any]:
 
     Costs no FLOPs and no memory, so it serves as a shape checker, a
     parameter counter and a structure reference for any model size.
+
+    Examples:
+        >>> params, state, out_shape = nn.abstract_init(models.mlp([512], 10), (1, 784))
+        >>> sum(p.size for p in jax.tree.leaves(params)), out_shape
+        (407050, (1, 10))
+        >>> params["dense_0"]["w"]
+        ShapeDtypeStruct(shape=(784, 512), dtype=float32)
     """
     box = {}
 

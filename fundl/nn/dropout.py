@@ -10,8 +10,17 @@ def dropout(rate: float) -> Layer:
     """Zero each element with probability ``rate`` in training, scale the rest
     by ``1 / (1 - rate)``; the identity when ``train=False``.
 
-    Training mode needs a PRNG ``key``; calling without one is an error, not
-    a silent no-op.
+    Training mode needs a PRNG ``key``; calling without one is an error
+    (:class:`~fundl.nn.KeyMissingError`), not a silent no-op.  Any shape; no params.
+
+    Examples:
+        >>> drop = nn.dropout(0.5)
+        >>> params, state, _ = drop.init(jax.random.key(0), (1, 4))
+        >>> y, _ = drop.apply(params, state, jnp.ones((2, 4)), key=jax.random.key(1), train=True)
+        >>> sorted(set(y.ravel().tolist()))          # dropped, or kept and scaled by 1 / (1 - 0.5)
+        [0.0, 2.0]
+        >>> drop.apply(params, state, jnp.ones((2, 4)))[0].sum()   # train=False: the identity
+        Array(8., dtype=float32)
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate is the drop probability and must be in [0, 1), got {rate}")

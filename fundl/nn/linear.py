@@ -15,6 +15,12 @@ def dense(features: int, *, use_bias: bool = True, w_init=None, b_init=None,
 
     Params: ``w`` of shape (in, features), ``b`` of shape (features,).
     Default init: LeCun normal weights, zero bias.
+
+    Examples:
+        >>> layer = nn.dense(3)
+        >>> params, state, out_shape = layer.init(jax.random.key(0), (1, 5, 4))
+        >>> jax.tree.map(jnp.shape, params), out_shape
+        ({'b': (3,), 'w': (4, 3)}, (1, 5, 3))
     """
     if not isinstance(features, int) or features <= 0:
         raise ValueError(f"dense: features must be a positive int, got {features!r}")
@@ -48,8 +54,16 @@ def dense(features: int, *, use_bias: bool = True, w_init=None, b_init=None,
 def embedding(num_embeddings: int, features: int, *, w_init=None, dtype=jnp.float32) -> Layer:
     """Look up rows of a table ``w`` (num_embeddings, features) by integer ids.
 
-    Ids outside ``[0, num_embeddings)`` are clipped by JAX's gather semantics
-    (use ``fundl.nn.check_ids`` outside ``jit`` to validate them).
+    Ids of any shape ``(B, ...)`` give ``(B, ..., features)``.  Ids are not
+    checked under ``jit``: following ``jnp.take``, an id ``>= num_embeddings``
+    gives a row of NaN and a negative id counts from the end, so validate ids
+    on the host if they may be out of range.
+
+    Examples:
+        >>> layer = nn.embedding(100, 8)
+        >>> params, state, out_shape = layer.init(jax.random.key(0), (2, 5))
+        >>> params["w"].shape, out_shape
+        ((100, 8), (2, 5, 8))
     """
     w_init = w_init or initializers.normal(1.0)
 
@@ -65,7 +79,12 @@ def embedding(num_embeddings: int, features: int, *, w_init=None, dtype=jnp.floa
 
 
 def flatten() -> Layer:
-    """Flatten all axes after the batch axis: (B, ...) -> (B, prod(...))."""
+    """Flatten all axes after the batch axis: (B, ...) -> (B, prod(...)).
+
+    Examples:
+        >>> nn.flatten().init(jax.random.key(0), (1, 28, 28, 1))[2]
+        (1, 784)
+    """
 
     def check(shape):
         if len(shape) < 2:
@@ -85,7 +104,12 @@ def flatten() -> Layer:
 
 
 def reshape(shape) -> Layer:
-    """Reshape the per-example axes to ``shape`` (the batch axis is kept)."""
+    """Reshape the per-example axes to ``shape`` (the batch axis is kept; ``-1`` allowed).
+
+    Examples:
+        >>> nn.reshape((4, 4, 1)).init(jax.random.key(0), (2, 16))[2]
+        (2, 4, 4, 1)
+    """
     shape = tuple(shape)
 
     def out_shape(input_shape):

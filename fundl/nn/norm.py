@@ -57,6 +57,12 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
     ``LayerNorm(C)`` and ``layer_norm((-2, -1))`` is ``LayerNorm((H, C))``.
     Axes count from the full input, batch axis included (negative axes are
     the natural choice); the batch axis itself cannot be normalised over.
+
+    Examples:
+        >>> ln = nn.layer_norm()
+        >>> params, state, out_shape = ln.init(jax.random.key(0), (1, 10))
+        >>> jax.tree.map(jnp.shape, params), out_shape
+        ({'bias': (10,), 'scale': (10,)}, (1, 10))
     """
     name = "layer_norm"
     axis = axis if isinstance(axis, int) else tuple(axis)
@@ -152,6 +158,17 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
     (global mean first, then the global mean of squared deviations), which
     costs a second small ``pmean`` but avoids the cancellation of
     ``E[x^2] - E[x]^2``.
+
+    Examples:
+        >>> bn = nn.batch_norm()
+        >>> params, state, _ = bn.init(jax.random.key(0), (1, 3))
+        >>> x = jnp.array([[0.0, 1.0, 2.0], [2.0, 3.0, 6.0]])
+        >>> y, state = bn.apply(params, state, x, train=True)   # keep the returned state
+        >>> y.round(3)
+        Array([[-1., -1., -1.],
+               [ 1.,  1.,  1.]], dtype=float32)
+        >>> state["mean"]                                       # 0.9 * 0 + 0.1 * batch mean
+        Array([0.1, 0.2, 0.4], dtype=float32)
     """
     name = "batch_norm"
     if not 0.0 <= momentum <= 1.0:
@@ -227,6 +244,12 @@ def group_norm(num_groups: int, eps: float = 1e-5, use_scale: bool = True, use_b
     and there is no state, so unlike :func:`batch_norm` the examples of a
     batch never interact: the layer to use where per-example gradients
     (``fundl.transforms.per_example_grads``, DP-SGD) are needed.
+
+    Examples:
+        >>> gn = nn.group_norm(4)                    # 16 channels in 4 groups of 4
+        >>> params, state, out_shape = gn.init(jax.random.key(0), (1, 28, 28, 16))
+        >>> jax.tree.map(jnp.shape, params), state, out_shape
+        ({'bias': (16,), 'scale': (16,)}, {}, (1, 28, 28, 16))
     """
     name = "group_norm"
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:

@@ -26,6 +26,20 @@ def summary(model: Layer, input_shape, *, print_fn=print) -> int:
     layers count their children); return the model's total parameter count.
 
     Runs ``init`` abstractly (``jax.eval_shape``): no FLOPs, any model size.
+    ``input_shape`` includes the batch axis.
+
+    Examples:
+        >>> total = nn.summary(nn.serial(nn.dense(8), nn.relu, nn.dense(2)), (1, 4))
+        layer    output shape        params
+        -----------------------------------
+        dense_0  (1, 8)                  40
+        relu_0   (1, 8)                   0
+        dense_1  (1, 2)                  18
+        -----------------------------------
+        input (1, 4) -> output (1, 2)
+        total params: 58
+        >>> total
+        58
     """
     with record_shapes() as rows:
         params, state, out_shape = abstract_init(model, tuple(input_shape))

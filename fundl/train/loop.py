@@ -47,7 +47,19 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
 
     The final short batch is padded to ``batch_size`` and masked, so one
     compiled shape serves the whole set.  ``eval_fn`` is a compiled
-    ``make_eval_step`` (``placement.compile_eval``).
+    ``make_eval_step`` (``placement.compile_eval``).  ``arrays`` is a split,
+    ``{"x": (N, ...), "y": (N,)}``; returns ``{"loss": ..., "accuracy": ...}``
+    (the eval step's metrics) as Python floats.
+
+    Examples:
+        >>> from fundl.train.loop import evaluate
+        >>> from fundl.train.step import make_eval_step
+        >>> model = models.mlp([8], 3)
+        >>> params, model_state, _ = model.init(jax.random.key(0), (1, 4))
+        >>> test = {"x": np.ones((250, 4), np.float32), "y": np.zeros(250, np.int32)}
+        >>> means = evaluate(jax.jit(make_eval_step(model)), params, model_state, test, batch_size=100)
+        >>> sorted(means)                                   # over 100 + 100 + 50 (padded) examples
+        ['accuracy', 'loss']
     """
     placement = placement or SingleDevice()
     n = len(arrays["y"])
@@ -72,6 +84,14 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the trained state, every logged record and the timings.
+
+    ``history`` holds the records also written to ``metrics.jsonl`` (dicts with
+    ``step``, ``epoch``, ``split`` and the metrics); ``final_eval`` is the last
+    ``"eval"`` record (``{}`` without ``eval_fn``); ``steps_per_call`` and
+    ``unroll`` are what ``"auto"`` resolved to.
+    """
+
     state: object
     history: list = field(default_factory=list)   # every logged record
     final_eval: dict = field(default_factory=dict)
@@ -142,6 +162,24 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
 
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
     step boundary and raise :class:`TrainingInterrupted`.
+
+    Returns a :class:`FitResult`.  The guide docs/training.md shows ``fit`` with
+    evaluation, a run directory and checkpoints.
+
+    Examples:
+        >>> from fundl.data import Loader
+        >>> from fundl.train.loop import fit
+        >>> from fundl.train.optim import make_optimizer
+        >>> from fundl.train.state import create_train_state
+        >>> from fundl.train.step import make_train_step
+        >>> model, opt = models.mlp([8], 3), make_optimizer("adam", 1e-2)
+        >>> state = create_train_state(model, opt, jax.random.key(0), (1, 4))
+        >>> rng = np.random.default_rng(0)
+        >>> train = {"x": rng.normal(size=(256, 4)).astype(np.float32), "y": rng.integers(0, 3, 256).astype(np.int32)}
+        >>> loader = Loader(train, batch_size=32, drop_last=True)
+        >>> result = fit(state, make_train_step(model, opt), loader, num_steps=20, log_every=10, progress=False)
+        >>> int(result.state.step), [r["step"] for r in result.history]
+        (20, [10, 20])
     """
     if nan_policy not in ("stop", "skip", "ignore"):
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")

@@ -36,6 +36,19 @@ from flax import struct
 
 @struct.dataclass
 class LossScale:
+    """The dynamic loss scale: a pytree of two scalars, with the rule's settings as static fields.
+
+    ``scale`` (float32) multiplies the loss; ``good_steps`` (int32) counts consecutive
+    finite steps since the scale last changed.  Build it with :meth:`create`.
+
+    Examples:
+        >>> ls = LossScale.create()
+        >>> float(ls.scale), int(ls.good_steps)
+        (32768.0, 0)
+        >>> float(update(ls, jnp.array(False)).scale)     # a non-finite step halves it
+        16384.0
+    """
+
     scale: jax.Array       # float32 scalar
     good_steps: jax.Array  # int32 scalar: consecutive finite steps since the last change
     growth_interval: int = struct.field(pytree_node=False, default=2000)
@@ -45,6 +58,7 @@ class LossScale:
     @classmethod
     def create(cls, scale: float = 2.0**15, *, growth_interval: int = 2000, factor: float = 2.0,
                min_scale: float = 1.0) -> "LossScale":
+        """A fresh scale (``good_steps`` 0); the defaults are jmp's and GradScaler's rule."""
         if scale <= 0 or factor <= 1 or growth_interval < 1 or min_scale <= 0:
             raise ValueError("LossScale needs scale > 0, factor > 1, growth_interval >= 1 and min_scale > 0; "
                              f"got scale={scale}, factor={factor}, growth_interval={growth_interval}, "
@@ -54,10 +68,12 @@ class LossScale:
 
 
 def scale_loss(ls: LossScale, loss):
+    """``loss * scale``, in the loss's dtype: differentiate this instead of the loss."""
     return loss * ls.scale.astype(loss.dtype)
 
 
 def unscale(ls: LossScale, grads):
+    """The gradients of the scaled loss divided by ``scale``: the true gradients."""
     return jax.tree.map(lambda g: g / ls.scale.astype(g.dtype), grads)
 
 

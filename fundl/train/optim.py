@@ -16,18 +16,30 @@ import optax
 from fundl.config import ConfigError
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "piecewise")
+"""The schedule names ``make_schedule`` (and ``[schedule] name``) accept."""
 
 
 def make_schedule(learning_rate: float, total_steps: int, *, name: str = "constant",
                   warmup_steps: int = 0, end_value: float = 0.0, decay_rate: float = 0.1,
                   transition_steps: int = 0, staircase: bool = False,
                   boundaries: list | tuple = (), scales: list | tuple = ()) -> optax.Schedule:
-    """A learning-rate schedule ``step -> lr``.
+    """A learning-rate schedule ``step -> lr`` (an ``optax.Schedule``), by ``name``:
 
-    constant | cosine (to ``end_value`` over ``total_steps``) | warmup_cosine
-    (linear warm-up for ``warmup_steps`` then cosine) | exponential (multiply by
-    ``decay_rate`` every ``transition_steps``, default ``total_steps``) |
-    piecewise (multiply by ``scales[i]`` at ``boundaries[i]``).
+    * ``"constant"``: ``learning_rate`` throughout;
+    * ``"cosine"``: cosine decay to ``end_value`` over ``total_steps``;
+    * ``"warmup_cosine"``: linear warm-up from 0 for ``warmup_steps``, then cosine;
+    * ``"exponential"``: multiply by ``decay_rate`` every ``transition_steps``
+      (default ``total_steps``), smoothly unless ``staircase``;
+    * ``"piecewise"``: multiply by ``scales[i]`` from step ``boundaries[i]`` on.
+
+    Examples:
+        >>> from fundl.train.optim import make_schedule
+        >>> lr = make_schedule(0.1, 100, name="cosine")
+        >>> [round(float(lr(t)), 4) for t in (0, 50, 100)]
+        [0.1, 0.05, 0.0]
+        >>> lr = make_schedule(1.0, 100, name="piecewise", boundaries=[50], scales=[0.1])
+        >>> [round(float(lr(t)), 4) for t in (49, 50)]
+        [1.0, 0.1]
     """
     total_steps = max(int(total_steps), 1)
     if name == "constant":
@@ -51,6 +63,7 @@ def make_schedule(learning_rate: float, total_steps: int, *, name: str = "consta
 # any optax optimiser; this list is what the config promises to get right.
 OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
               "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
+"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
 
 
 def _optax_factory(name: str):
@@ -100,6 +113,15 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
 
     ``accumulate_steps = k > 1`` wraps it all in ``optax.MultiSteps``: the
     gradients of k micro-batches are averaged and applied once.
+
+    Examples:
+        >>> from fundl.train.optim import make_optimizer, make_schedule
+        >>> opt = make_optimizer("adamw", 1e-3, weight_decay=1e-4, clip_norm=1.0)
+        >>> opt = make_optimizer("sgd", make_schedule(0.1, 1000, name="cosine"), momentum=0.9)
+        >>> make_optimizer("adam", 1e-3, momentum=0.9)
+        Traceback (most recent call last):
+        ...
+        ValueError: optax.adam does not accept ['momentum']; it accepts [...]
     """
     accepted = _takes(name)
     unknown = sorted(set(options) - accepted)

@@ -37,9 +37,11 @@ from fundl.train import loss_scale as ls_lib
 from fundl.train.state import TrainState, is_prng_key, uses_dynamic_loss_scale
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+"""The compute dtypes by name (``training.compute_dtype``)."""
 
 
 def resolve_dtype(dtype):
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or a dtype) as a JAX scalar type."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"compute dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -85,6 +87,22 @@ def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
 
     ``compute_dtype``/``loss_scale``: see the module docstring; float16 with
     ``loss_scale`` None or 0 scales dynamically and reads ``state.loss_scale``.
+
+    The step key is ``fold_in(base_key, state.step)`` (and the device index
+    under ``axis_name``), so dropout masks depend only on the run's key and the
+    step number.  Jit it, with ``donate_argnums=0`` to reuse the state's buffers.
+
+    Examples:
+        >>> from fundl.train.optim import make_optimizer
+        >>> from fundl.train.state import create_train_state
+        >>> from fundl.train.step import make_train_step
+        >>> model, opt = models.mlp([8], 3), make_optimizer("adam", 1e-3)
+        >>> state = create_train_state(model, opt, jax.random.key(0), (1, 4))
+        >>> step = jax.jit(make_train_step(model, opt), donate_argnums=0)
+        >>> batch = {"x": jnp.ones((16, 4)), "y": jnp.zeros((16,), jnp.int32)}
+        >>> state, metrics = step(state, batch)
+        >>> int(state.step), sorted(metrics)
+        (1, ['accuracy', 'loss'])
     """
     metrics_fn = classification_metrics() if metrics_fn is None else metrics_fn
     compute_dtype = resolve_dtype(compute_dtype)
@@ -139,7 +157,18 @@ def make_eval_step(model: Layer, loss_fn: Callable = softmax_cross_entropy,
 
     ``batch`` may hold a ``"mask"`` (1 for real examples, 0 for padding), so
     a short final batch can be padded to the compiled shape.  Returns sums of
-    ``loss`` and of every metric over real elements, and their ``count``.
+    ``loss`` and of every metric over real elements, and their ``count``;
+    :func:`fundl.train.loop.evaluate` turns them into exact means over a split.
+
+    Examples:
+        >>> from fundl.train.step import make_eval_step
+        >>> model = models.mlp([8], 3)
+        >>> params, model_state, _ = model.init(jax.random.key(0), (1, 4))
+        >>> mask = jnp.array([1.0] * 10 + [0.0] * 6)                  # 10 real rows, 6 padding
+        >>> batch = {"x": jnp.ones((16, 4)), "y": jnp.zeros((16,), jnp.int32), "mask": mask}
+        >>> sums = jax.jit(make_eval_step(model))(params, model_state, batch)
+        >>> sorted(sums), float(sums["count"])
+        (['accuracy', 'count', 'loss'], 10.0)
     """
     metrics_fn = classification_metrics() if metrics_fn is None else metrics_fn
     compute_dtype = resolve_dtype(compute_dtype)
@@ -202,6 +231,7 @@ def step_family(train_step, state, batch, *, axis_name: str | None = None) -> st
 # MNIST-1D CNN, +3.4 s for 10) cancels its 10-20% faster steps over a 6000-step run;
 # recurrent steps (25 ms each) gain nothing measurable from fusion.
 AUTO_STEPS_PER_CALL = {"conv": 1, "dense": 10, "recurrent": 1}
+"""Optimiser steps per dispatch that ``steps_per_call="auto"`` picks, by :func:`step_family`."""
 
 
 def resolve_fusion(steps_per_call, unroll, family: str) -> tuple[int, bool | int]:
