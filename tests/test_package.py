@@ -17,7 +17,7 @@ def test_import_is_light():
 
 def test_readme_example_runs_and_prints_what_it_claims():
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"## Fifteen lines\n\n```python\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"## Pure functions, plain pytrees\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert len(block.strip().splitlines()) <= 15
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "'dense_0': {'b': (128,), 'w': (784, 128)}" in out
