@@ -34,4 +34,4 @@ docs: $(STAMP)
 	$(BIN)/python -m mkdocs build --strict -d site
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
