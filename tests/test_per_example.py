@@ -127,3 +127,13 @@ def test_batch_norm_with_frozen_statistics_is_allowed():
 def test_batch_axis_must_agree():
     with pytest.raises(ValueError, match="same leading"):
         per_example_grads(lambda p, b: jnp.sum(p * b["x"]), jnp.ones(3), {"x": jnp.ones((4, 3)), "y": jnp.ones(5)})
+
+
+def test_global_norms_is_each_examples_norm_over_the_whole_tree():
+    """Exported from fundl.transforms: one L2 norm per example over every leaf of the tree."""
+    from fundl.transforms import global_norms
+
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(3, 4, 5)).astype(np.float32), "b": {"c": rng.normal(size=(3, 2)).astype(np.float32)}}
+    want = [np.sqrt(np.sum(grads["a"][i] ** 2) + np.sum(grads["b"]["c"][i] ** 2)) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(global_norms(grads)), want, rtol=1e-6)
