@@ -18,10 +18,18 @@ Layouts (all compute the same function):
   hoisted   ``x @ W_ih`` for all steps before the scan, ``h @ W_hh`` inside
 each with ``unroll`` in {1, 2, 4}.  The last rows time ``fundl.nn.lstm``/``gru``
 with their default settings, so the library's choice is measured too.
+
+``--forward`` times the recurrent forward pass alone (``jit(run)``) instead of
+the training step; ``--hlo`` prints, per variant, how many loop fusions of the
+compiled program XLA:CPU splits into parallel tasks
+(``outer_dimension_partitions`` in the optimised HLO), the measurement behind
+docs/benchmarks.md's "LSTM: where the hoisted input projection loses" (run it
+also under ``taskset -c 0`` and with ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false``).
 """
 
 import argparse
 import os
+import re
 import statistics
 import time
 
@@ -157,6 +165,24 @@ def make_step(init, run, args, H):
     xs = jax.random.normal(k3, (args.steps, args.batch, args.features))
     ys = jax.random.randint(k3, (args.batch,), 0, 10)
 
+    if args.forward:  # the recurrent forward pass alone
+        forward = jax.jit(run)
+        rnn_params = params["rnn"]
+        if args.hlo:
+            hlo = forward.lower(rnn_params, xs).compile().as_text()
+            split = re.findall(r'kind=kLoop[^\n]*outer_dimension_partitions":\["([0-9]+)"\]', hlo)
+            print(f"  HLO: {sum(int(n) > 1 for n in split)} loop fusions split into parallel tasks")
+        jax.block_until_ready(forward(rnn_params, xs))
+
+        def timed_forward(n):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = forward(rnn_params, xs)
+            jax.block_until_ready(out)
+            return n / (time.perf_counter() - t0)
+
+        return timed_forward
+
     def loss_fn(p):
         h = run(p["rnn"], xs)
         logits = h @ p["head"]["w"] + p["head"]["b"]
@@ -195,6 +221,8 @@ def main():
     ap.add_argument("--layouts", default="fused,separate,hoisted")
     ap.add_argument("--unrolls", default="1,2,4")
     ap.add_argument("--no-fundl", action="store_true", help="skip timing fundl's own layers")
+    ap.add_argument("--forward", action="store_true", help="time the recurrent forward pass alone, not a train step")
+    ap.add_argument("--hlo", action="store_true", help="with --forward: count loop fusions split into parallel tasks")
     args = ap.parse_args()
     F, H = args.features, args.hidden
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, "
@@ -207,6 +235,8 @@ def main():
         make = make_lstm if cell == "lstm" else make_gru
         for layout in args.layouts.split(","):
             for unroll in map(int, args.unrolls.split(",")):
+                if args.hlo:
+                    print(f"{cell} {layout} unroll {unroll}:")
                 variants.append((cell, layout, str(unroll), make_step(*make(layout, unroll, F, H), args, H)))
         if not args.no_fundl:
             variants.append((cell, "fundl", "dflt", make_step(*make_fundl(cell, F, H), args, H)))
@@ -215,7 +245,7 @@ def main():
         for cell, layout, unroll, timed in variants:
             rates[(cell, layout, unroll)].append(timed(args.iters))
     print(f"load average at end {os.getloadavg()[0]:.1f} (compare figures only from an idle machine)")
-    print(f"{'cell':5} {'layout':9} {'unroll':>6} {'steps/s':>8} {'(min-max)':>15}")
+    print(f"{'cell':5} {'layout':9} {'unroll':>6} {'calls/s' if args.forward else 'steps/s':>8} {'(min-max)':>15}")
     for (cell, layout, unroll), r in rates.items():
         print(f"{cell:5} {layout:9} {unroll:>6} {statistics.median(r):8.1f} "
               f"({min(r):6.1f}-{max(r):6.1f})")

@@ -255,20 +255,20 @@ def group_norm(num_groups: int, eps: float = 1e-5, use_scale: bool = True, use_b
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
 
-    def check(shape, c):
-        if len(shape) < 2 or shape[-1] != c:
-            raise ShapeError(f"{name} expected input of shape (batch, ..., {c}) (rank >= 2), "
+    def check(shape, c=None) -> int:
+        """The channel count of ``shape``: rank >= 2, ``c`` channels if given, divisible into the groups."""
+        if len(shape) < 2 or (c is not None and shape[-1] != c):
+            want = f"(batch, ..., {c})" if c is not None else "(batch, ..., channels)"
+            raise ShapeError(f"{name} expected input of shape {want} (rank >= 2), "
                              f"got shape {_fmt(shape)} (rank {len(shape)})")
+        if shape[-1] % num_groups:
+            raise ShapeError(f"{name}({num_groups}): the {shape[-1]} channels of input shape {_fmt(shape)} "
+                             f"do not split into {num_groups} groups; use a num_groups that divides {shape[-1]}")
+        return shape[-1]
 
     def init(key, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) < 2:
-            raise ShapeError(f"{name} expects an input shape (batch, ..., channels) of rank >= 2, "
-                             f"got {_fmt(input_shape)}")
-        c = input_shape[-1]
-        if c % num_groups:
-            raise ShapeError(f"{name}({num_groups}): the {c} channels of input shape {_fmt(input_shape)} "
-                             f"do not split into {num_groups} groups; use a num_groups that divides {c}")
+        c = check(input_shape)
         params = {}
         if use_scale:
             params["scale"] = jnp.ones((c,), dtype)
@@ -278,15 +278,8 @@ def group_norm(num_groups: int, eps: float = 1e-5, use_scale: bool = True, use_b
 
     def apply(params, state, x, *, key=None, train=False):
         shape = tuple(jnp.shape(x))
-        if use_scale or use_bias:
-            check(shape, jnp.shape(get_param(params, "scale" if use_scale else "bias"))[0])
-        elif len(shape) < 2:
-            raise ShapeError(f"{name} expected input of shape (batch, ..., channels) (rank >= 2), "
-                             f"got shape {_fmt(shape)} (rank {len(shape)})")
-        c = shape[-1]
-        if c % num_groups:
-            raise ShapeError(f"{name}({num_groups}): the {c} channels of input shape {_fmt(shape)} "
-                             f"do not split into {num_groups} groups")
+        affine = "scale" if use_scale else "bias" if use_bias else None
+        c = check(shape, jnp.shape(get_param(params, affine))[0] if affine else None)
         x32 = x.astype(_stat_dtype(x.dtype))
         g = x32.reshape(shape[:-1] + (num_groups, c // num_groups))
         axes = tuple(range(1, len(shape) - 1)) + (len(shape),)  # spatial axes and the channels of a group
