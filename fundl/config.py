@@ -135,7 +135,7 @@ CHOICE_OR_INT = {("model", "padding")}
 
 POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
-            ("optimizer", "accumulate_steps"), ("model", "kernel_size"), ("model", "stride"),
+            ("optimizer", "accumulate_steps"), ("model", "stride"),
             ("training", "ensemble"), ("parallel", "member_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
             ("privacy", "clip_norm"), ("privacy", "delta")}

@@ -64,12 +64,15 @@ def config_schema() -> str:
         out += [f"### `[{section}]`", "", "| key | default | allowed | on resume | meaning |",
                 "|---|---|---|---|---|"]
         for key, default in entries.items():
-            if (section, key) in cfg.CHOICES:
+            if (section, key) in cfg.INT_OR_INT_LIST:
+                allowed = "int > 0, or a list of them"
+            elif (section, key) in cfg.CHOICES:
                 allowed = " ".join(f"`{cfg.toml_value(c)}`" for c in cfg.CHOICES[section, key])
+                allowed += " or an int ≥ 0" if (section, key) in cfg.CHOICE_OR_INT else ""
             elif (section, key) in cfg.AUTO_OR_INT:
                 allowed = '`"auto"` or an int' + (" ≥ 0" if (section, key) in cfg.NON_NEGATIVE else " > 0")
             else:
-                kind = {bool: "bool", int: "int", float: "float", str: "string", list: "list"}[type(default)]
+                kind = cfg._type_name(default)   # the name config errors use
                 bound = " > 0" if (section, key) in cfg.POSITIVE else " ≥ 0" if (section, key) in cfg.NON_NEGATIVE else ""
                 allowed = kind + bound
             try:
