@@ -29,3 +29,23 @@ def test_public_api_is_small_and_importable():
     assert len(fundl.__all__) <= 15
     for name in fundl.__all__:
         assert getattr(fundl, name) is not None
+
+
+def test_the_one_screen_mnist_model_reaches_the_accuracy_the_readme_claims():
+    """README "fundl in one screen": the Keras/PyTorch quickstart MLP, 5 epochs, prints >= 97.5%
+    (the figure its comment and the config table quote); skipped only when MNIST is not on this machine."""
+    import pytest
+
+    from fundl.data import mnist
+
+    try:
+        mnist.locate("mnist")
+    except FileNotFoundError as e:
+        pytest.skip(f"MNIST files not here: {e}")
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## fundl in one screen\n.*?<!-- needs data: [^>]*-->\n```python\n(.*?)```", readme, re.S)
+    out = subprocess.run([sys.executable, "-c", block.group(1)], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    accuracy = float(re.search(r"test accuracy (\d\.\d+)", out).group(1))
+    claimed = float(re.search(r"# (0\.\d{4})", block.group(1)).group(1))
+    assert accuracy >= 0.975 and abs(accuracy - claimed) <= 0.002, (accuracy, claimed)
