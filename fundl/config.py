@@ -81,6 +81,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "log_every": 50,          # steps between host transfers of metrics
         "checkpoint_every": 0,    # steps between checkpoints (0: only at the end)
         "keep_checkpoints": 3,
+        "async_checkpoints": True,  # write checkpoints in the background while training goes on
         "resume": False,          # continue from the run directory's latest checkpoint
         "compute_dtype": "float32",  # float32 | bfloat16 | float16
         "loss_scale": 0.0,        # 0: the dtype's default (float16 needs one)
@@ -92,9 +93,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "sweep": [],              # ["section.key=v1,v2,..."]: one member per point (fundl/sweeps.py)
     },
     "parallel": {
-        "mode": "none",           # none | pmap | sharding
+        "mode": "none",           # none | pmap | sharding | fsdp (parameters and optimiser state split too)
         "devices": 0,             # 0: all local devices
         "member_devices": 1,      # sharding + ensemble: mesh rows holding members (1: members replicated)
+        "model_devices": 1,       # fsdp: a data x model mesh with this many columns (rules may use 'model')
+        "rules": [],              # fsdp: [[REGEX, [AXIS_OR_EMPTY, ...]], ...] by tree path; first match wins
+        "fsdp_min_size": 1024,    # fsdp: leaves with fewer elements stay replicated
     },
     "logging": {
         "plots": True,            # curves.png at the end
@@ -121,7 +125,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("schedule", "name"): ("constant", "cosine", "warmup_cosine", "exponential", "piecewise"),
     ("training", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("training", "nan_policy"): ("stop", "skip", "ignore"),
-    ("parallel", "mode"): ("none", "pmap", "sharding"),
+    ("parallel", "mode"): ("none", "pmap", "sharding", "fsdp"),
     ("privacy", "sampling"): ("poisson",),
     ("privacy", "accountant"): ("pld", "rdp"),
 }
@@ -136,13 +140,14 @@ CHOICE_OR_INT = {("model", "padding")}
 POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
             ("training", "steps_per_call"), ("training", "keep_checkpoints"),
             ("optimizer", "accumulate_steps"), ("model", "stride"),
-            ("training", "ensemble"), ("parallel", "member_devices"),
+            ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
             ("privacy", "clip_norm"), ("privacy", "delta")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
                 ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
+                ("parallel", "fsdp_min_size"),
                 ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier")}
 
 
@@ -332,6 +337,7 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
                  "steps": "trajectory", "nan_policy": "structure", "compute_dtype": "structure",
                  "loss_scale": "structure", "eval_batch_size": "cosmetic", "eval_every": "cosmetic",
                  "log_every": "cosmetic", "checkpoint_every": "cosmetic", "keep_checkpoints": "cosmetic",
+                 "async_checkpoints": "cosmetic",
                  "resume": "cosmetic", "steps_per_call": "cosmetic", "unroll": "cosmetic",
                  "progress": "cosmetic", "ensemble": "structure", "sweep": "structure"},
     "parallel": "cosmetic",  # every placement trains the same run (tests/test_parallel.py)

@@ -159,9 +159,25 @@ def placement_from_config(config: dict):
     one_program, _ = sweeps.in_one_program(config)
     try:
         return parallel.make_placement(p["mode"], p["devices"], members=n if n > 1 and one_program else 0,
-                                       member_devices=p["member_devices"])
+                                       member_devices=p["member_devices"], model_devices=p["model_devices"],
+                                       rules=p["rules"], min_size=p["fsdp_min_size"])
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
+
+
+def sharded_layout(placement, state) -> dict:
+    """For a placement that splits the state (fsdp): the bytes of the train state on one device
+    and in all (``{}`` otherwise).  A partition rule that does not fit a leaf is a ConfigError."""
+    from fundl.train import parallel
+
+    if not hasattr(placement, "shardings"):
+        return {}
+    try:
+        shardings = placement.shardings(state)
+    except ValueError as e:
+        raise cfg.ConfigError(str(e)) from None
+    per_device, total = parallel.state_bytes(state, shardings)
+    return {"state_bytes_per_device": per_device, "state_bytes": total}
 
 
 def open_run_dir(run_dir, config: dict, *, overwrite: bool = False) -> RunDir:
@@ -237,11 +253,13 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     # model and optimiser
     model, optimizer, state = initial_state(config, data, loader.steps_per_epoch, axis_name=placement.axis_name)
     num_params = count_params(state.params) // len(members)  # of one member
+    layout = sharded_layout(placement, state)  # fsdp: each leaf's split, checked before training
 
     # resume
     run_id = uuid.uuid4().hex[:12]
     if t["resume"]:
-        state, run_id = resume(rd, state, config, loader, allow_changes, verbose=say, new_run_id=run_id)
+        state, run_id = resume(rd, state, config, loader, allow_changes, verbose=say, new_run_id=run_id,
+                               placement=placement)
         if _step_of(state) > total:
             raise cfg.ConfigError(
                 f"cannot resume {rd.path}: its checkpoint is at step {_step_of(state)}, past the {total} steps "
@@ -265,6 +283,12 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
     if dp is not None:
         eval_fn = dp.with_epsilon(eval_fn)  # eval records in metrics.jsonl carry epsilon and delta
 
+    if say and layout:
+        print(f"fundl: fsdp: train state {layout['state_bytes_per_device'] / 2**20:.2f} MiB per device of "
+              f"{layout['state_bytes'] / 2**20:.2f} MiB ({layout['state_bytes_per_device'] / layout['state_bytes']:.2f}x)"
+              + ("; nothing is split: no float leaf has parallel.fsdp_min_size elements and a dimension divisible "
+                 f"by the {placement.data_devices} data devices" if layout['state_bytes_per_device'] ==
+                 layout['state_bytes'] and placement.data_devices > 1 else ""), flush=True)
     if say:
         who = f"{len(members)} members ({', '.join(map(_describe_member, members))}) of " if ensemble else ""
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
@@ -275,7 +299,8 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
                  keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config": config, "run_id": run_id},
                  steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
                  progress=t["progress"], placement=placement,
-                 resume_hint=f"resume with: python scripts/train.py --resume {rd.path}")
+                 resume_hint=f"resume with: python scripts/train.py --resume {rd.path}",
+                 async_checkpoints=t["async_checkpoints"])
     final = result.final_eval
     summary = {
         "final_step": total,
@@ -295,6 +320,7 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
         "run_id": run_id,
         "steps_per_call": result.steps_per_call,  # what "auto" resolved to
         "unroll": result.unroll,
+        **layout,
     }
     if result.skipped_updates is not None:
         summary["skipped_updates"] = result.skipped_updates  # nan_policy="skip"
@@ -435,9 +461,11 @@ def check_labels(data: Dataset) -> None:
 
 
 def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_changes: Sequence[str] = (), *,
-           verbose: bool = True, new_run_id: str = "") -> tuple[TrainState, str]:
+           verbose: bool = True, new_run_id: str = "", placement=None) -> tuple[TrainState, str]:
     """The state to continue from and the run's id: the newest valid checkpoint of ``rd``, restored
     into ``state`` (the template), after checking what the config changes (``fundl.train.resume``).
+    With a ``placement`` the leaves are restored straight onto its devices and shardings
+    (``placement.restore_target``; each process reads only its shards), else onto the default device.
 
     Every process must find the same checkpoint step (checked through the
     distributed runtime): a process that cannot see the run's checkpoints
@@ -471,7 +499,8 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
             f"cannot resume {where}: the data position saved in {path} does not match the one recomputed "
             f"from step {step} with the same config ({mismatch}); the data order would differ from the "
             f"saved run's. Was the dataset or fundl's loader changed?")
-    restored, _ = ckpt.restore(path, state)
+    target = placement.restore_target(state) if hasattr(placement, "restore_target") else state
+    restored, _ = ckpt.restore(path, target)
     if verbose:
         print(f"fundl: resuming from {path} (step {step})", flush=True)
     if changes and rd.writer:  # said even when quiet (on stderr): the run differs from the checkpoint's
@@ -541,10 +570,10 @@ def dp_setup(config: dict, data: Dataset, placement=None):
                               "with statistics of its whole batch, so per-example gradients (and their clipping) "
                               "are not defined; set model.batch_norm = false (nn.layer_norm / nn.group_norm "
                               "normalise per example)")
-    if config["parallel"]["mode"] == "sharding" and placement is not None and placement.num_devices > 1:
+    if config["parallel"]["mode"] in ("sharding", "fsdp") and placement is not None and placement.num_devices > 1:
         # jax 0.10.2, XLA:CPU, 4 devices: vmap(grad) of a convolution over a batch sharded on 'data' returns
         # wrong per-example kernel gradients (off by O(100) against a loop; unsharded and pmap are exact)
-        raise cfg.ConfigError("privacy.enabled with parallel.mode = 'sharding' on several devices: XLA's SPMD "
+        raise cfg.ConfigError(f"privacy.enabled with parallel.mode = '{config['parallel']['mode']}' on several devices: XLA's SPMD "
                               "partitioner computes wrong per-example gradients of convolutions here (measured "
                               "with jax 0.10.2; docs/privacy.md); use parallel.mode = 'pmap', which equals one "
                               "device")

@@ -23,6 +23,12 @@ directory); 2 a bad command line or config, or a run directory that is in
 use or holds another run; 130 / 143 stopped by SIGINT / SIGTERM after saving
 a checkpoint (resume with the command printed).
 Set FUNDL_TRACEBACK=1 to see the traceback of an error.
+
+Several processes form one run when started by ``srun`` (SLURM), ``mpirun``
+(Open MPI 4) or a Kubernetes indexed Job (JAX detects them; no flags
+needed), by ``scripts/launch_local.py``, or with ``--coordinator``,
+``--num-processes``, ``--process-id`` (see docs/parallel.md); process 0
+prints on stderr how the run was formed.
 """
 
 import argparse
@@ -90,11 +96,15 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or (args.resume if isinstance(args.resume, str) else None) \
         or str(Path("runs") / Path(config_path).stem)
 
-    try:  # multi-process set-up and fake CPU devices: before anything touches JAX devices
-        distributed.initialize(distributed.settings_from(args))
+    try:  # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
+        # before anything touches JAX devices
+        settings = distributed.initialize(distributed.settings_from(args))
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    launcher = distributed.describe_launcher(settings)
+    if launcher and settings.process_id == 0:
+        print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...
     from fundl.experiment import published_reference, report_error, run  # heavy imports after validation
     from fundl.train.signals import TrainingInterrupted
 

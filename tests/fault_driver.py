@@ -5,19 +5,18 @@
 SPEC (the process SIGKILLs itself, as a crash or the OOM killer would):
 
 * ``step=N``          just before the dispatch that takes the state from step N to N + 1;
-* ``save=N:npz``      while writing arrays.npz of checkpoint N (half the bytes written);
+* ``save=N:write``    while Orbax writes checkpoint N (its background write under way, nothing committed);
 * ``save=N:rename``   checkpoint N complete in its temporary folder, before the rename;
 * ``save=N:prune``    while deleting checkpoints beyond keep-K after saving N;
-* ``enospc=N``        writing checkpoint N fails with OSError(ENOSPC) (disk full; no kill).
+* ``enospc=N``        writing checkpoint N fails as TensorStore reports a full disk (ENOSPC; no kill).
 
 ``FUNDL_SLOW=SECONDS`` prints ``fault_driver: step N`` to stderr and sleeps
 that long before every step, so that a signal sent from outside at a random
 time lands at a random, known step.
 """
 
-import errno
-import io
 import os
+import shutil
 import signal
 import sys
 import time
@@ -74,31 +73,22 @@ def install(spec: str, slow: float) -> None:
             if isinstance(cls, type) and hasattr(cls, "compile_train") and hasattr(cls, "get_state"):
                 patch(cls)
 
+    real_wait = ckpt.Checkpointer._wait_for_orbax
     if kind == "enospc":
-        real_savez = np.savez
+        def wait(self):  # Orbax's write of checkpoint N fails the way TensorStore reports a full disk
+            real_wait(self)
+            if self.pending is not None and self.pending.name == name:
+                raise ValueError(f'DATA_LOSS: Error writing "params/w/0" in OCDBT database: Failed to write '
+                                 f"4096 bytes to file 11: No space left on device [os_error_code='28']")
 
-        def savez(file, *args, **kw):
-            if int(kw.get("step", -1)) == int(arg):
-                file.write(b"x" * 100)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_savez(file, *args, **kw)
-
-        ckpt.np.savez = savez
-    elif phase == "npz":
-        real_savez = np.savez
-
-        def savez(file, *args, **kw):
-            if int(kw.get("step", -1)) == int(arg.split(":")[0]):
-                buf = io.BytesIO()
-                real_savez(buf, *args, **kw)
-                data = buf.getvalue()
-                file.write(data[: len(data) // 2])
-                file.flush()
-                os.fsync(file.fileno())
+        ckpt.Checkpointer._wait_for_orbax = wait
+    elif phase == "write":
+        def wait(self):  # called while Orbax's threads write (async: training goes on meanwhile)
+            if self.pending is not None and self.pending.name == name:
                 die()
-            return real_savez(file, *args, **kw)
+            real_wait(self)
 
-        ckpt.np.savez = savez
+        ckpt.Checkpointer._wait_for_orbax = wait
     elif phase == "rename":
         real_replace = os.replace
 
@@ -116,7 +106,7 @@ def install(spec: str, slow: float) -> None:
             if (path.parent / name).exists():  # crash half-way through deleting an old checkpoint
                 trash = path.with_name(f".{path.name}.del-{os.getpid()}")
                 os.replace(path, trash)
-                (trash / "arrays.npz").unlink()
+                shutil.rmtree(trash / "state")
                 die()
             return real_delete(path)
 

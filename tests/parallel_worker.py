@@ -12,12 +12,13 @@ would hide gradients that are N times too large.
 
     python tests/parallel_worker.py OUT.npz MODE[:DEVICES[:K[:MODELS]]] ...
 
-MODE is none | pmap | sharding, DEVICES the local devices (0: all), K the
+MODE is none | pmap | sharding | fsdp | fsdp_tp (fsdp on a 2 x 2 data x model mesh with
+partition rules), DEVICES the local devices (0: all), K the
 fused steps per call, MODELS e.g. ``mlp+lstm`` (default: mlp, cnn_bn, lstm;
 ``mlp_dropout`` on request).  Device counts and multi-process settings come from
 the environment (FUNDL_* variables, see fundl/distributed.py).  ``bn`` as a
 MODE instead compares a pmapped batch-norm layer with one call on the global
-batch.
+batch; ``fsdp_memory`` reports XLA's memory analysis of a replicated and an FSDP step.
 """
 
 from __future__ import annotations
@@ -70,8 +71,21 @@ def data(kind: str, seed: int = 0):
     return make(NUM_TRAIN), make(NUM_TEST)
 
 
+# fsdp_tp: a 2 x 2 data x model mesh; the MLP's layers split Megatron-style by rules (the first's
+# columns, the second's rows over 'model'), every other leaf by the automatic rule over 'data'
+TP_RULES = [["dense_0/w$", ["", "model"]], ["dense_0/b$", ["model"]], ["dense_1/w$", ["model", ""]]]
+
+
+def placement_for(mode: str, devices: int):
+    if mode == "fsdp":  # every float leaf with a dimension divisible by the devices is split (tiny models)
+        return make_placement("fsdp", devices, min_size=1)
+    if mode == "fsdp_tp":
+        return make_placement("fsdp", devices, min_size=1, model_devices=2, rules=TP_RULES)
+    return make_placement(mode, devices)
+
+
 def train(kind: str, mode: str, devices: int, k: int) -> dict:
-    placement = make_placement(mode, devices)
+    placement = placement_for(mode, devices)
     axis = getattr(placement, "axis_name", None)
     model = build(kind, axis)
     opt = optax.sgd(0.05, momentum=0.9)
@@ -102,6 +116,31 @@ def train(kind: str, mode: str, devices: int, k: int) -> dict:
     out["eval_placed"] = np.array(placed["in_eval"])  # host -> device placements while evaluating in fit
     out["fit_placed"] = np.array(placed["calls"])  # ... in all of fit (put_state's, at least, on several devices)
     out["num_devices"] = np.array(placement.num_devices)
+    # params + optimiser + model state: bytes on one device, bytes of one whole copy
+    placed = placement.put_state(state)
+    out["state_bytes"] = np.array(parallel.state_bytes(placed))
+    if hasattr(placement, "shardings"):  # the spec of each leaf, as "path=spec" lines
+        out["specs"] = np.array([f"{jax.tree_util.keystr(p, simple=True, separator='/')}={tuple(x.sharding.spec)}"
+                                 for p, x in jax.tree_util.tree_flatten_with_path(placed)[0]])
+    return out
+
+
+def fsdp_memory() -> dict:
+    """XLA's memory analysis of one train step of a wider MLP with Adam: replicated state
+    (``sharding``) against FSDP, per device."""
+    model, opt = models.mlp([512, 512], 10), optax.adam(1e-3)
+    state = create_train_state(model, opt, jax.random.key(0), (1, 256))
+    batch = {"x": np.zeros((64, 256), np.float32), "y": np.zeros(64, np.int32)}
+    out = {}
+    for mode in ("sharding", "fsdp"):
+        placement = make_placement(mode)
+        placed = placement.put_state(state)
+        fn = placement.compile_train(make_train_step(model, opt))
+        m = fn.lower(placed, placement.put_batch(batch)).compile().memory_analysis()
+        out[f"{mode}/argument_bytes"] = np.array(m.argument_size_in_bytes)
+        out[f"{mode}/output_bytes"] = np.array(m.output_size_in_bytes)
+        out[f"{mode}/state_bytes"] = np.array(parallel.state_bytes(placed))
+    out["batch_bytes"] = np.array(64 * 256 * 4 // jax.device_count() + 64 * 4 // jax.device_count())
     return out
 
 
@@ -143,6 +182,9 @@ def main(argv) -> int:
     for spec in specs:
         if spec == "bn":
             results.update({f"bn/{k}": v for k, v in batch_norm_check().items()})
+            continue
+        if spec == "fsdp_memory":
+            results.update({f"fsdp_memory/{k}": v for k, v in fsdp_memory().items()})
             continue
         mode, devices, k, kinds = (spec.split(":") + ["0", "1", "+".join(DEFAULT_KINDS)][len(spec.split(":")) - 1:])[:4]
         for kind in kinds.split("+"):

@@ -1,4 +1,9 @@
-"""Checkpoints: exact round trips, atomic writes, keep-K, corruption fallback, disk full."""
+"""Checkpoints: exact round trips, atomic writes, keep-K, corruption fallback, disk full.
+
+Format 2 (an Orbax ``state/`` folder plus fundl's manifest); the Orbax-specific
+tests (async saves, shardings, format 1, a real write error) are in
+tests/test_checkpoint_orbax.py.
+"""
 
 import errno
 import os
@@ -40,6 +45,17 @@ def leaves_equal(a, b):
         assert x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def data_file(path):
+    """The biggest file under ``path/state/``: array data of the OCDBT store (not metadata)."""
+    files = [f for f in (path / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+def state_bytes(path):
+    """Every file of checkpoint ``path`` (state/ and the manifest), for checks that nothing changed."""
+    return {f.relative_to(path).as_posix(): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
 def save_steps(directory, steps=(1, 2, 3), keep=None):
     state = make_state()
     return [ckpt.save(directory, bump(state, s), step=s, extras={"loader": {"epoch": 0, "index": s}},
@@ -77,30 +93,40 @@ def test_keep_k_keeps_the_newest(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_an_exception_inside_savez_leaves_earlier_checkpoints_intact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["orbax_save", "background_write", "commit"])
+def test_an_exception_inside_a_save_leaves_earlier_checkpoints_intact(tmp_path, monkeypatch, where):
+    """An error in Orbax's blocking part, in its background write, or in fundl's commit."""
     paths, state = save_steps(tmp_path, steps=(1, 2))
-    before = {p: (p / "arrays.npz").read_bytes() for p in paths}
+    before = {p: state_bytes(p) for p in paths}
 
     def boom(*a, **k):
-        raise RuntimeError("injected failure inside np.savez")
+        raise RuntimeError(f"injected failure in {where}")
 
-    monkeypatch.setattr(ckpt.np, "savez", boom)
+    if where == "orbax_save":
+        import orbax.checkpoint as ocp
+        monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", boom)
+    elif where == "background_write":
+        real = ckpt.Checkpointer._wait_for_orbax
+        monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", lambda self: real(self) or boom())
+    else:
+        monkeypatch.setattr(ckpt, "_write_atomic_text", boom)
     with pytest.raises(RuntimeError, match="injected"):
         ckpt.save(tmp_path, bump(state, 3), step=3, keep=1)
     assert ckpt.list_checkpoints(tmp_path) == paths  # nothing pruned, nothing half-written
-    assert {p: (p / "arrays.npz").read_bytes() for p in paths} == before
+    assert {p: state_bytes(p) for p in paths} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".step")] == []  # temp folder removed
 
 
 def test_disk_full_during_a_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     paths, state = save_steps(tmp_path, steps=(1, 2))
-    real_savez = np.savez
+    real_wait = ckpt.Checkpointer._wait_for_orbax
 
-    def full_disk(file, *a, **k):
-        file.write(b"\0" * 64)  # some bytes made it, then the disk filled up
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full_disk(self):
+        real_wait(self)  # the files are there; then report what TensorStore reports on a full disk
+        raise ValueError('DATA_LOSS: Error writing "params/dense_0/w/0.0" in OCDBT database: Failed to write '
+                         '4096 bytes to file 11: No space left on device [os_error_code=\'28\']')
 
-    monkeypatch.setattr(ckpt.np, "savez", full_disk)
+    monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", full_disk)
     with pytest.raises(ckpt.CheckpointWriteError) as info:
         ckpt.save(tmp_path, bump(state, 3), step=3, keep=1)
     e = info.value
@@ -109,7 +135,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_earlier_checkpoints(
     assert str(tmp_path / "step_00000003") in msg and "No space left on device" in msg
     assert f"the newest intact checkpoint is {paths[-1]}" in msg and "Free some disk space" in msg
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".step")] == []
-    monkeypatch.setattr(ckpt.np, "savez", real_savez)
+    monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", real_wait)
     assert ckpt.latest_valid(tmp_path) == paths[-1]
     leaves_equal(ckpt.restore(paths[-1], state)[0], bump(state, 2))
 
@@ -117,8 +143,8 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_earlier_checkpoints(
 def test_a_crashed_save_leaves_only_a_hidden_temp_folder_that_the_next_save_removes(tmp_path):
     paths, state = save_steps(tmp_path, steps=(1,))
     stale = tmp_path / ".step_00000002.tmp-99999"  # what a SIGKILL mid-write leaves
-    stale.mkdir()
-    (stale / "arrays.npz").write_bytes(b"PK\x03\x04 half")
+    (stale / "state" / "ocdbt.process_0" / "d").mkdir(parents=True)
+    (stale / "state" / "ocdbt.process_0" / "d" / "half").write_bytes(b"\x00 half")
     trash = tmp_path / ".step_00000000.del-99999"  # a keep-K deletion cut short
     trash.mkdir()
     assert ckpt.list_checkpoints(tmp_path) == paths and ckpt.latest_valid(tmp_path) == paths[0]
@@ -134,37 +160,53 @@ def test_resaving_a_step_replaces_it(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_sigkill_while_writing_arrays_never_damages_earlier_checkpoints(tmp_path):
-    """A real SIGKILL in a child process while it writes a big arrays.npz."""
+@pytest.mark.parametrize("when", ["write", "commit"])
+def test_sigkill_while_saving_never_damages_earlier_checkpoints(tmp_path, when):
+    """A real SIGKILL in a child process while Orbax writes a 64 MB state, or half-way through
+    fundl's commit (some files hashed and fsynced, no manifest yet)."""
     paths, _ = save_steps(tmp_path, steps=(1, 2))
-    before = {p: (p / "arrays.npz").read_bytes() for p in paths}
+    before = {p: state_bytes(p) for p in paths}
     code = f"""
 import os, signal, sys, threading, numpy as np
 sys.path.insert(0, {str(ROOT)!r})
 from fundl.train import checkpoint as ckpt
-real = np.savez
-def savez(f, **arrays):
-    threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    real(f, **arrays)
-    import time; time.sleep(10)
-ckpt.np.savez = savez
-ckpt.save({str(tmp_path)!r}, {{"step": np.int32(3), "w": np.ones((4000, 4000), np.float32)}}, step=3, keep=1)
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if {when!r} == "write":
+    real = ckpt.Checkpointer._wait_for_orbax
+    def wait(self):
+        threading.Timer(0.02, die).start()  # Orbax's threads are writing
+        real(self)
+        import time; time.sleep(10)
+    ckpt.Checkpointer._wait_for_orbax = wait
+else:
+    real_sha, seen = ckpt._sha256, []
+    def sha(path, **kw):
+        seen.append(path)
+        if len(seen) == 3:
+            die()
+        return real_sha(path, **kw)
+    ckpt._sha256 = sha
+w = np.random.default_rng(0).normal(size=(4000, 4000)).astype(np.float32)
+ckpt.save({str(tmp_path)!r}, {{"step": np.int32(3), "w": w}}, step=3, keep=1)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr
     assert ckpt.list_checkpoints(tmp_path) == paths
-    assert {p: (p / "arrays.npz").read_bytes() for p in paths} == before
+    assert {p: state_bytes(p) for p in paths} == before
     assert ckpt.latest_valid(tmp_path) == paths[-1]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".step_00000003.tmp-")]  # left behind ...
+    ckpt.save(tmp_path, {"step": np.int32(4), "w": np.zeros(2, np.float32)}, step=4)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # ... and removed by the next save
 
 
 # ------------------------------------------------------------ corruption
 def _truncate(path):
-    f = path / "arrays.npz"
+    f = data_file(path)
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def _flip_byte(path):
-    f = path / "arrays.npz"
+    f = data_file(path)
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
@@ -174,13 +216,18 @@ def _garble_manifest(path):
     (path / "manifest.json").write_text('{"step": 3, "sha')
 
 
-def _remove_arrays(path):
-    (path / "arrays.npz").unlink()
+def _remove_data(path):
+    data_file(path).unlink()
+
+
+def _remove_manifest(path):
+    (path / "manifest.json").unlink()
 
 
 @pytest.mark.parametrize("corrupt,why", [(_truncate, "is corrupt: sha256"), (_flip_byte, "is corrupt: sha256"),
                                          (_garble_manifest, "manifest.json is corrupt"),
-                                         (_remove_arrays, "has no arrays.npz")])
+                                         (_remove_data, "has no state/ocdbt.process_0/d/"),
+                                         (_remove_manifest, "has no manifest.json")])
 def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, corrupt, why):
     paths, state = save_steps(tmp_path)
     corrupt(paths[-1])

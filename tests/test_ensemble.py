@@ -27,9 +27,7 @@ def tiny(*overrides):
 
 
 def final_arrays(run_dir) -> dict:
-    path = ckpt.latest_valid(Path(run_dir) / "checkpoints")
-    with np.load(path / "arrays.npz") as f:
-        return {k: f[k] for k in f.files}
+    return ckpt.load_arrays(ckpt.latest_valid(Path(run_dir) / "checkpoints"))
 
 
 def assert_member_equals(ensemble: dict, i: int, single: dict, rtol=1e-5):

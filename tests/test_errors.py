@@ -39,6 +39,12 @@ def cli(*args, env=None, driver=False, timeout=120):
                           timeout=timeout)
 
 
+def data_file(checkpoint):
+    """The biggest array-data file of a checkpoint's Orbax state/ folder."""
+    files = [f for f in (checkpoint / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
 def tiny_config(*overrides):
     return cfg.load_config(ROOT / TINY, ["logging.plots=false", "training.eval_every=0", *overrides])
 
@@ -193,8 +199,9 @@ def test_resume_refuses_a_changed_structure_with_the_keys_and_allows_more_steps(
 def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
     newest = tmp_path / "checkpoints" / "step_00000008"
-    (newest / "arrays.npz").write_bytes((newest / "arrays.npz").read_bytes()[:100])
-    with pytest.warns(UserWarning, match=f"skipping corrupt checkpoint: checkpoint {newest}/arrays.npz is corrupt"):
+    data = data_file(newest)
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=f"skipping corrupt checkpoint: checkpoint {data} is corrupt"):
         summary = experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4",
                                              "training.resume=true"), tmp_path, verbose=False)
     assert summary["final_step"] == 8 and ckpt.latest_valid(tmp_path / "checkpoints") == newest  # rewritten
@@ -203,7 +210,7 @@ def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_p
 def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(tmp_path):
     experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
     for p in ckpt.list_checkpoints(tmp_path / "checkpoints"):
-        (p / "arrays.npz").write_bytes(b"garbage")
+        data_file(p).write_bytes(b"garbage")
     r = cli("--resume", str(tmp_path), "--quiet")
     assert r.returncode == 1
     assert f"CheckpointError: no valid checkpoint in {tmp_path / 'checkpoints'}" in r.stderr

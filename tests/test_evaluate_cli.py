@@ -61,7 +61,9 @@ def test_unknown_config_key_is_a_config_error_exit_2(copy, capsys):
 
 
 def _corrupt(checkpoint):
-    with open(checkpoint / "arrays.npz", "ab") as f:
+    """Append a byte to the biggest array-data file of the checkpoint's Orbax state/ folder."""
+    files = [f for f in (checkpoint / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    with open(max(files, key=lambda f: f.stat().st_size), "ab") as f:
         f.write(b"x")
 
 

@@ -65,10 +65,10 @@ def finish(procs, timeout=240):
 # ------------------------------------------------------------ equivalence
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory):
-    """2 processes x 2 devices (pmap; sharding with 5 fused steps per call) and, meanwhile, one device alone."""
+    """2 processes x 2 devices (pmap; sharding with 5 fused steps per call; fsdp) and, meanwhile, one device alone."""
     tmp = tmp_path_factory.mktemp("mh")
     port = launch_local.free_port()
-    specs = ["pmap", "sharding:0:5"]
+    specs = ["pmap", "sharding:0:5", "fsdp"]
     procs = [start([sys.executable, str(WORKER), str(tmp / "mp.npz"), *specs], mp_env(port, i)) for i in range(2)]
     ref = start([sys.executable, str(WORKER), str(tmp / "one.npz"), "none"], clean_env(FUNDL_LOCAL_DEVICES=1))
     outs = finish(procs + [ref])
@@ -79,11 +79,14 @@ def two_by_two(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", ["pmap", "sharding:0:5"])
+@pytest.mark.parametrize("mode", ["pmap", "sharding:0:5", "fsdp"])
 def test_two_processes_equal_one_device(two_by_two, mode, kind):
     one, mp = two_by_two
     other = section(mp, f"{mode}/{kind}/")
     assert int(other["num_devices"]) == 4
+    if mode == "fsdp":  # each process holds a quarter of every split leaf: the state is gathered for the check
+        per_device, total = other["state_bytes"]
+        assert per_device / total < 0.3, (per_device, total)
     assert_same_training(section(one, f"none/{kind}/"), other, f"{mode} 2 processes x 2 devices, {kind}")
 
 

@@ -29,8 +29,13 @@ RTOL = 1e-5
 KINDS = ("mlp", "cnn_bn", "lstm")
 
 
+LAUNCHER_VARS = ("FUNDL_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "JAX_COORDINATOR", "JOB_COMPLETION_INDEX",
+                 "KUBERNETES_SERVICE")
+
+
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNDL_") and k != "XLA_FLAGS"}
+    """This environment without fundl's settings or a launcher's (the tests may run under srun or mpirun)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS) and k != "XLA_FLAGS"}
     env.update({"PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", **{k: str(v) for k, v in extra.items()}})
     return env
 

@@ -116,7 +116,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         log_every: int = 50, run_dir=None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
         checkpoint_extras: dict | None = None, steps_per_call: int | str = "auto", unroll="auto",
         nan_policy: str = "stop", progress: bool = True, placement=None,
-        on_log: Callable | None = None, resume_hint: str = "") -> FitResult:
+        on_log: Callable | None = None, resume_hint: str = "", async_checkpoints: bool = True) -> FitResult:
     """Train ``state`` with ``train_step`` until ``state.step == num_steps``.
 
     Args:
@@ -159,6 +159,11 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
       placement: where the step runs (``fundl.train.parallel``).
       on_log: called with every record (train and eval) as it is logged.
       resume_hint: appended to the message of TrainingInterrupted.
+      async_checkpoints: write checkpoints in the background while training
+        continues (``fundl.train.checkpoint.Checkpointer``); the next save, the
+        end of ``fit``, a stop signal and an error wait for the pending one, so
+        every checkpoint ``fit`` reports is committed.  False: each save
+        blocks until committed.
 
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
     step boundary and raise :class:`TrainingInterrupted`.
@@ -191,7 +196,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
     loop = _Loop(placement, loader, num_steps=num_steps, start_step=start_step, eval_fn=eval_fn,
                  intervals=(log_every, eval_every, checkpoint_every), run_dir=run_dir,
                  keep_checkpoints=keep_checkpoints, checkpoint_extras=checkpoint_extras or {},
-                 nan_policy=nan_policy, on_log=on_log, resume_hint=resume_hint)
+                 nan_policy=nan_policy, on_log=on_log, resume_hint=resume_hint,
+                 async_checkpoints=async_checkpoints)
     return loop.run(state, train_step, steps_per_call, unroll, progress)
 
 
@@ -265,7 +271,7 @@ class _Loop:
     """One ``fit`` call: the dispatch loop and the events at step boundaries (log, eval, checkpoint, stop)."""
 
     def __init__(self, placement, loader, *, num_steps, start_step, eval_fn, intervals, run_dir,
-                 keep_checkpoints, checkpoint_extras, nan_policy, on_log, resume_hint):
+                 keep_checkpoints, checkpoint_extras, nan_policy, on_log, resume_hint, async_checkpoints=True):
         self.placement, self.loader = placement, loader
         self.num_steps, self.start_step, self.step = num_steps, start_step, start_step
         self.eval_fn = eval_fn
@@ -275,6 +281,8 @@ class _Loop:
         self.metrics = None  # set by run, once the metric names are known
         self.history: list[dict] = []
         self.last_ckpt, self.last_ckpt_step = None, None
+        self.async_checkpoints = async_checkpoints
+        self.saver = None  # a ckpt.Checkpointer while run() runs with a run directory
         self.bar = None
         self.state = None
 
@@ -296,6 +304,9 @@ class _Loop:
         batches = self.loader.stream_groups(plan)  # K batches of a fused call gathered at once
         self.state = p.put_state(state)  # a copy: the caller's arrays survive donation
         self.bar = _progress_bar(progress, self.num_steps, self.start_step)
+        if self.run_dir is not None:  # every process: each writes its own shards
+            self.saver = ckpt.Checkpointer(self.run_dir.checkpoint_dir, keep=self.keep,
+                                           async_save=self.async_checkpoints)
         stop = StopSignals()
         dispatches, compile_seconds, uncompiled = 0, 0.0, {step_fn, multi_fn}
         t0 = time.perf_counter()
@@ -323,6 +334,17 @@ class _Loop:
                 if self.eval_fn is not None and self.start_step == self.num_steps:
                     self._evaluate()  # resumed a finished run: report its evaluation
             jax.block_until_ready(self.state)
+            if self.saver is not None:
+                self.saver.close()  # the last checkpoint committed (or its error raised)
+        except BaseException as e:
+            if self.saver is not None:  # errors, too, leave no save half done
+                pending = self.saver.pending
+                try:  # several processes: bounded, a dead peer may never finish its part of the save
+                    self.saver.close(None if jax.process_count() == 1 else _PENDING_SAVE_ON_ERROR_S)
+                except BaseException as late:  # noqa: BLE001 - reported on the error on its way out
+                    if late is not e:
+                        e.add_note(f"(the pending checkpoint {pending} failed too: {late})")
+            raise
         finally:
             batches.close()
             if self.bar is not None:
@@ -390,26 +412,28 @@ class _Loop:
         if self.run_dir is None or self.last_ckpt_step == s:
             return
         self.metrics.fetch(self.last_ckpt)  # never checkpoint a state that already went non-finite
-        host_state = self.placement.get_state(self.state)
-        if self.nan_policy == "stop" and not bool(_all_finite(host_state)):
+        if self.nan_policy == "stop" and not bool(_all_finite(self.state)):  # on the devices, as placed
             raise _non_finite_error("parameters or optimiser state", None, s, "params", self.last_ckpt,
                                     "the training loss was still finite")
         extras = {"loader": self.loader.state_at_step(s), **self.extras}
-        if getattr(self.run_dir, "writer", True):
-            self.last_ckpt = ckpt.save(self.run_dir.checkpoint_dir, host_state, step=s, extras=extras,
-                                       keep=self.keep)
-        else:  # process 0 writes it (the barrier below waits for that)
-            self.last_ckpt = self.run_dir.checkpoint_dir / ckpt.checkpoint_name(s)
+        saveable = getattr(self.placement, "saveable", self.placement.get_state)(self.state)
+        # Every process passes the global state (Orbax writes each one's shards); this returns once
+        # the device buffers are copied, and waits for the previous save's commit first.
+        self.last_ckpt = self.saver.save(saveable, step=s, extras=extras)
         self.last_ckpt_step = s
-        self.placement.barrier(f"checkpoint_{s}")
 
     def _interrupted(self, signum) -> None:
         """A stop signal arrived: log, save at this step boundary and raise TrainingInterrupted."""
         self._log_train()
         self._save()
         saved = self.run_dir is not None
+        if saved:
+            self.saver.wait()  # the checkpoint it names is committed
         hint = self.resume_hint or ("resume from this checkpoint" if saved else "")
         raise TrainingInterrupted(signum, self.step, self.last_ckpt if saved else None, hint)
+
+
+_PENDING_SAVE_ON_ERROR_S = 10.0  # multi-process runs: how long an error waits for a pending checkpoint
 
 
 def _mean(values: np.ndarray, finite_only: bool) -> float:

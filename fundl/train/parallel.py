@@ -12,9 +12,8 @@ single-device, ``pmap`` and ``jit``-with-shardings paths share one loop:
 * ``put_batch(batch, stacked)``: a host batch (NumPy) to what ``fn`` takes;
 * ``host_metrics(metrics)``: per-step metrics as NumPy, from one shard;
 * ``check_batch_size(B)``, ``num_devices`` (global), ``sync_every``
-  (dispatches between forced host syncs), ``barrier(name)`` (all processes
-  wait), ``eval_params(state)`` and ``for_eval()`` (the view ``evaluate``
-  takes: it hands out global batches).
+  (dispatches between forced host syncs), ``eval_params(state)`` and
+  ``for_eval()`` (the view ``evaluate`` takes: it hands out global batches).
 
 ``eval_params(state)`` -> ``(params, model_state)`` in the form
 ``compile_eval``'s function takes: leaves that are already placed (the state
@@ -22,17 +21,26 @@ single-device, ``pmap`` and ``jit``-with-shardings paths share one loop:
 without a copy; plain leaves (a restored checkpoint, ``get_state``'s copy)
 are placed from the host.
 
+``saveable(state)`` / ``restore_target(template)``: the state as global
+arrays every process passes to a checkpoint save, and the abstract leaves
+(``ShapeDtypeStruct`` with a sharding) to restore it onto.
+
 ``make_placement(mode, devices)`` builds one of :class:`SingleDevice`,
 :class:`PmapPlacement` (``jax.pmap``, the step averages over the named axis
-``"batch"``) and :class:`ShardingPlacement` (``jax.jit`` with a ``Mesh`` and
-``NamedSharding``; the plain single-device step, XLA inserts the reductions).
-All three give the same parameters on the same global batches (see
-``tests/test_parallel.py`` and ``docs/parallel.md``).
+``"batch"``), :class:`ShardingPlacement` (``jax.jit`` with a ``Mesh`` and
+``NamedSharding``; the plain single-device step, XLA inserts the reductions)
+and :class:`FsdpPlacement` (the same with parameters and optimiser state
+split over the devices).  All give the same parameters on the same global
+batches (see ``tests/test_parallel.py``, ``tests/test_fsdp.py`` and
+``docs/parallel.md``).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -70,14 +78,20 @@ class SingleDevice:
     def check_batch_size(self, batch_size: int) -> None:
         pass
 
-    def barrier(self, name: str) -> None:
-        pass  # one process: nobody to wait for
-
     def eval_params(self, state):
         return state.params, state.model_state
 
     def for_eval(self):
         return self
+
+    def saveable(self, state):
+        """The state as a checkpoint stores it: global ``jax.Array`` leaves every process passes to save."""
+        return state
+
+    def restore_target(self, template):
+        """``ShapeDtypeStruct`` leaves (with the sharding to restore onto) shaped like ``saveable(template)``."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda x: _abstract(x, device), template)
 
 
 # ------------------------------------------------------------------ helpers
@@ -112,6 +126,33 @@ def _place(x, sharding, leading: int | None = None):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
 
 
+def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
+    """``x``'s shape and dtype (a typed PRNG key keeps its key dtype) with ``sharding``."""
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype,
+                                sharding=sharding)
+
+
+def state_bytes(state, shardings=None) -> tuple[int, int]:
+    """``(bytes on one device, bytes of one whole copy)`` of a state's leaves: the first device's
+    shards against the full arrays (replicated leaves count whole on every device).  The shards
+    are those of the placed leaves, or of ``shardings`` (a tree like ``state``) when given."""
+    shardings = jax.tree.map(lambda x: x.sharding, state) if shardings is None else shardings
+    per_device = total = 0
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        shape, itemsize = np.shape(x), _itemsize(x)
+        total += int(np.prod(shape, dtype=np.int64)) * itemsize
+        per_device += int(np.prod(s.shard_shape(shape), dtype=np.int64)) * itemsize
+    return per_device, total
+
+
+def _itemsize(x) -> int:
+    """Bytes per element (a typed PRNG key: of its key data)."""
+    if is_prng_key(x):
+        data = jax.random.key_data(x)
+        return int(np.prod(data.shape[np.ndim(x):], dtype=np.int64)) * data.dtype.itemsize
+    return np.dtype(x.dtype).itemsize
+
+
 def _select_devices(devices: int) -> list:
     """The first ``devices`` local devices of this process (0: all of them)."""
     local = jax.local_devices()
@@ -139,7 +180,7 @@ def local_batches_divisible(batch_size: int, num_devices: int) -> None:
 
 
 class _MultiDevice:
-    """What the pmap and sharding placements share: devices, sizes, syncs, barriers."""
+    """What the pmap and sharding placements share: devices, sizes, syncs."""
 
     num_devices: int          # global: all processes together
     num_local: int            # this process's devices
@@ -152,13 +193,6 @@ class _MultiDevice:
 
     def check_batch_size(self, batch_size: int) -> None:
         local_batches_divisible(batch_size, self.num_devices)
-
-    def barrier(self, name: str) -> None:
-        """All processes wait here (a no-op with one process); e.g. after process 0 writes a checkpoint."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(name)
 
     def put_global_batch(self, batch: dict):
         """A *global* host batch (every process holds all of it, e.g. evaluation):
@@ -271,6 +305,18 @@ class PmapPlacement(_MultiDevice):
     def host_metrics(self, metrics):
         return jax.tree.map(lambda m: np.asarray(np.asarray(m.addressable_data(0))[0]), metrics)
 
+    def _global_replicated(self):
+        return NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)), P())
+
+    def saveable(self, state):
+        """One copy of the broadcast state, replicated over every device of every process."""
+        sharding = self._global_replicated()
+        return jax.tree.map(lambda x: _place(self.get_state(x) if self._placed(x) else x, sharding), state)
+
+    def restore_target(self, template):
+        sharding = self._global_replicated()
+        return jax.tree.map(lambda x: _abstract(self.get_state(x) if self._placed(x) else x, sharding), template)
+
 
 # ------------------------------------------------------------------ sharding
 class ShardingPlacement(_MultiDevice):
@@ -378,15 +424,213 @@ class ShardingPlacement(_MultiDevice):
     def host_metrics(self, metrics):
         return jax.tree.map(lambda m: np.asarray(m.addressable_data(0)), metrics)
 
+    def saveable(self, state):
+        """The state as placed (global arrays: every process writes its own part)."""
+        return state
+
+    def restore_target(self, template):
+        return jax.tree.map(lambda x: _abstract(x, self.state_sharding), template)
+
+
+# ---------------------------------------------------------------------- fsdp
+class FsdpPlacement(ShardingPlacement):
+    """Sharded parameters (ZeRO-3 style): ``jit`` with a ``NamedSharding`` per state leaf.
+
+    Parameters, optimiser state and model state are split over the ``data``
+    axis, so each device holds about 1/N of them; XLA's partitioner inserts
+    the all-gathers before a layer uses its weights and the reduce-scatters
+    of the gradients.  The step is the plain single-device step, so the
+    result equals one device (``tests/test_fsdp.py``).
+
+    Each leaf's ``PartitionSpec`` comes from the first of ``rules`` whose
+    regex matches the leaf's tree path (``re.search`` on e.g.
+    ``params/layers/0/w`` or ``opt_state/0/mu/layers/0/w``: an unanchored
+    pattern covers a parameter and its optimiser moments), else from the
+    automatic rule: shard the largest dimension that divides evenly over the
+    ``data`` axis; leaves smaller than ``min_size`` elements, integer leaves
+    (step counters, PRNG key data) and leaves with no such dimension stay
+    replicated.  With
+    ``model_devices = M > 1`` the mesh is ``data x model`` (N/M x M) and
+    rules may name ``"model"`` too (tensor parallelism by path, as
+    big_vision's and MaxText's partition rules); batches are split on
+    ``data`` only.  An ensemble's member axis (dim 0) is never split by the
+    automatic rule; rules describe a parameter's own dimensions.
+    """
+
+    model_axis = "model"
+
+    def __init__(self, devices: int = 0, *, members: int = 0, member_devices: int = 1, model_devices: int = 1,
+                 rules=(), min_size: int = 1024):
+        super().__init__(devices, members=members, member_devices=member_devices)
+        if model_devices < 1 or self.num_devices % model_devices:
+            raise ValueError(f"parallel.model_devices={model_devices} must divide the {self.num_devices} devices")
+        if model_devices > 1 and member_devices > 1:
+            raise ValueError("parallel.model_devices > 1 and parallel.member_devices > 1 both ask for a second "
+                             "mesh axis; use one of them")
+        self.model_devices, self.min_size = model_devices, min_size
+        if model_devices > 1:
+            grid = np.array(self.devices).reshape(self.num_devices // model_devices, model_devices)
+            self.mesh = jax.sharding.Mesh(grid, (self.data_axis, self.model_axis))
+            self.data_devices = self.num_devices // model_devices
+            lead = (None,) if members else ()
+            self.replicated = self.state_sharding = NamedSharding(self.mesh, P())
+            self.batch_sharding = NamedSharding(self.mesh, P(self.data_axis))
+            self.train_sharding = NamedSharding(self.mesh, P(*lead, self.data_axis))
+            self.stacked_sharding = NamedSharding(self.mesh, P(None, *lead, self.data_axis))
+        self.axes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+        self.rules = [self._check_rule(i, rule) for i, rule in enumerate(rules)]
+
+    def _check_rule(self, i: int, rule):
+        where = f"parallel.rules[{i}]"
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+                and isinstance(rule[1], (list, tuple))):
+            raise ValueError(f"{where} must be [REGEX, [AXIS_OR_EMPTY, ...]], e.g. ['dense.*/w$', ['data', 'model']], "
+                             f"got {rule!r}")
+        pattern, spec = rule
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+        allowed = [a for a in (self.data_axis, self.model_axis) if a in self.axes]
+        for axis in spec:
+            if axis not in ("", *allowed):
+                raise ValueError(f"{where}: axis {axis!r} is not a mesh axis; expected one of {allowed} or '' "
+                                 f"(not split), e.g. ['', 'model']" +
+                                 (" (set parallel.model_devices > 1 for a 'model' axis)" if axis == "model" else ""))
+        return regex, tuple(a or None for a in spec), pattern
+
+    # --------------------------------------------------------- shardings
+    def _leaf_spec(self, path: str, shape: tuple, floating: bool) -> P:
+        lead = (self.member_axis if self.member_devices > 1 else None,) if self.members else ()
+        own = shape[len(lead):]
+        for regex, spec, pattern in self.rules:
+            if regex.search(path):
+                if len(spec) > len(own):
+                    raise ValueError(f"parallel.rules: {pattern!r} matches {path} of shape {own} but its spec "
+                                     f"{list(spec)} has {len(spec)} entries (at most {len(own)})")
+                for dim, axis in enumerate(spec):
+                    if axis and own[dim] % self.axes[axis]:
+                        raise ValueError(f"parallel.rules: {pattern!r} splits dimension {dim} of {path} "
+                                         f"(shape {own}) over '{axis}' ({self.axes[axis]} devices), which does "
+                                         f"not divide {own[dim]}")
+                return P(*lead, *spec)
+        n = self.axes[self.data_axis]
+        if not floating or n == 1 or int(np.prod(own, dtype=np.int64)) < max(self.min_size, 1):
+            return P(*lead)
+        fits = [d for d in range(len(own)) if own[d] % n == 0]
+        if not fits:
+            return P(*lead)
+        best = max(fits, key=lambda d: (own[d], -d))  # the largest; the first of equals
+        return P(*lead, *([None] * best), self.data_axis)
+
+    def shardings(self, tree, prefix: str = ""):
+        """The ``NamedSharding`` of every leaf of ``tree`` (a state, or its ``prefix`` subtree)."""
+        def one(path, x):
+            name = "/".join(filter(None, [prefix, jax.tree_util.keystr(path, simple=True, separator="/")]))
+            floating = not is_prng_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+            return NamedSharding(self.mesh, self._leaf_spec(name, tuple(np.shape(x)), floating))
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def describe(self, state, limit: int = 0) -> list[str]:
+        """``path: shape -> spec`` of each sharded leaf (the first ``limit``; 0: all)."""
+        rows = []
+        for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(self.shardings(state))):
+            if any(s.spec):
+                rows.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')}: {tuple(np.shape(x))} -> "
+                            f"{tuple(s.spec)}")
+        return rows[:limit or None]
+
+    # --------------------------------------------------------- compile
+    def compile_train(self, step, steps_per_call: int = 1, unroll=1):
+        self._set_sync(steps_per_call)
+        fn, batch = (step, self.train_sharding) if steps_per_call == 1 else \
+            (make_multi_step(step, unroll=unroll), self.stacked_sharding)
+        return _JitPerState(fn, lambda state, _: ((self.shardings(state), batch),
+                                                  (self.shardings(state), self.replicated)), donate=True)
+
+    def compile_eval(self, eval_step):
+        return _JitPerState(eval_step, lambda params, model_state, _: (
+            (self.shardings(params, "params"), self.shardings(model_state, "model_state"), self.batch_sharding),
+            self.replicated))
+
+    # ----------------------------------------------------------- states
+    def _on_mesh(self, x) -> bool:
+        return isinstance(x, jax.Array) and not is_prng_key(x) and \
+            x.sharding.device_set == set(self.mesh.devices.flat)
+
+    def _put(self, x, sharding):
+        if self._on_mesh(x):  # already on these devices: reshard (or copy) there, no host trip
+            return jax.device_put(x, sharding, may_alias=False)
+        return _place(x, sharding)
+
+    def put_state(self, state):
+        return jax.tree.map(self._put, state, self.shardings(state))
+
+    @staticmethod
+    def _placed_as(x, sharding) -> bool:
+        return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+
+    def eval_params(self, state):
+        tree = (state.params, state.model_state)
+        targets = (self.shardings(state.params, "params"), self.shardings(state.model_state, "model_state"))
+        return jax.tree.map(lambda x, s: x if self._placed_as(x, s) else _place(x, s), tree, targets)
+
+    def get_state(self, state):
+        """Whole arrays on this process's first device (sharded leaves are gathered: every
+        process must call this together in a multi-process run)."""
+        device = jax.local_devices()[0]
+
+        def plain(x):
+            if not isinstance(x, jax.Array) or x.is_fully_replicated:
+                return x.addressable_data(0) if isinstance(x, jax.Array) else x
+            if x.is_fully_addressable:
+                return jax.device_put(x, device)
+            from jax.experimental import multihost_utils
+
+            return jax.device_put(np.asarray(multihost_utils.process_allgather(x, tiled=True)), device)
+        return jax.tree.map(plain, state)
+
+    def restore_target(self, template):
+        return jax.tree.map(_abstract, template, self.shardings(template))
+
+
+class _JitPerState:
+    """``jax.jit`` whose shardings depend on the state's tree (one sharding per leaf): built at
+    the first call from its arguments (``shardings(*args) -> (in_shardings, out_shardings)``)."""
+
+    def __init__(self, fn, shardings, donate: bool = False):
+        self.fn, self._shardings, self._donate, self._jitted = fn, shardings, donate, None
+
+    def _jit(self, args):
+        if self._jitted is None:
+            ins, outs = self._shardings(*args)
+            self._jitted = jax.jit(self.fn, in_shardings=ins, out_shardings=outs,
+                                   donate_argnums=0 if self._donate else ())
+        return self._jitted
+
+    def __call__(self, *args):
+        return self._jit(args)(*args)
+
+    def lower(self, *args):
+        return self._jit(args).lower(*args)
+
 
 # ------------------------------------------------------------------- factory
-def make_placement(mode: str = "none", devices: int = 0, *, members: int = 0, member_devices: int = 1):
+def make_placement(mode: str = "none", devices: int = 0, *, members: int = 0, member_devices: int = 1,
+                   model_devices: int = 1, rules=(), min_size: int = 1024):
     """``"none"`` -> :class:`SingleDevice`, ``"pmap"`` -> :class:`PmapPlacement`,
-    ``"sharding"`` -> :class:`ShardingPlacement`; ``devices`` local devices per process (0: all).
-    ``members``/``member_devices``: an ensemble's member axis (sharding only, see ShardingPlacement)."""
+    ``"sharding"`` -> :class:`ShardingPlacement`, ``"fsdp"`` -> :class:`FsdpPlacement`;
+    ``devices`` local devices per process (0: all).  ``members``/``member_devices``: an
+    ensemble's member axis (sharding and fsdp, see ShardingPlacement); ``model_devices``,
+    ``rules``, ``min_size``: fsdp only (see FsdpPlacement)."""
     if members and mode == "pmap":
-        raise ValueError("an ensemble or sweep trains under parallel.mode='sharding' or 'none', not 'pmap' "
+        raise ValueError("an ensemble or sweep trains under parallel.mode='sharding', 'fsdp' or 'none', not 'pmap' "
                          "(pmap maps the leading axis, which is the members' here)")
+    if mode == "fsdp" or model_devices != 1 or rules:
+        if mode != "fsdp":
+            raise ValueError(f"parallel.model_devices and parallel.rules apply to parallel.mode='fsdp', not {mode!r}")
+        return FsdpPlacement(devices, members=members, member_devices=member_devices, model_devices=model_devices,
+                             rules=rules, min_size=min_size)
     if mode == "none":
         if jax.process_count() > 1:
             raise ValueError(
@@ -397,4 +641,4 @@ def make_placement(mode: str = "none", devices: int = 0, *, members: int = 0, me
         return PmapPlacement(devices)
     if mode == "sharding":
         return ShardingPlacement(devices, members=members, member_devices=member_devices)
-    raise ValueError(f"parallel.mode must be 'none', 'pmap' or 'sharding', got {mode!r}")
+    raise ValueError(f"parallel.mode must be 'none', 'pmap', 'sharding' or 'fsdp', got {mode!r}")

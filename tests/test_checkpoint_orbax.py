@@ -1,0 +1,463 @@
+"""Format-2 checkpoints (Orbax under fundl's manifest): round trips, async saves, shardings, format 1.
+
+The older guarantees (atomic save, keep-K, corruption fallback, disk full) are
+tested on the same code in tests/test_checkpoint.py; here: what Orbax and the
+background save add.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fundl import models
+from fundl.data import Loader, load_dataset
+from fundl.train import checkpoint as ckpt
+from fundl.train.loop import fit
+from fundl.train.rundir import RunDir
+from fundl.train.signals import TrainingInterrupted
+from fundl.train.state import create_train_state, is_prng_key
+from fundl.train.step import make_train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMAT1 = ROOT / "tests" / "data" / "checkpoint_format1"  # written by fundl's format-1 save (commit 344f934)
+
+
+def cnn_state(steps=3):
+    """A real TrainState: conv + batch norm (model_state), Adam (opt_state), a typed key; trained a little."""
+    model = models.cnn([2], [], 3, batch_norm=True)
+    opt = optax.adam(1e-2)
+    state = create_train_state(model, opt, jax.random.key(0), (1, 6, 6, 1))
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(4, 6, 6, 1)).astype(np.float32), "y": np.array([0, 1, 2, 1], np.int32)}
+    step = jax.jit(make_train_step(model, opt))
+    for _ in range(steps):
+        state, _ = step(state, batch)
+    return state
+
+
+def host(x):
+    return np.asarray(jax.random.key_data(x) if is_prng_key(x) else x)
+
+
+def assert_bit_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) and jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(la, lb):
+        assert is_prng_key(x) == is_prng_key(y)
+        if is_prng_key(x):
+            assert jax.random.key_impl(x) == jax.random.key_impl(y)
+        x, y = host(x), host(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def data_file(path):
+    files = [f for f in (path / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+# ------------------------------------------------------------------ content
+def test_round_trip_is_bit_exact_and_state_is_a_plain_orbax_checkpoint(tmp_path):
+    state = cnn_state()
+    with ckpt.Checkpointer(tmp_path) as saver:
+        path = saver.save(state, step=3, extras={"loader": {"epoch": 0, "index": 3}})
+        assert saver.wait() == path
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == 2 and manifest["step"] == 3
+    assert manifest["extras"] == {"loader": {"epoch": 0, "index": 3}}
+    files = {f.relative_to(path).as_posix() for f in (path / "state").rglob("*") if f.is_file()}
+    assert set(manifest["files"]) == files  # a sha256 of every file under state/
+    assert manifest["leaves"]["key"] == {"shape": [2], "dtype": "uint32"}  # typed keys stored as key data
+    assert manifest["leaves"]["model_state/batch_norm_0/var"]["dtype"] == "float32"
+
+    restored, _ = ckpt.restore(path, cnn_state(steps=0))  # any state of the same structure
+    assert_bit_equal(restored, state)
+    assert type(restored.opt_state[0]) is type(state.opt_state[0])  # Optax classes from the template
+
+    # state/ is Orbax's own format: a plain Orbax call reads it (a nested dict by tree path)
+    import orbax.checkpoint as ocp
+    plain = ocp.StandardCheckpointer().restore(path / "state")
+    assert np.asarray(plain["params"]["conv2d_0"]["w"]).tobytes() == host(state.params["conv2d_0"]["w"]).tobytes()
+    assert np.asarray(plain["key"]).tobytes() == host(state.key).tobytes()
+
+
+def test_async_save_equals_sync_save_bit_for_bit(tmp_path):
+    state = cnn_state()
+    sync = ckpt.save(tmp_path / "sync", state, step=3)
+    with ckpt.Checkpointer(tmp_path / "async") as saver:
+        saver.save(state, step=3)
+    a, b = ckpt.load_arrays(sync), ckpt.load_arrays(tmp_path / "async" / "step_00000003")
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_training_continues_while_saving_and_donation_does_not_touch_the_checkpoint(tmp_path, monkeypatch):
+    """save() returns before the checkpoint is committed; donating steps then overwrite the very
+    buffers that were saved; the checkpoint still holds the values at save time."""
+    state = {"step": jnp.int32(5), "w": jax.random.normal(jax.random.key(1), (2048, 2048)),
+             "v": jnp.arange(1000.0), "key": jax.random.key(7)}
+    at_save = jax.tree.map(lambda x: host(x).copy(), state)
+    release = threading.Event()
+    real = ckpt.Checkpointer._wait_for_orbax
+    monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", lambda self: (release.wait(60), real(self)))
+    update = jax.jit(lambda t: {**t, "step": t["step"] + 1, "w": t["w"] * 2 + 1, "v": t["v"] - 3}, donate_argnums=0)
+    with ckpt.Checkpointer(tmp_path) as saver:
+        path = saver.save(state, step=5)
+        for _ in range(10):  # training goes on while the save is pending, donating the saved buffers
+            state = update(state)
+        jax.block_until_ready(state)
+        assert saver.pending == path and not path.exists()  # not committed while training went on
+        release.set()
+        assert saver.wait() == path and path.is_dir()
+    restored, _ = ckpt.restore(path, jax.tree.map(lambda x: x, at_save) | {"key": jax.random.key(0)})
+    for k in ("step", "w", "v", "key"):
+        assert host(restored[k]).tobytes() == at_save[k].tobytes(), k
+    assert host(state["w"]).tobytes() != at_save["w"].tobytes()  # the live state did change
+
+
+def test_keep_k_with_async_saves(tmp_path):
+    state = cnn_state(steps=0)
+    with ckpt.Checkpointer(tmp_path, keep=2) as saver:
+        for s in range(1, 6):
+            saver.save(state, step=s, extras={"run_id": "r"})
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --------------------------------------------------------------- corruption
+def test_a_corrupt_file_under_state_is_named_and_latest_valid_falls_back(tmp_path):
+    state = cnn_state(steps=0)
+    old = ckpt.save(tmp_path, state, step=1)
+    new = ckpt.save(tmp_path, state, step=2)
+    f = data_file(new)  # array data, the biggest file of the OCDBT store
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {f} is corrupt: sha256"):
+        ckpt.restore(new, state)
+    with pytest.warns(UserWarning, match=f"skipping corrupt checkpoint: checkpoint {f} is corrupt"):
+        assert ckpt.latest_valid(tmp_path) == old
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda p: (p / "manifest.json").write_text((p / "manifest.json").read_text()[:50]), "manifest.json is corrupt"),
+    (lambda p: (p / "manifest.json").unlink(), "never committed by fundl"),
+])
+def test_a_truncated_or_missing_manifest(tmp_path, damage, why):
+    state = cnn_state(steps=0)
+    old = ckpt.save(tmp_path, state, step=1)
+    new = ckpt.save(tmp_path, state, step=2)
+    damage(new)
+    with pytest.raises(ckpt.CheckpointError, match=why):
+        ckpt.restore(new, state)
+    with pytest.warns(UserWarning, match=why):
+        assert ckpt.latest_valid(tmp_path) == old
+
+
+def test_an_unknown_format_says_what_it_is(tmp_path):
+    path = ckpt.save(tmp_path, cnn_state(steps=0), step=1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format": 3}))
+    with pytest.raises(ckpt.CheckpointError, match="has format 3; this fundl reads formats 1 .* and 2 .*upgrade fundl"):
+        ckpt.read_manifest(path)
+
+
+# ---------------------------------------------------------------- format 1
+def test_a_format_1_checkpoint_still_restores_verifies_and_mixes_with_format_2(tmp_path):
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(FORMAT1, directory)
+    old = directory / "step_00000007"
+    assert ckpt.read_manifest(old)["format"] == 1 and (old / "arrays.npz").is_file()
+    template = cnn_state(steps=0)
+    restored, manifest = ckpt.restore(old, template)
+    assert manifest["step"] == 7 and manifest["extras"]["run_id"] == "format1"
+    with np.load(old / "arrays.npz") as f:  # what the old save wrote, leaf by leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+            assert host(leaf).tobytes() == f[ckpt._path_str(path)].tobytes()
+    assert int(restored.step) == 7 and jax.random.key_impl(restored.key) == jax.random.key_impl(template.key)
+    # restored onto a sharding, too (what resume asks for)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), template)
+    assert_bit_equal(ckpt.restore(old, abstract)[0], restored)
+    assert ckpt.latest_valid(directory) == old
+    # a newer format-2 checkpoint of the same run: newest wins, keep-K prunes the format-1 one
+    new = ckpt.save(directory, restored, step=8, extras={"run_id": "format1"}, keep=1)
+    assert ckpt.latest_valid(directory) == new and ckpt.list_checkpoints(directory) == [new]
+    # a corrupt format-1 file is still detected
+    shutil.copytree(FORMAT1 / "step_00000007", old)
+    data = bytearray((old / "arrays.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (old / "arrays.npz").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="arrays.npz is corrupt: sha256"):
+        ckpt.restore(old, template)
+
+
+# --------------------------------------------------------------- crashes
+def _run(code, timeout=120, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **env})
+
+
+def test_sigkill_during_an_async_save_while_training_leaves_older_checkpoints_intact(tmp_path):
+    code = f"""
+import os, signal, sys, jax, jax.numpy as jnp, numpy as np
+from fundl.train import checkpoint as ckpt
+d = {str(tmp_path)!r}
+ckpt.save(d, {{"step": np.int32(1), "w": np.ones(3, np.float32)}}, step=1)
+ckpt.save(d, {{"step": np.int32(2), "w": np.ones(3, np.float32)}}, step=2)
+saver = ckpt.Checkpointer(d, keep=1)
+state = {{"step": jnp.int32(3), "w": jax.random.normal(jax.random.key(0), (4096, 2048))}}
+saver.save(state, step=3)
+step = jax.jit(lambda t: {{"step": t["step"] + 1, "w": t["w"] + 1}}, donate_argnums=0)
+state = jax.block_until_ready(step(state))
+print("pending", saver.pending is not None, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = _run(code)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert "pending True" in r.stdout
+    before = {p: ckpt.load_arrays(p)["w"].tobytes() for p in ckpt.list_checkpoints(tmp_path)}
+    assert [p.name for p in before] == ["step_00000001", "step_00000002"]  # no step_3, nothing pruned
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".step_00000003.tmp-")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both older ones verify
+        assert ckpt.latest_valid(tmp_path).name == "step_00000002"
+    with ckpt.Checkpointer(tmp_path) as saver:  # the next run's first save removes the leftover
+        saver.save({"step": np.int32(4), "w": np.zeros(3, np.float32)}, step=4)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_real_write_error_from_tensorstore_is_a_checkpoint_write_error(tmp_path):
+    """The file size limit (RLIMIT_FSIZE) makes the kernel fail Orbax's write with EFBIG, as a
+    full disk fails it with ENOSPC: the error reaches wait() with its errno and a clear message."""
+    code = f"""
+import errno, resource, signal, numpy as np
+from fundl.train import checkpoint as ckpt
+d = {str(tmp_path)!r}
+good = ckpt.save(d, {{"step": np.int32(1), "w": np.ones(3, np.float32)}}, step=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+w = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
+with ckpt.Checkpointer(d) as saver:
+    saver.save({{"step": np.int32(2), "w": w}}, step=2)
+    try:
+        saver.wait()
+    except ckpt.CheckpointWriteError as e:
+        assert e.errno == errno.EFBIG, e.errno
+        print("MESSAGE", e)
+"""
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    msg = r.stdout.split("MESSAGE ", 1)[1]
+    assert f"could not write checkpoint {tmp_path / 'step_00000002'}: File too large" in msg
+    assert f"the newest intact checkpoint is {tmp_path / 'step_00000001'}" in msg
+    assert "Traceback" not in r.stderr  # Orbax's own error logs are not repeated
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+
+
+# ------------------------------------------------------------- shardings
+SHARDINGS = """
+import sys, jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_num_cpu_devices", 4)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from fundl.train import checkpoint as ckpt
+d, devices = sys.argv[1], jax.devices()
+
+def mesh(n):
+    return Mesh(np.array(devices[:n]), ("data",))
+
+def state_on(n):
+    m = mesh(n)
+    w = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6)
+    return {"step": jax.device_put(jnp.int32(9), NamedSharding(m, P())),
+            "w": jax.device_put(w, NamedSharding(m, P("data"))),          # split over the devices
+            "b": jax.device_put(jnp.ones(6, jnp.bfloat16), NamedSharding(m, P())),
+            "key": jax.device_put(jax.random.key(3), NamedSharding(m, P()))}
+
+def target_on(n):
+    m = mesh(n)
+    s = {"step": P(), "w": P("data"), "b": P(), "key": P()}
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(m, s[k])) for k, v in state_on(1).items()}
+
+def check(restored, n):
+    want = state_on(1)
+    for k in want:
+        a, b = restored[k], want[k]
+        if k == "key":
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes() and a.dtype == b.dtype, k
+    w = restored["w"]
+    if n:
+        assert len(w.sharding.device_set) == n and w.sharding.spec == P("data"), w.sharding
+        assert [s.data.shape for s in w.addressable_shards] == [(8 // n, 6)] * n
+    else:  # a plain template: onto the default device
+        assert w.sharding.device_set == {devices[0]}
+
+for saved_on, restored_on in [(4, 2), (4, 1), (2, 4)]:
+    path = ckpt.save(f"{d}/{saved_on}", state_on(saved_on), step=9)
+    check(ckpt.restore(path, target_on(restored_on))[0], restored_on)
+    check(ckpt.restore(path, state_on(restored_on))[0], restored_on)  # jax.Array leaves: their shardings
+plain = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x), state_on(1))
+check(ckpt.restore(f"{d}/4/step_00000009", plain)[0], 0)
+print("OK")
+"""
+
+
+PLACEMENTS = """
+import sys, jax, jax.numpy as jnp, numpy as np, optax
+jax.config.update("jax_num_cpu_devices", 4)
+from fundl import models
+from fundl.train import checkpoint as ckpt
+from fundl.train.parallel import make_placement
+from fundl.train.state import create_train_state
+d = sys.argv[1]
+state = create_train_state(models.mlp([64], 8), optax.adam(1e-3), jax.random.key(0), (1, 32))
+state = state.replace(params=jax.tree.map(lambda x: x + 0.5, state.params))  # not the fresh init
+want = ckpt.flatten_state(state)
+place = lambda mode, n: make_placement(mode, n, min_size=16)
+
+def split(tree):  # leaves held in pieces (not replicated): fsdp's point
+    return sum(1 for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_fully_replicated)
+
+fsdp4 = place("fsdp", 4)
+placed = fsdp4.put_state(state)
+assert split(placed) > 0
+path = ckpt.save(f"{d}/fsdp4", fsdp4.saveable(placed), step=0)
+for mode, n in [("fsdp", 2), ("fsdp", 1), ("sharding", 2), ("pmap", 4), ("none", 1)]:
+    p = place(mode, n)
+    restored, _ = ckpt.restore(path, p.restore_target(state))
+    if mode == "fsdp" and n == 2:
+        assert split(restored) > 0 and all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(restored))
+    got = ckpt.flatten_state(p.get_state(p.put_state(restored)))
+    assert sorted(got) == sorted(want) and all(got[k].tobytes() == want[k].tobytes() for k in want), (mode, n)
+pmap4 = place("pmap", 4)
+path = ckpt.save(f"{d}/pmap4", pmap4.saveable(pmap4.put_state(state)), step=0)  # and back: pmap -> fsdp
+p = place("fsdp", 4)
+got = ckpt.flatten_state(p.get_state(p.put_state(ckpt.restore(path, p.restore_target(state))[0])))
+assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+# a format-1 checkpoint (arrays.npz) restores onto fsdp's shardings too
+template = create_train_state(models.cnn([2], [], 3, batch_norm=True), optax.adam(1e-2), jax.random.key(0), (1, 6, 6, 1))
+p = place("fsdp", 2)  # the model's leaves have dimensions of 18 and 2: split over 2 devices
+restored, _ = ckpt.restore(sys.argv[2], p.restore_target(template))
+assert split(restored) > 0
+with np.load(sys.argv[2] + "/arrays.npz") as f:
+    got = ckpt.flatten_state(p.get_state(restored))
+    assert sorted(got) == sorted(f.files) and all(got[k].tobytes() == f[k].tobytes() for k in f.files)
+print("OK")
+"""
+
+
+def test_a_checkpoint_moves_between_placements_and_device_counts(tmp_path):
+    """fsdp on 4 devices -> fsdp on 2 (still split) and on 1, sharding on 2, pmap on 4, one device;
+    pmap on 4 -> fsdp on 4; format 1 -> fsdp on 2: through each placement's saveable /
+    restore_target / put_state."""
+    r = subprocess.run([sys.executable, "-c", PLACEMENTS, str(tmp_path), str(FORMAT1 / "step_00000007")],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_restore_onto_other_shardings_and_device_counts(tmp_path):
+    """Saved with a leaf split over 4 devices, restored split over 2 and onto 1; saved on 2,
+    restored on 4 (Orbax reshards); a plain template restores onto the default device."""
+    r = subprocess.run([sys.executable, "-c", SHARDINGS, str(tmp_path)], capture_output=True, text=True,
+                       timeout=180, cwd=ROOT)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_two_processes_write_their_own_shards_and_one_process_resumes(tmp_path, capsys):
+    """fsdp over 2 processes x 2 devices: each process writes its own shards into one checkpoint
+    (per-process OCDBT files, all checksummed in the manifest); a single process on 4 devices
+    resumes it, then one on 1 device reads it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_multihost import launch_train
+
+    split = ["--set", "parallel.fsdp_min_size=16", "--set", "logging.plots=false"]
+    code, out = launch_train(tmp_path, capsys, *split, mode="fsdp")
+    assert code == 0, out[-4000:]
+    run = tmp_path / "run"
+    path = ckpt.latest_valid(run / "checkpoints")
+    assert path.name == "step_00000024"
+    files = ckpt.read_manifest(path)["files"]
+    for i in (0, 1):  # both processes wrote array data
+        assert any(f.startswith(f"state/ocdbt.process_{i}/d/") for f in files), sorted(files)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--resume", str(run), "--quiet",
+                        "--local-devices", "4", "--set", 'parallel.mode="fsdp"', "--set", "training.steps=36",
+                        "--allow-change", "training.steps"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ckpt.latest_valid(run / "checkpoints").name == "step_00000036"
+    arrays = ckpt.load_arrays(path)  # this process, one device
+    assert int(arrays["step"]) == 24 and arrays["params/dense_0/w"].shape == (16, 16)
+
+
+# ------------------------------------------------------------------ fit
+def _tiny():
+    ds = load_dataset("synthetic", num_train=256, num_test=64, input_shape=(8,), num_classes=3, seed=0)
+    model, opt = models.mlp([16], 3), optax.adam(1e-2)
+    fresh = lambda: create_train_state(model, opt, jax.random.key(0), (1, 8))  # noqa: E731
+    return fresh, make_train_step(model, opt), Loader(ds.train, 32, seed=1, drop_last=True, prefetch=0)
+
+
+def test_fit_with_async_checkpoints_writes_what_sync_checkpoints_write(tmp_path):
+    fresh, step, loader = _tiny()
+    for mode in (True, False):
+        rd = RunDir(tmp_path / str(mode))
+        fit(fresh(), step, loader, num_steps=12, log_every=4, checkpoint_every=4, keep_checkpoints=5,
+            run_dir=rd, progress=False, async_checkpoints=mode)
+    a, b = (ckpt.list_checkpoints(tmp_path / str(m) / "checkpoints") for m in (True, False))
+    assert [p.name for p in a] == [p.name for p in b] == ["step_00000004", "step_00000008", "step_00000012"]
+    for x, y in zip(a, b):
+        ax, by = ckpt.load_arrays(x), ckpt.load_arrays(y)
+        assert all(ax[k].tobytes() == by[k].tobytes() for k in ax)
+
+
+def test_a_stop_signal_names_a_committed_checkpoint_while_saves_are_slow(tmp_path, monkeypatch):
+    """Saves that take longer than steps: the SIGTERM path waits for the pending one, so the
+    checkpoint TrainingInterrupted names exists and verifies when the exception is raised."""
+    fresh, step, loader = _tiny()
+    real = ckpt.Checkpointer._wait_for_orbax
+    monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", lambda self: (threading.Event().wait(0.3), real(self)))
+
+    def stop(record):
+        if record["step"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    rd = RunDir(tmp_path)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(fresh(), step, loader, num_steps=20, log_every=2, checkpoint_every=2, run_dir=rd, progress=False,
+            on_log=stop)
+    e = info.value
+    assert e.step == 6 and e.checkpoint == rd.checkpoint_dir / "step_00000006"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.read_manifest(e.checkpoint)["step"] == 6  # committed, checksums verify
+        assert ckpt.latest_valid(rd.checkpoint_dir) == e.checkpoint
+
+
+def test_a_failed_background_save_stops_fit_with_the_write_error(tmp_path, monkeypatch):
+    fresh, step, loader = _tiny()
+    real = ckpt.Checkpointer._wait_for_orbax
+
+    def full_disk(self):
+        real(self)
+        if self.pending.name == "step_00000008":
+            raise ValueError("Failed to write 4096 bytes to file 11: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", full_disk)
+    rd = RunDir(tmp_path)
+    with pytest.raises(ckpt.CheckpointWriteError, match="could not write checkpoint .*step_00000008: No space left"):
+        fit(fresh(), step, loader, num_steps=20, log_every=4, checkpoint_every=4, run_dir=rd, progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(rd.checkpoint_dir)] == ["step_00000004"]
+    assert [p.name for p in rd.checkpoint_dir.iterdir() if p.name.startswith(".")] == []
