@@ -93,6 +93,32 @@ def test_round_trip_is_bit_exact_and_state_is_a_plain_orbax_checkpoint(tmp_path)
     assert np.asarray(plain["key"]).tobytes() == host(state.key).tobytes()
 
 
+def test_relative_directories_work(tmp_path, monkeypatch):
+    """Run directories are often relative (``make train``: runs/NAME); Orbax itself takes only
+    absolute paths.  Bug: every save into a relative directory failed ("Checkpoint path should be
+    absolute")."""
+    monkeypatch.chdir(tmp_path)
+    state = cnn_state()
+    with ckpt.Checkpointer(Path("runs/x/checkpoints"), keep=2) as saver:
+        saver.save(state, step=3)
+    path = ckpt.latest_valid("runs/x/checkpoints")
+    assert path == Path("runs/x/checkpoints/step_00000003")
+    assert_bit_equal(ckpt.restore(path, state)[0], state)
+    assert ckpt.load_arrays(path).keys() == ckpt.flatten_state(state).keys()
+
+
+def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
+           "--quiet", "--set", "logging.plots=false", "--run-dir", "runs/tiny"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNDL_")}
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(cmd + ["--resume", "--set", "training.steps=36", "--allow-change", "training.steps"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000036" / "manifest.json").is_file()
+
+
 def test_async_save_equals_sync_save_bit_for_bit(tmp_path):
     state = cnn_state()
     sync = ckpt.save(tmp_path / "sync", state, step=3)

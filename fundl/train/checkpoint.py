@@ -361,7 +361,8 @@ class Checkpointer:
                 tmp.mkdir()
             if self._orbax is None:
                 self._orbax = _orbax_checkpointer()
-            self._orbax.save(tmp / STATE_DIR, args=_orbax().args.StandardSave(_nest(flat)))
+            # Orbax takes absolute paths only (run directories are often relative: runs/NAME)
+            self._orbax.save((tmp / STATE_DIR).absolute(), args=_orbax().args.StandardSave(_nest(flat)))
         except BaseException as e:
             self._done(tmp)
             if self.primary:
@@ -714,7 +715,7 @@ def _read_orbax(path: Path, targets: dict) -> list:
     ocp = _orbax()
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
-            tree = reader.restore(path / STATE_DIR, args=ocp.args.StandardRestore(_nest(targets)))
+            tree = reader.restore((path / STATE_DIR).absolute(), args=ocp.args.StandardRestore(_nest(targets)))
         return _unnest(tree, targets)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_DIR}/ with Orbax ({e})") from None
