@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -221,6 +222,14 @@ def _orbax():
     return ocp
 
 
+def _import_orbax_in_background() -> None:
+    """Start importing Orbax (about a second) while training compiles and runs, so the first
+    save does not wait for it.  (Python's import lock makes a concurrent import safe: the
+    first save's ``import`` waits for this one to finish.)"""
+    if "orbax.checkpoint" not in sys.modules:
+        threading.Thread(target=_orbax, name="fundl-import-orbax", daemon=True).start()
+
+
 def _orbax_checkpointer():
     """A new Orbax async checkpointer of pytrees (StandardCheckpointHandler)."""
     ocp = _orbax()
@@ -329,6 +338,7 @@ class Checkpointer:
         self.last_committed: Path | None = None
         if self.primary and self.directory.is_dir():
             _remove_stale(self.directory)  # leftovers of saves killed in an earlier run
+        _import_orbax_in_background()
 
     # ----------------------------------------------------------- public
     def save(self, state, *, step: int | None = None, extras: dict | None = None) -> Path:
@@ -364,6 +374,7 @@ class Checkpointer:
             # Orbax takes absolute paths only (run directories are often relative: runs/NAME)
             self._orbax.save((tmp / STATE_DIR).absolute(), args=_orbax().args.StandardSave(_nest(flat)))
         except BaseException as e:
+            self._settle_orbax()  # its background part of this save must not write after the removal
             self._done(tmp)
             if self.primary:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -429,6 +440,25 @@ class Checkpointer:
         """Orbax's background write (every process's shards) and its finalisation, done."""
         self._orbax.wait_until_finished()
 
+    def _settle_orbax(self) -> None:
+        """After a failed save: let Orbax's own background work for it end (its errors belong to
+        the failure being raised), and never hand that Orbax checkpointer to a later save, which
+        would inherit its pending error (bug: a failed save made the next, unrelated save fail)."""
+        if self._orbax is None:
+            return
+        try:
+            self._orbax.wait_until_finished()
+        except BaseException:  # noqa: BLE001 - part of the failure already being raised
+            pass
+        with _SHARED_LOCK_INNER:
+            if _SHARED[0] is self._orbax:
+                _SHARED[0] = None
+        try:
+            self._orbax.close()
+        except BaseException:  # noqa: BLE001 - as above
+            pass
+        self._orbax, self._owns_orbax = None, True  # a later save makes (and owns) a fresh one
+
     def _finish(self, final: Path, tmp: Path, manifest: dict, seq: int) -> None:
         """After Orbax: process 0 commits; every process learns the outcome (background thread)."""
         error: BaseException | None = None
@@ -443,6 +473,7 @@ class Checkpointer:
                     prune(self.directory, final, self.keep)
         except BaseException as e:  # noqa: BLE001 - handed to wait()
             error = e
+            self._settle_orbax()
             if self.primary:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not isinstance(e, CheckpointWriteError) and _errno_of(e) is not None:
@@ -517,8 +548,9 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
     Synchronous; use :class:`Checkpointer` to save in the background.
     """
     with _SHARED_LOCK:  # one Orbax checkpointer for these calls: making one costs ~25 ms a save
-        if _SHARED[0] is None:
-            _SHARED[0] = _orbax_checkpointer()
+        with _SHARED_LOCK_INNER:
+            if _SHARED[0] is None:
+                _SHARED[0] = _orbax_checkpointer()
         saver = Checkpointer(directory, keep=keep, async_save=False)
         saver._orbax, saver._owns_orbax = _SHARED[0], False
         with saver:
@@ -526,7 +558,8 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
 
 
 _SHARED: list = [None]
-_SHARED_LOCK = threading.Lock()
+_SHARED_LOCK = threading.Lock()  # held by save() for a whole save
+_SHARED_LOCK_INNER = threading.Lock()  # replacing _SHARED[0] (from inside a save holding _SHARED_LOCK)
 
 
 def prune(directory: str | Path, newest: Path, keep: int) -> list[Path]:
