@@ -499,7 +499,7 @@ def resume(rd: RunDir, state: TrainState, config: dict, loader: Loader, allow_ch
             f"cannot resume {where}: the data position saved in {path} does not match the one recomputed "
             f"from step {step} with the same config ({mismatch}); the data order would differ from the "
             f"saved run's. Was the dataset or fundl's loader changed?")
-    target = placement.restore_target(state) if hasattr(placement, "restore_target") else state
+    target = placement.restore_target(state) if placement is not None else state
     restored, _ = ckpt.restore(path, target)
     if verbose:
         print(f"fundl: resuming from {path} (step {step})", flush=True)

@@ -29,6 +29,7 @@ from fundl.train.rundir import RunDir
 from fundl.train.signals import TrainingInterrupted
 from fundl.train.state import create_train_state, is_prng_key
 from fundl.train.step import make_train_step
+from test_checkpoint import data_file  # the biggest array-data file under state/
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT1 = ROOT / "tests" / "data" / "checkpoint_format1"  # written by fundl's format-1 save (commit 344f934)
@@ -61,10 +62,6 @@ def assert_bit_equal(a, b):
         x, y = host(x), host(y)
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
-
-def data_file(path):
-    files = [f for f in (path / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
-    return max(files, key=lambda f: f.stat().st_size)
 
 
 # ------------------------------------------------------------------ content

@@ -26,6 +26,7 @@ from fundl.train.loop import fit
 from fundl.train.parallel import local_batches_divisible
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
+from test_checkpoint import data_file  # the biggest array-data file under state/
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_synthetic.toml"
@@ -38,11 +39,6 @@ def cli(*args, env=None, driver=False, timeout=120):
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
-
-def data_file(checkpoint):
-    """The biggest array-data file of a checkpoint's Orbax state/ folder."""
-    files = [f for f in (checkpoint / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
-    return max(files, key=lambda f: f.stat().st_size)
 
 
 def tiny_config(*overrides):

@@ -450,9 +450,8 @@ class Checkpointer:
             self._orbax.wait_until_finished()
         except BaseException:  # noqa: BLE001 - part of the failure already being raised
             pass
-        with _SHARED_LOCK_INNER:
-            if _SHARED[0] is self._orbax:
-                _SHARED[0] = None
+        if _SHARED[0] is self._orbax:  # (only module-level save() shares it, holding _SHARED_LOCK)
+            _SHARED[0] = None
         try:
             self._orbax.close()
         except BaseException:  # noqa: BLE001 - as above
@@ -548,9 +547,8 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
     Synchronous; use :class:`Checkpointer` to save in the background.
     """
     with _SHARED_LOCK:  # one Orbax checkpointer for these calls: making one costs ~25 ms a save
-        with _SHARED_LOCK_INNER:
-            if _SHARED[0] is None:
-                _SHARED[0] = _orbax_checkpointer()
+        if _SHARED[0] is None:
+            _SHARED[0] = _orbax_checkpointer()
         saver = Checkpointer(directory, keep=keep, async_save=False)
         saver._orbax, saver._owns_orbax = _SHARED[0], False
         with saver:
@@ -559,7 +557,6 @@ def save(directory: str | Path, state, *, step: int | None = None, extras: dict 
 
 _SHARED: list = [None]
 _SHARED_LOCK = threading.Lock()  # held by save() for a whole save
-_SHARED_LOCK_INNER = threading.Lock()  # replacing _SHARED[0] (from inside a save holding _SHARED_LOCK)
 
 
 def prune(directory: str | Path, newest: Path, keep: int) -> list[Path]:

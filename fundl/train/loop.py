@@ -416,7 +416,7 @@ class _Loop:
             raise _non_finite_error("parameters or optimiser state", None, s, "params", self.last_ckpt,
                                     "the training loss was still finite")
         extras = {"loader": self.loader.state_at_step(s), **self.extras}
-        saveable = getattr(self.placement, "saveable", self.placement.get_state)(self.state)
+        saveable = self.placement.saveable(self.state)
         # Every process passes the global state (Orbax writes each one's shards); this returns once
         # the device buffers are copied, and waits for the previous save's commit first.
         self.last_ckpt = self.saver.save(saveable, step=s, extras=extras)

@@ -363,17 +363,21 @@ class ShardingPlacement(_MultiDevice):
                              "(members replicated, each member's batch split over the devices)")
         if member_devices > 1:
             grid = np.array(self.devices).reshape(member_devices, self.num_devices // member_devices)
-            self.mesh = jax.sharding.Mesh(grid, (self.member_axis, self.data_axis))
+            self._set_mesh(jax.sharding.Mesh(grid, (self.member_axis, self.data_axis)), member_devices)
         else:
-            self.mesh = jax.sharding.Mesh(np.array(self.devices), (self.data_axis,))
-        self.data_devices = self.num_devices // member_devices
-        m = self.member_axis if member_devices > 1 else None
-        lead = (m,) if members else ()  # an ensemble's batches lead with the member axis
-        self.replicated = NamedSharding(self.mesh, P())
-        self.state_sharding = NamedSharding(self.mesh, P(m)) if member_devices > 1 else self.replicated
-        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axis))  # evaluation: one batch for all
-        self.train_sharding = NamedSharding(self.mesh, P(*lead, self.data_axis))
-        self.stacked_sharding = NamedSharding(self.mesh, P(None, *lead, self.data_axis))
+            self._set_mesh(jax.sharding.Mesh(np.array(self.devices), (self.data_axis,)), 1)
+
+    def _set_mesh(self, mesh, other_axis: int) -> None:
+        """The shardings of states and batches on ``mesh``, whose second axis (members or model,
+        if any) has ``other_axis`` devices: ``num_devices / other_axis`` are on ``data``."""
+        self.mesh, self.data_devices = mesh, self.num_devices // other_axis
+        m = self.member_axis if self.member_axis in mesh.axis_names else None
+        lead = (m,) if self.members else ()  # an ensemble's batches lead with the member axis
+        self.replicated = NamedSharding(mesh, P())
+        self.state_sharding = NamedSharding(mesh, P(m)) if m else self.replicated
+        self.batch_sharding = NamedSharding(mesh, P(self.data_axis))  # evaluation: one batch for all
+        self.train_sharding = NamedSharding(mesh, P(*lead, self.data_axis))
+        self.stacked_sharding = NamedSharding(mesh, P(None, *lead, self.data_axis))
 
     def compile_train(self, step, steps_per_call: int = 1, unroll=1):
         self._set_sync(steps_per_call)
@@ -470,13 +474,7 @@ class FsdpPlacement(ShardingPlacement):
         self.model_devices, self.min_size = model_devices, min_size
         if model_devices > 1:
             grid = np.array(self.devices).reshape(self.num_devices // model_devices, model_devices)
-            self.mesh = jax.sharding.Mesh(grid, (self.data_axis, self.model_axis))
-            self.data_devices = self.num_devices // model_devices
-            lead = (None,) if members else ()
-            self.replicated = self.state_sharding = NamedSharding(self.mesh, P())
-            self.batch_sharding = NamedSharding(self.mesh, P(self.data_axis))
-            self.train_sharding = NamedSharding(self.mesh, P(*lead, self.data_axis))
-            self.stacked_sharding = NamedSharding(self.mesh, P(None, *lead, self.data_axis))
+            self._set_mesh(jax.sharding.Mesh(grid, (self.data_axis, self.model_axis)), model_devices)
         self.axes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
         self.rules = [self._check_rule(i, rule) for i, rule in enumerate(rules)]
 
