@@ -279,7 +279,7 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
                                      axis_name=placement.axis_name)
     if ensemble:
         train_step = jax.vmap(train_step)  # the members as one program
-    eval_fn = make_evaluator(config, model, data, placement, len(members))
+    eval_fn = make_evaluator(config, model, data, placement, len(members), warm_state=state)
     if dp is not None:
         eval_fn = dp.with_epsilon(eval_fn)  # eval records in metrics.jsonl carry epsilon and delta
 
@@ -345,10 +345,15 @@ def _describe_member(member: dict) -> str:
     return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in member.items()) or "the config's"
 
 
-def make_evaluator(config: dict, model, data: Dataset, placement, num_members: int = 1):
+def make_evaluator(config: dict, model, data: Dataset, placement, num_members: int = 1, warm_state=None):
     """``eval_fn(state) -> dict``: exact test-split means for a state as ``fit`` holds it.  For an
     ensemble: the ensemble's prediction (mean of the members' probabilities) and ``members``, a
-    list of each member's."""
+    list of each member's.
+
+    With ``warm_state`` (the train state about to be trained), the eval step is compiled here by
+    evaluating that state on one batch of the test split: a broken evaluation fails before
+    training starts, and the first evaluation does not stop training to compile (it did, for
+    0.1-0.2 s, in the middle of the run)."""
     t = config["training"]
     eval_batch = min(t["eval_batch_size"], len(data.test["y"]))
     eval_batch -= eval_batch % placement.num_devices
@@ -363,6 +368,9 @@ def make_evaluator(config: dict, model, data: Dataset, placement, num_members: i
         out = evaluate(step, *placement.eval_params(s), data.test, eval_batch, placement=placement.for_eval())
         return split_members(out, num_members) if num_members > 1 else out
 
+    if warm_state is not None:
+        first = {k: v[:eval_batch] for k, v in data.test.items()}  # one batch: the shape every evaluation uses
+        evaluate(step, *placement.eval_params(warm_state), first, eval_batch, placement=placement.for_eval())
     return eval_fn
 
 

@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py --end-to-end [--steps 600] [--rounds 2] [--configs a,b] [--out DIR]
     python scripts/bench_end_to_end.py ...            (the same)
+    python scripts/bench_end_to_end.py --ab data.prefetch=0,2 [--configs a,b] [--rounds 5]
 
 Per config (``configs/*.toml``, shortened to ``--steps`` optimiser steps, or
 fewer for slow models: as many as its bare step runs in ``--seconds``; its
@@ -22,6 +23,11 @@ rounds:
 * ``hand``: the loop a user writes by hand in plain JAX: shuffled NumPy
   batches, one jitted donated step per batch, the loss fetched every 100
   steps (no evaluation, no checkpoints).
+
+``--ab KEY=V1,V2,...`` instead runs only ``fit``, once per value of one config
+key in every round (order rotated per round), and reports each value's median
+examples/s and its ratio to the first value's: how defaults are chosen, by
+measurement through the real entry point.
 
 Reported: the median examples/s of each, ``fit/bare`` (target >= 0.9) and
 ``hand time / fit time`` (target: fit takes at most 1.15x the hand loop's
@@ -109,6 +115,67 @@ def time_hand(config: dict, steps: int) -> float:
             float(m["loss"])
     jax.block_until_ready(state)
     return time.perf_counter() - t0
+
+
+def with_setting(config: dict, key: str, value: str) -> dict:
+    """``config`` with ``key`` (``section.name``) set to ``value`` (TOML syntax), validated."""
+    from fundl import config as cfg
+
+    section, name, parsed = cfg.parse_override(f"{key}={value}")
+    return cfg.validate({**config, section: {**config.get(section, {}), name: parsed}}, f"--ab {key}={value}")
+
+
+def measure_ab(config_paths: list[Path], key: str, values: list[str], steps: int, rounds: int,
+               seconds: float) -> dict:
+    """Seconds of ``fit`` per value of ``key``, interleaved, in every round."""
+    from fundl import config as cfg
+    from fundl.data.errors import DataNotFoundError
+
+    configs, rows = {}, {}
+    for path in config_paths:
+        config = cfg.load_config(path)
+        try:
+            _setup(config)
+        except DataNotFoundError as e:
+            rows[path.stem] = {"skipped": str(e).splitlines()[0]}
+            continue
+        configs[path.stem] = {v: with_setting(config, key, v) for v in values}
+        rows[path.stem] = {"steps": calibrated_steps(config, steps, seconds), "batch_size":
+                           config["training"]["batch_size"], **{v: [] for v in values}}
+    for rnd in range(rounds):
+        order = values[rnd % len(values):] + values[:rnd % len(values)]
+        for name, variants in configs.items():
+            row = rows[name]
+            for v in order:
+                secs, n, _ = time_fit(variants[v], row["steps"])
+                row[v].append(secs)
+                row["timed_steps"] = n
+            print(f"round {rnd + 1}/{rounds} {name}: " + ", ".join(f"{key}={v} {row[v][-1]:.2f} s" for v in values),
+                  file=sys.stderr, flush=True)
+    for name in configs:
+        row = rows[name]
+        row["examples_per_s"] = {v: row["timed_steps"] * row["batch_size"] / statistics.median(row[v])
+                                 for v in values}
+        row["ratio_to_first"] = {v: statistics.median(a / b for a, b in zip(row[values[0]], row[v]))
+                                 for v in values}
+    return rows
+
+
+def markdown_ab(result: dict) -> str:
+    key, values = result["key"], result["values"]
+    lines = [f"`fit` examples/s by `{key}`, up to {result['steps']} steps per config, median of {result['rounds']} "
+             f"interleaved rounds; {result['date']}, load {result['load_start']} -> {result['load_end']}; "
+             f"`{result['command']}`", "",
+             "| config | " + " | ".join(f"{key}={v}" for v in values) + " | " +
+             " | ".join(f"{v} / {values[0]}" for v in values[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(values) - 1)]
+    for name, row in result["configs"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | skipped: {row['skipped']} |" + " |" * (2 * len(values) - 2))
+            continue
+        lines.append(f"| {name} | " + " | ".join(f"{row['examples_per_s'][v]:,.0f}" for v in values) + " | " +
+                     " | ".join(f"{row['ratio_to_first'][v]:.2f}" for v in values[1:]) + " |")
+    return "\n".join(lines)
 
 
 def run_fit(config: dict, steps: int) -> tuple[dict, list[dict]]:
@@ -209,7 +276,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10.0, help="per run: fewer steps for slow models")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ab", default="", metavar="KEY=V1,V2",
+                   help="compare values of one config key through fit (e.g. data.prefetch=0,2)")
     args = p.parse_args(argv)
+    if args.ab and ("=" not in args.ab or not args.ab.split("=", 1)[1]):
+        p.error(f"--ab expects KEY=V1,V2,..., got {args.ab!r}")
     names = [n for n in args.configs.split(",") if n]
     paths = sorted((ROOT / "configs").glob("*.toml"))
     if names:
@@ -227,18 +298,26 @@ def main(argv=None) -> int:
         paths = [q for q in paths if q.stem != "tiny_synthetic" and plain(q)]
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
     t0 = time.perf_counter()
-    rows = measure(paths, args.steps, args.rounds, args.seconds)
+    if args.ab:
+        key, values = args.ab.split("=", 1)
+        values = values.split(",")
+        rows = measure_ab(paths, key, values, args.steps, args.rounds, args.seconds)
+    else:
+        rows = measure(paths, args.steps, args.rounds, args.seconds)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps,
               "rounds": args.rounds, "seconds": args.seconds, "load_start": load_start,
               "load_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
               "command": " ".join(["bench_end_to_end.py"] + (sys.argv[1:] if argv is None else list(argv))),
               "wall_s": time.perf_counter() - t0, "configs": rows}
-    md = markdown(result)
+    if args.ab:
+        result.update(key=key, values=values)
+    md = markdown_ab(result) if args.ab else markdown(result)
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "end_to_end.json").write_text(json.dumps(result, indent=1, default=str))
-        (args.out / "end_to_end.md").write_text(md + "\n")
+        stem = "end_to_end_ab" if args.ab else "end_to_end"
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / f"{stem}.md").write_text(md + "\n")
     return 0
 
 

@@ -59,3 +59,29 @@ def test_multi_step_auto_unroll_unrolls_only_convolutional_steps():
                 assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
             else:  # rolled: bit-identical
                 assert jnp.array_equal(a, b)
+
+
+def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
+    """scripts/bench_end_to_end.py: the fit/bare/hand table, and --ab's one-key comparison through fit."""
+    script = str(ROOT / "scripts" / "bench_end_to_end.py")
+    common = ["--configs", "tiny_synthetic", "--steps", "24", "--seconds", "1"]
+    proc = subprocess.run([sys.executable, script, *common, "--rounds", "1", "--out", str(tmp_path / "e2e")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "e2e" / "end_to_end.json").read_text())["configs"]["tiny_synthetic"]
+    assert row["fit_examples_per_s"] > 0 and row["bare_examples_per_s"] > 0 and row["hand_examples_per_s"] > 0
+    assert row["steps_per_call"] == 10  # "auto" for a dense model
+
+    proc = subprocess.run([sys.executable, script, *common, "--rounds", "2", "--ab", "data.prefetch=2,0",
+                           "--out", str(tmp_path / "ab")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ab" / "end_to_end_ab.json").read_text())
+    assert result["key"] == "data.prefetch" and result["values"] == ["2", "0"]
+    row = result["configs"]["tiny_synthetic"]
+    assert len(row["2"]) == len(row["0"]) == 2 and row["ratio_to_first"]["2"] == 1.0
+    assert row["examples_per_s"]["0"] > 0
+    assert "| tiny_synthetic |" in (tmp_path / "ab" / "end_to_end_ab.md").read_text()
+
+    proc = subprocess.run([sys.executable, script, *common, "--ab", "data.prefetchh=2,0"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "prefetchh" in proc.stderr  # a bad key is named, not ignored

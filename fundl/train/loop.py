@@ -459,6 +459,8 @@ def _non_finite_error(what: str, value, step: int, metric: str, last_ckpt, note:
 def _raise_if_non_finite(row: dict, before: int, last_ckpt) -> None:
     """``row``: per-step metrics of the steps ``before + 1, before + 2, ...`` (an ensemble's with a
     member axis after the step axis)."""
+    if all(np.isfinite(v).all() for v in row.values()):  # the usual case: one check per metric, not per step
+        return
     names = ["loss"] + sorted(k for k in row if k != "loss")
     for i in range(len(row["loss"])):
         for k in names:
