@@ -85,3 +85,30 @@ def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
     proc = subprocess.run([sys.executable, script, *common, "--ab", "data.prefetchh=2,0"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "prefetchh" in proc.stderr  # a bad key is named, not ignored
+
+
+def _run_script(*args) -> str:
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_profile_fit_times_every_part_of_the_loop():
+    out = _run_script(ROOT / "scripts" / "profile_fit.py", "--config", ROOT / "configs" / "tiny_synthetic.toml",
+                      "--steps", "24", "--set", "logging.plots=false")
+    assert "tiny_synthetic:" in out and "us per step over the" in out
+    rows = {line.split("  ")[0]: line.split()[-4:] for line in out.splitlines()[2:-1]}
+    assert set(rows) >= {"next batch", "log (waits for the device)", "evaluation", "checkpoint"}
+    assert any(name.startswith("step call") for name in rows)
+    assert int(rows["evaluation"][0]) == 2  # tiny_synthetic evaluates at steps 12 and 24
+    assert all(float(v[1]) >= 0 for v in rows.values())
+
+
+def test_device_data_and_mlp_step_ab_report_their_ratios():
+    out = _run_script(ROOT / "scripts" / "bench_device_data.py", "--configs", "tiny_synthetic", "--steps", "20",
+                      "--rounds", "2")
+    assert out.startswith("tiny_synthetic: host ") and float(out.split("host time / device time")[1]) > 0
+    out = _run_script(ROOT / "scripts" / "bench_mlp_step.py", "--model", "mlp1d", "--rounds", "1")
+    ratios = {line.split()[1]: float(line.split()[-1]) for line in out.splitlines()}
+    assert set(ratios) == {"stax", "fundl", "fundl_loss_only", "fundl_tuple"} and ratios["stax"] == 1.0
+    assert all(r > 0 for r in ratios.values())
