@@ -87,22 +87,32 @@ def time_bare(config: dict, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_hand(config: dict, steps: int) -> float:
-    """Seconds for the hand-written plain-JAX loop (shuffled NumPy batches, loss every 100 steps)."""
+def time_hand(config: dict, steps: int, device_data: bool = False) -> float:
+    """Seconds for the hand-written plain-JAX loop (shuffled NumPy batches, loss every 100 steps).
+
+    ``device_data``: the training arrays put on the device once, the step given each batch's
+    example indices and gathering them itself (``scripts/bench_device_data.py``)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     data, loader, state, step = _setup(config)
-    f = jax.jit(step, donate_argnums=0)
     x, y, b = data.train["x"], data.train["y"], loader.batch_size
+    if device_data:
+        arrays = jax.device_put({"x": x, "y": y})
+        gather = jax.jit(lambda s, arrays, ids: step(s, {k: jnp.take(v, ids, axis=0) for k, v in arrays.items()}),
+                         donate_argnums=0)
+        f = lambda s, ids: gather(s, arrays, ids)
+    else:
+        jitted = jax.jit(step, donate_argnums=0)
+        f = lambda s, ids: jitted(s, {"x": x[ids], "y": y[ids]})  # the batch gathered by NumPy
     rng = np.random.default_rng(0)
 
     def batches():
         while True:
-            perm = rng.permutation(len(y))
+            perm = rng.permutation(len(y)).astype(np.int32)
             for i in range(len(y) // b):
-                idx = perm[i * b:(i + 1) * b]
-                yield {"x": x[idx], "y": y[idx]}
+                yield perm[i * b:(i + 1) * b]
 
     it = batches()
     for _ in range(2):
@@ -117,6 +127,24 @@ def time_hand(config: dict, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def load_configs(config_paths: list[Path]) -> tuple[dict, dict]:
+    """``({name: config}, {name: row})``: the configs whose data are on this machine, and a row per
+    config in ``config_paths``' order, empty to fill in, or ``{"skipped": reason}``."""
+    from fundl import config as cfg
+    from fundl.data.errors import DataNotFoundError
+
+    configs, rows = {}, {}
+    for path in config_paths:
+        config = cfg.load_config(path)
+        try:
+            _setup(config)  # loads the data: skip what is not on this machine
+        except DataNotFoundError as e:
+            rows[path.stem] = {"skipped": str(e).splitlines()[0]}
+            continue
+        configs[path.stem], rows[path.stem] = config, {}
+    return configs, rows
+
+
 def with_setting(config: dict, key: str, value: str) -> dict:
     """``config`` with ``key`` (``section.name``) set to ``value`` (TOML syntax), validated."""
     from fundl import config as cfg
@@ -128,20 +156,11 @@ def with_setting(config: dict, key: str, value: str) -> dict:
 def measure_ab(config_paths: list[Path], key: str, values: list[str], steps: int, rounds: int,
                seconds: float) -> dict:
     """Seconds of ``fit`` per value of ``key``, interleaved, in every round."""
-    from fundl import config as cfg
-    from fundl.data.errors import DataNotFoundError
-
-    configs, rows = {}, {}
-    for path in config_paths:
-        config = cfg.load_config(path)
-        try:
-            _setup(config)
-        except DataNotFoundError as e:
-            rows[path.stem] = {"skipped": str(e).splitlines()[0]}
-            continue
-        configs[path.stem] = {v: with_setting(config, key, v) for v in values}
-        rows[path.stem] = {"steps": calibrated_steps(config, steps, seconds), "batch_size":
-                           config["training"]["batch_size"], **{v: [] for v in values}}
+    loaded, rows = load_configs(config_paths)
+    configs = {name: {v: with_setting(config, key, v) for v in values} for name, config in loaded.items()}
+    for name, config in loaded.items():
+        rows[name].update({"steps": calibrated_steps(config, steps, seconds), "batch_size":
+                           config["training"]["batch_size"], **{v: [] for v in values}})
     for rnd in range(rounds):
         order = values[rnd % len(values):] + values[:rnd % len(values)]
         for name, variants in configs.items():
@@ -213,20 +232,10 @@ def calibrated_steps(config: dict, steps: int, seconds: float) -> int:
 
 
 def measure(config_paths: list[Path], steps: int, rounds: int, seconds: float = 10.0) -> dict:
-    from fundl import config as cfg
-    from fundl.data.errors import DataNotFoundError
-
-    configs, rows = {}, {}
-    for path in config_paths:
-        config = cfg.load_config(path)
-        try:
-            _setup(config)  # loads the data: skip what is not on this machine
-        except DataNotFoundError as e:
-            rows[path.stem] = {"skipped": str(e).splitlines()[0]}
-            continue
-        configs[path.stem] = config
-        rows[path.stem] = {"bare": [], "hand": [], "fit": [], "batch_size": config["training"]["batch_size"],
-                           "steps": calibrated_steps(config, steps, seconds)}
+    configs, rows = load_configs(config_paths)
+    for name, config in configs.items():
+        rows[name].update(bare=[], hand=[], fit=[], batch_size=config["training"]["batch_size"],
+                          steps=calibrated_steps(config, steps, seconds))
     for rnd in range(rounds):
         for name, config in configs.items():
             row = rows[name]

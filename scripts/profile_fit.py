@@ -9,8 +9,9 @@ over the timed window of ``scripts/bench_end_to_end.py`` (first to last train
 log) and, for every part of the loop — the compiled step calls, taking the
 next batch, logging (which waits for the device), evaluations, checkpoints —
 the number of calls, their sum, median and maximum.  A maximum far above the
-median is a one-off inside the run, such as a compile.  docs/benchmarks.md
-quotes what it showed.
+median is a one-off inside the run, such as a compile.  The step calls are
+timed on one device (``parallel.mode = "none"``, the default), not under the
+multi-device placements.  docs/benchmarks.md quotes what it showed.
 """
 
 from __future__ import annotations

@@ -63,7 +63,6 @@ def assert_bit_equal(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
-
 # ------------------------------------------------------------------ content
 def test_round_trip_is_bit_exact_and_state_is_a_plain_orbax_checkpoint(tmp_path):
     state = cnn_state()

@@ -40,7 +40,6 @@ def cli(*args, env=None, driver=False, timeout=120):
                           timeout=timeout)
 
 
-
 def tiny_config(*overrides):
     return cfg.load_config(ROOT / TINY, ["logging.plots=false", "training.eval_every=0", *overrides])
 

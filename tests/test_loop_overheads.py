@@ -4,6 +4,8 @@ The evaluation is compiled before training (a broken one fails before the first 
 evaluation stops training to compile), and the per-dispatch host work stays small.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -45,9 +47,9 @@ class CompileCounter:
         jax._src.monitoring.unregister_event_duration_listener(self)
 
 
-def test_no_evaluation_inside_fit_compiles(tmp_path, monkeypatch):
-    """Every evaluation fit runs finds the eval step compiled: none stops training to compile
-    (the first one did, 0.1-0.2 s in the middle of the MNIST-1D runs)."""
+def eval_compiles(config: dict, run_dir: Path) -> list[int]:
+    """Run ``config`` through ``fundl.experiment.run`` and count the XLA compiles inside each
+    evaluation ``fit`` runs."""
     compiles_per_eval = []
     real_fit = loop.fit
 
@@ -62,11 +64,35 @@ def test_no_evaluation_inside_fit_compiles(tmp_path, monkeypatch):
 
         return real_fit(*args, eval_fn=counted, **kwargs)
 
-    monkeypatch.setattr(experiment, "fit", fit_counting_eval_compiles)
-    with CompileCounter() as counter:
-        summary = experiment.run(tiny(), tmp_path / "run", verbose=False)
+    experiment.fit = fit_counting_eval_compiles
+    try:
+        with CompileCounter() as counter:
+            summary = experiment.run(config, run_dir, verbose=False)
+    finally:
+        experiment.fit = real_fit
     assert summary["test_accuracy"] is not None
-    assert compiles_per_eval == [0, 0]  # at steps 12 and 24 of 24
+    return compiles_per_eval
+
+
+@pytest.mark.parametrize("overrides", [[], ["training.ensemble=2"]], ids=["one", "ensemble"])
+def test_no_evaluation_inside_fit_compiles(tmp_path, overrides):
+    """Every evaluation fit runs finds the eval step compiled: none stops training to compile
+    (the first one did, 0.1-0.2 s in the middle of the MNIST-1D runs)."""
+    assert eval_compiles(tiny(*overrides), tmp_path / "run") == [0, 0]  # at steps 12 and 24 of 24
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharding", "fsdp"])
+def test_no_evaluation_inside_fit_compiles_on_two_devices(tmp_path, mode):
+    """The same under every multi-device placement (2 fake CPU devices, in a fresh process): the
+    state compiled for ahead of training is placed as fit's is, so the compiled eval step is reused."""
+    code = (f"import jax; jax.config.update('jax_num_cpu_devices', 2)\n"
+            f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+            f"import test_loop_overheads as t\n"
+            f"from pathlib import Path\n"
+            f"print(t.eval_compiles(t.tiny('parallel.mode=\"{mode}\"'), Path({str(tmp_path / 'run')!r})))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 0]"
 
 
 def test_the_counter_sees_a_compile():
