@@ -2,7 +2,9 @@
 
 Convolutions are ``jax.lax.conv_general_dilated`` with dimension numbers
 NWC/WIO (1D) and NHWC/HWIO (2D); the weight ``w`` has shape
-``(*kernel_size, in_channels // feature_group_count, features)``.
+``(*kernel_size, in_channels // feature_group_count, features)``.  On CPU a
+large convolution runs over the batch in chunks (``fundl.nn.conv_lowering``:
+1.35-3x faster for 2D layers on XLA:CPU, same results).
 
 ``padding`` (convolutions and pooling alike) is one of
 
@@ -32,6 +34,7 @@ import numpy as np
 from jax import lax
 
 from fundl.nn import init as initializers
+from fundl.nn.conv_lowering import convolve
 from fundl.nn.core import Layer, ShapeError, _fmt, check_input, get_param
 
 
@@ -177,7 +180,7 @@ def _conv(nd: int, features, kernel_size, stride, padding, dilation,
     def apply(params, state, x, *, key=None, train=False):
         w = get_param(params, "w")
         _check_rank(x, nd, name, channels=w.shape[-2] * groups)
-        y = lax.conv_general_dilated(
+        y = convolve(
             x, w.astype(x.dtype),
             window_strides=stride,
             padding=padding,
