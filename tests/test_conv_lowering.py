@@ -78,6 +78,13 @@ def test_chunks_equal_one_convolution_forward_and_gradients(args):
         _close(got, want)
 
 
+def test_the_bias_is_added_to_every_chunk():
+    x, w = _data()
+    b = jnp.arange(6.0)
+    _close(convolve(x, w, b, chunks=4, **ARGS_2D), _whole(x, w) + b)
+    _close(convolve(x, w, b, chunks=1, **ARGS_2D), _whole(x, w) + b)
+
+
 def test_grouped_convolution_in_chunks():
     x, _ = _data(cin=4)
     w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))

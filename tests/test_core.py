@@ -101,3 +101,13 @@ def test_lambda_layer_infers_shape():
     layer = nn.lambda_layer(lambda x: x[:, ::2] * 2, "half")
     check_layer(layer, (3, 8))
     assert layer.init(KEY, (3, 8))[2] == (3, 4)
+
+
+def test_relu_equals_jax_nn_relu_values_and_gradient_at_the_edges():
+    """nn.relu is a select (XLA:CPU fuses it better than ``max(x, 0)``); its values equal
+    jax.nn.relu's on every edge value, NaN passes through, and the gradient is 0 at 0."""
+    x = jnp.array([-jnp.inf, -2.0, -0.0, 0.0, 1e-30, 3.0, jnp.inf, jnp.nan])
+    got = nn.relu.apply({}, {}, x)[0]
+    np.testing.assert_array_equal(got, jax.nn.relu(x))
+    grad = jax.vmap(jax.grad(lambda v: nn.relu.apply({}, {}, v)[0]))(x[:-1])
+    np.testing.assert_array_equal(grad, jax.vmap(jax.grad(jax.nn.relu))(x[:-1]))

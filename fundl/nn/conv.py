@@ -182,14 +182,13 @@ def _conv(nd: int, features, kernel_size, stride, padding, dilation,
         _check_rank(x, nd, name, channels=w.shape[-2] * groups)
         y = convolve(
             x, w.astype(x.dtype),
+            get_param(params, "b").astype(x.dtype) if use_bias else None,
             window_strides=stride,
             padding=padding,
             rhs_dilation=dilation,
             dimension_numbers=dimension_numbers,
             feature_group_count=groups,
         )
-        if use_bias:
-            y = y + get_param(params, "b").astype(x.dtype)
         return y, {}
 
     return Layer(init, apply, name)

@@ -64,14 +64,16 @@ def _in_chunks(conv, x, w, chunks: int):
     return out.reshape((batch,) + out.shape[2:])
 
 
-def convolve(x, w, *, chunks: int | None = None, **conv_args):
-    """``lax.conv_general_dilated(x, w, **conv_args)`` with the batch as axis 0.
+def convolve(x, w, bias=None, *, chunks: int | None = None, **conv_args):
+    """``lax.conv_general_dilated(x, w, **conv_args) + bias`` with the batch as axis 0 (no
+    bias if ``None``; added to each chunk, where XLA:CPU fuses it into the convolution).
 
     ``chunks``: how many pieces the batch is split into on CPU (it must divide the batch);
     ``None`` chooses by :func:`cpu_chunks`.  On other platforms the convolution is one call.
     """
     def conv(a, b):
-        return lax.conv_general_dilated(a, b, **conv_args)
+        y = lax.conv_general_dilated(a, b, **conv_args)
+        return y if bias is None else y + bias
 
     batch = x.shape[0]
     if chunks is None:
