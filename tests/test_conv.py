@@ -392,3 +392,40 @@ def test_init_errors():
         conv2d(3, (3, 3, 3))
     with pytest.raises(ValueError, match="padding"):
         max_pool2d(2, padding="FULL")
+
+
+def _reduce_window_max(x, window):
+    dims = (1,) + window + (1,)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+
+
+@pytest.mark.parametrize("make, shape, window", [
+    (max_pool2d, (3, 6, 8, 4), (2, 2)),
+    (max_pool2d, (2, 6, 6, 3), (3, 2)),
+    (max_pool1d, (3, 12, 5), (4,)),
+])
+def test_tiling_max_pool_equals_reduce_window_values_gradient_and_ties(make, shape, window):
+    """Windows that tile the input run as a reshape and a max (fast on XLA:CPU); values,
+    gradients and forward-mode tangents equal ``reduce_window``'s, and a tie sends the whole
+    gradient to the first maximum in row-major window order (as PyTorch does), not split."""
+    layer = make(window if len(window) > 1 else window[0])
+    x = jax.random.normal(jax.random.key(0), shape)
+    x = x.at[0, 0, 0].set(9.0).at[0, 1, 0].set(9.0)  # a tie inside one window
+    x = x.at[1].set(0.0)                              # whole windows of ties (relu zeros)
+    pool = lambda a: layer.apply({}, {}, a)[0]
+    np.testing.assert_array_equal(pool(x), _reduce_window_max(x, window))
+    r = jax.random.normal(jax.random.key(1), pool(x).shape)
+    grad = lambda f: jax.grad(lambda a: jnp.vdot(f(a), r))(x)
+    np.testing.assert_array_equal(grad(pool), grad(lambda a: _reduce_window_max(a, window)))
+    t = jax.random.normal(jax.random.key(2), shape)
+    np.testing.assert_array_equal(jax.jvp(pool, (x,), (t,))[1],
+                                  jax.jvp(lambda a: _reduce_window_max(a, window), (x,), (t,))[1])
+
+
+def test_tiling_max_pool_lowers_without_reduce_window():
+    x = jnp.zeros((4, 8, 8, 2))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: max_pool2d(2).apply({}, {}, a)[0].sum()))(x))
+    assert "reduce_window" not in jaxpr and "select_and_scatter" not in jaxpr
+    # overlapping windows keep reduce_window
+    jaxpr = str(jax.make_jaxpr(lambda a: max_pool2d(3, stride=2).apply({}, {}, a)[0])(x))
+    assert "reduce_window_max" in jaxpr

@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -253,6 +254,40 @@ def _lowest(dtype):
     raise TypeError(f"max pooling needs a float or int input, got {dtype}")
 
 
+def _tiles(x, window):
+    """``x`` (batch, spatial..., channels) reshaped so each window is its own axes, and those axes."""
+    split = (x.shape[0],)
+    for n, w in zip(x.shape[1:-1], window):
+        split += (n // w, w)
+    return x.reshape(split + (x.shape[-1],)), tuple(range(2, 2 * len(window) + 1, 2))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _tiled_max(x, window):
+    """Max pooling whose windows tile the input exactly (stride = window, no padding), as a
+    reshape and a max: XLA:CPU runs ``reduce_window`` and its ``select_and_scatter`` gradient
+    ~70 ms per step slower on a (128, 26, 26, 32) -> (128, 24, 24, 64) layer pair."""
+    tiles, axes = _tiles(x, window)
+    return jnp.max(tiles, axis=axes)
+
+
+@_tiled_max.defjvp
+def _tiled_max_jvp(window, primals, tangents):
+    # The tangent of the first maximum in each window (row-major order), as reduce_window's
+    # gradient and PyTorch's: ties (e.g. zeros after a relu) do not split the gradient.
+    (x,), (t,) = primals, tangents
+    tiles, axes = _tiles(x, window)
+    out = jnp.max(tiles, axis=axes)
+    shape = [1] * tiles.ndim
+    for axis, w in zip(axes, window):
+        shape[axis] = w
+    order = np.arange(math.prod(window), dtype=np.int32).reshape([w for w in window])
+    order = jnp.asarray(order.reshape(shape))
+    first = jnp.min(jnp.where(tiles == jnp.expand_dims(out, axes), order, order.size), axis=axes)
+    chosen = order == jnp.expand_dims(first, axes)
+    return out, jnp.sum(jnp.where(chosen, _tiles(t, window)[0], 0), axis=axes)
+
+
 def _pool(nd: int, kind: str, window, stride, padding) -> Layer:
     name = f"{kind}_pool{nd}d"
     window = _tuple(window, nd, "window", name)
@@ -270,6 +305,10 @@ def _pool(nd: int, kind: str, window, stride, padding) -> Layer:
     def apply(params, state, x, *, key=None, train=False):
         _check_rank(x, nd, name)
         pads = ((0, 0),) + _pads(x.shape[1:-1], window, stride, ones, padding) + ((0, 0),)
+        tiled = (window == stride and all(lo == 0 and hi == 0 for lo, hi in pads)
+                 and all(n % w == 0 for n, w in zip(x.shape[1:-1], window)))
+        if kind == "max" and tiled and jnp.issubdtype(x.dtype, jnp.floating):
+            return _tiled_max(x, window), {}
         if kind == "max":
             return lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides, pads), {}
         total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, dims, strides, pads)
