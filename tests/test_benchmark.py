@@ -112,3 +112,16 @@ def test_device_data_and_mlp_step_ab_report_their_ratios():
     ratios = {line.split()[1]: float(line.split()[-1]) for line in out.splitlines()}
     assert set(ratios) == {"stax", "fundl", "fundl_loss_only", "fundl_tuple"} and ratios["stax"] == 1.0
     assert all(r > 0 for r in ratios.values())
+
+
+def test_conv_chunk_table_reports_speedups_and_the_rules_pick():
+    out = _run_script(ROOT / "scripts" / "bench_conv_chunks.py", "--only", "7x7", "--rounds", "1",
+                      "--slot", "0.01", "--chunk-sizes", "64,8")
+    row = [line for line in out.splitlines() if line.startswith("| 2d 7x7x64")]
+    assert len(row) == 1, out
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[0] == "2d 7x7x64 -> 64, k3 (128)" and cells[-1] == "chunks of 8"
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0  # whole ms, 64, 8
+    proc = subprocess.run([sys.executable, ROOT / "scripts" / "bench_conv_chunks.py", "--only", "nothing"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "matches none of" in proc.stderr
