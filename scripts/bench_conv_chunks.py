@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -121,7 +122,6 @@ def main(argv=None) -> int:
         parser.error(f"--only {args.only!r} matches none of: " + ", ".join(s[0] for s in SHAPES))
     fns, picks = build(shapes, chunk_sizes)
     times = measure(fns, args.rounds, args.slot)
-    import os
     print(f"{args.rounds} interleaved rounds of {args.slot} s per variant; load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; speed-up = whole / chunked time")
     print(table(times, picks, chunk_sizes))

@@ -282,8 +282,7 @@ def _tiled_max_jvp(window, primals, tangents):
     shape = [1] * tiles.ndim
     for axis, w in zip(axes, window):
         shape[axis] = w
-    order = np.arange(math.prod(window), dtype=np.int32).reshape([w for w in window])
-    order = jnp.asarray(order.reshape(shape))
+    order = jnp.asarray(np.arange(math.prod(window), dtype=np.int32).reshape(shape))
     first = jnp.min(jnp.where(tiles == jnp.expand_dims(out, axes), order, order.size), axis=axes)
     chosen = order == jnp.expand_dims(first, axes)
     return out, jnp.sum(jnp.where(chosen, _tiles(t, window)[0], 0), axis=axes)
