@@ -71,6 +71,10 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see _hugepages.py)
+    from _hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -779,7 +783,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores; float32 matmul peak (XLA, 2048²): "
                  f"{m['matmul_peak_gflops']:.0f} GFLOP/s; load average at start {m['load_start']}, "
-                 f"end {m['load_end']}; XLA_FLAGS={m['xla_flags']!r}")
+                 f"end {m['load_end']}; XLA_FLAGS={m['xla_flags']!r}; "
+                 f"GLIBC_TUNABLES={m.get('glibc_tunables', '')!r} (scripts/_hugepages.py)")
     lines.append(f"Batch {BATCH}, float32, Adam; {result['rounds']} interleaved rounds of ~{result['slot_s']} s "
                  f"per implementation; fused K={result['steps_per_call']}.")
     lines.append("")
@@ -1006,7 +1011,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpu": cpu_model(), "cores": _cpu_count(), "matmul_peak_gflops": peak,
                     "load_start": load_start, "load_end": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "platform": platform.platform()},
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "platform": platform.platform(),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "versions": versions(),
         "batch": BATCH, "rounds": args.rounds, "slot_s": args.slot, "steps_per_call": args.steps_per_call,
         "fused_unroll": {m: FUSED_UNROLL[m] for m in models},

@@ -1,0 +1,132 @@
+"""scripts/_hugepages.py: the scripts re-execute themselves with glibc's malloc using huge pages.
+
+Why (measured in docs/benchmarks.md, "Page faults"): XLA:CPU frees and re-allocates
+each step's temporary buffer, and with 4 KiB pages every step faults it in again.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import _hugepages as hp  # noqa: E402
+
+GLIBC = ("glibc", "2.36")
+ENTRY_SCRIPTS = ["train", "evaluate", "reproduce_mnist1d", "meta_lr", "benchmark", "bench_end_to_end",
+                 "bench_conv_chunks", "profile_fit"]
+QUALIFIES = hp.tuned_environ(os.environ, system=sys.platform, libc=hp.libc_version(), thp=hp.thp_mode()) \
+    is not None or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def test_tuned_environ_adds_the_tunable_and_keeps_the_users_own():
+    env = hp.tuned_environ({"PATH": "/bin"}, system="linux", libc=GLIBC, thp="madvise")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env = hp.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, system="linux", libc=GLIBC,
+                           thp="madvise")
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("environ, system, libc, thp", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "linux", GLIBC, "madvise"),  # after the exec: no loop
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "linux", GLIBC, "madvise"),  # the user's choice stands
+    ({"FUNDL_HUGEPAGES": "0"}, "linux", GLIBC, "madvise"),                      # turned off
+    ({}, "linux", GLIBC, "always"),        # large mappings get huge pages already
+    ({}, "linux", GLIBC, "never"),         # the kernel gives none
+    ({}, "linux", GLIBC, None),            # no THP setting to read
+    ({}, "linux", ("glibc", "2.31"), "madvise"),   # before glibc 2.35: no such tunable
+    ({}, "linux", ("", ""), "madvise"),            # musl
+    ({}, "darwin", ("", ""), "madvise"),
+    ({}, "linux", ("glibc", "weird"), "madvise"),
+])
+def test_tuned_environ_is_none_where_reexecuting_changes_nothing(environ, system, libc, thp):
+    assert hp.tuned_environ(environ, system=system, libc=libc, thp=thp) is None
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert hp.thp_mode(str(f)) == "madvise"
+    f.write_text("[always] madvise never\n")
+    assert hp.thp_mode(str(f)) == "always"
+    assert hp.thp_mode(str(tmp_path / "missing")) is None
+
+
+def _run_probe(tmp_path, extra_env, body):
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT / "scripts")!r})
+        if __name__ == "__main__":
+            from _hugepages import reexec_with_huge_pages
+            reexec_with_huge_pages()
+    """) + textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FUNDL_HUGEPAGES")}
+    env.update(extra_env)
+    p = subprocess.Popen([sys.executable, "-X", "utf8", str(script), "a b", "--flag"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    return p.pid, json.loads(out.strip().splitlines()[-1])
+
+
+PROBE = ('print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "utf8": sys.flags.utf8_mode, '
+         '"tunables": os.environ.get("GLIBC_TUNABLES")}))')
+
+
+@pytest.mark.skipif(not QUALIFIES, reason="this machine needs no re-exec (no glibc >= 2.35 or THP not madvise)")
+def test_a_script_reexecutes_itself_in_place_with_the_tunable(tmp_path):
+    pid, seen = _run_probe(tmp_path, {}, PROBE)
+    # same process (exec keeps the pid), same arguments and interpreter flags, the tunable set
+    assert seen == {"pid": pid, "argv": ["a b", "--flag"], "utf8": 1, "tunables": "glibc.malloc.hugetlb=1"}
+    _, seen = _run_probe(tmp_path, {"FUNDL_HUGEPAGES": "0"}, PROBE)
+    assert seen["tunables"] is None
+
+
+FAULTS = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(6):   # like XLA's per-step temporary buffer: malloc'd, written, freed (numpy would madvise itself)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = libc.malloc(64 * 2**20)
+    ctypes.memset(a, 1, 64 * 2**20)
+    libc.free(a)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"faults": sorted(faults[1:])[2]}))
+"""
+
+
+@pytest.mark.skipif(not QUALIFIES, reason="this machine needs no re-exec (no glibc >= 2.35 or THP not madvise)")
+def test_the_tunable_removes_most_page_faults_of_a_buffer_reallocated_every_step(tmp_path):
+    _, without = _run_probe(tmp_path, {"FUNDL_HUGEPAGES": "0"}, FAULTS)
+    _, with_ = _run_probe(tmp_path, {}, FAULTS)
+    assert without["faults"] >= 8000            # 64 MiB in 4 KiB pages: 16,384 faults
+    assert with_["faults"] < without["faults"] / 4, (with_, without)
+
+
+@pytest.mark.parametrize("name", ENTRY_SCRIPTS)
+def test_entry_scripts_reexecute_before_importing_jax_or_fundl(name):
+    """glibc reads the tunable only at process start, and importing JAX first would waste ~2.5 s."""
+    tree = ast.parse((ROOT / "scripts" / f"{name}.py").read_text())
+    heavy = ("jax", "fundl", "numpy", "torch")
+    reexec_at = heavy_at = None
+    for node in tree.body:
+        if isinstance(node, ast.If) and "reexec_with_huge_pages" in ast.unparse(node) and reexec_at is None:
+            assert ast.unparse(node.test) == "__name__ == '__main__'"
+            reexec_at = node.lineno
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if heavy_at is None and any(n.split(".")[0] in heavy for n in names):
+            heavy_at = node.lineno
+    assert reexec_at is not None, f"scripts/{name}.py does not call reexec_with_huge_pages"
+    assert heavy_at is None or reexec_at < heavy_at, (name, reexec_at, heavy_at)
