@@ -21,7 +21,7 @@ import _hugepages as hp  # noqa: E402
 
 GLIBC = ("glibc", "2.36")
 ENTRY_SCRIPTS = ["train", "evaluate", "reproduce_mnist1d", "meta_lr", "benchmark", "bench_end_to_end",
-                 "bench_conv_chunks", "profile_fit"]
+                 "bench_conv_chunks", "profile_fit", "bench_page_faults"]
 QUALIFIES = hp.tuned_environ(os.environ, system=sys.platform, libc=hp.libc_version(), thp=hp.thp_mode()) \
     is not None or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
 
@@ -130,3 +130,18 @@ def test_entry_scripts_reexecute_before_importing_jax_or_fundl(name):
             heavy_at = node.lineno
     assert reexec_at is not None, f"scripts/{name}.py does not call reexec_with_huge_pages"
     assert heavy_at is None or reexec_at < heavy_at, (name, reexec_at, heavy_at)
+
+
+def test_bench_page_faults_compares_both_settings_in_alternating_processes(capsys):
+    import bench_page_faults
+
+    assert bench_page_faults.main(["--models", "mlp", "--pairs", "1", "--steps", "3", "--seconds", "0"]) == 0
+    out = capsys.readouterr().out
+    seen = out.splitlines()[0]
+    if QUALIFIES:  # the 4 KiB process runs without the tunable, the default one with it
+        assert seen.startswith("GLIBC_TUNABLES seen: '' / 'glibc.malloc.hugetlb=1'"), seen
+    row = next(line for line in out.splitlines() if line.startswith("| mlp |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and float(cells[4]) > 0 and float(cells[5]) > 0, row
+    with pytest.raises(SystemExit):
+        bench_page_faults.main(["--models", "nope"])
