@@ -2,9 +2,9 @@
 
 XLA:CPU allocates each step's temporary buffer afresh and frees it after the
 step (59 MiB for the benchmark CNN at batch 128).  glibc serves an allocation
-that large with a fresh ``mmap``, so every step touches it page by page again:
-12,650 minor page faults per step for that CNN with 4 KiB pages, about 380
-with 2 MiB transparent huge pages.  On the 2-core machine of docs/benchmarks.md
+above 32 MiB with a fresh ``mmap``, so every step touches it page by page again:
+12,650 minor page faults per step for that CNN with 4 KiB pages, 380-390 with
+2 MiB transparent huge pages (``scripts/bench_page_faults.py``).  On the 2-core machine of docs/benchmarks.md
 that is 1.2x the CNN's steps/s and 1.13-1.34x ``scripts/train.py`` on
 ``configs/mnist_cnn.toml``; models whose buffers stay small (MLPs, the LSTM,
 MNIST-1D) do not fault and do not change.
