@@ -15,7 +15,9 @@ them re-executes itself (same pid, same arguments) with
 only where that changes something: Linux with glibc >= 2.35 (the first with
 the tunable) and transparent huge pages in ``madvise`` mode (in ``always``
 mode large mappings get huge pages already; in ``never`` mode they cannot).
-``FUNDL_HUGEPAGES=0`` turns it off.  Your own scripts get the same by starting
+``FUNDL_HUGEPAGES=0`` turns it off.  A script run inside another program
+(IPython's ``%run``) never re-executes: that would replace the program.  Your
+own scripts get the same by starting
 with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment.
 
 This file imports nothing heavy on purpose: it runs before ``import fundl``
@@ -69,10 +71,23 @@ def libc_version() -> tuple[str, str]:
     return name, version
 
 
+def started_as_this_script(argv0: str, orig_argv: list[str]) -> bool:
+    """True when the interpreter's own command line names the script ``sys.argv[0]`` names.
+
+    Not so when a script runs inside another program (IPython's ``%run``, ``runpy``
+    from a notebook): re-executing would replace that program, a notebook kernel with it.
+    """
+    try:
+        target = os.path.realpath(argv0)
+        return any(os.path.realpath(a) == target for a in orig_argv[1:] if a and not a.startswith("-"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def reexec_with_huge_pages() -> None:
     """Replace this process by itself with the tunable set, when that helps (see the module doc)."""
     env = tuned_environ(os.environ, system=sys.platform, libc=libc_version(), thp=thp_mode())
-    if env is None:
+    if env is None or not started_as_this_script(sys.argv[0], getattr(sys, "orig_argv", [])):
         return
     sys.stdout.flush()
     sys.stderr.flush()

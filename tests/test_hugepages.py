@@ -90,6 +90,31 @@ def test_a_script_reexecutes_itself_in_place_with_the_tunable(tmp_path):
     assert seen["tunables"] is None
 
 
+def test_started_as_this_script_only_for_the_programs_own_script(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert hp.started_as_this_script(str(script), ["python", "-X", "utf8", str(script), "--flag"])
+    assert not hp.started_as_this_script(str(script), ["python", "-m", "ipykernel_launcher", "-f", "k.json"])
+    assert not hp.started_as_this_script(str(script), [])
+
+
+@pytest.mark.skipif(not QUALIFIES, reason="this machine needs no re-exec (no glibc >= 2.35 or THP not madvise)")
+def test_a_script_run_inside_another_program_does_not_replace_it(tmp_path):
+    """IPython's %run executes a script as __main__ inside the kernel: exec would replace the kernel."""
+    _run_probe(tmp_path, {}, PROBE)  # writes probe.py, which re-executes when started itself
+    host = tmp_path / "host.py"
+    host.write_text(textwrap.dedent(f"""
+        import json, os, runpy, sys
+        sys.argv = [{str(tmp_path / "probe.py")!r}]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        print(json.dumps({{"still_here": True, "tunables": os.environ.get("GLIBC_TUNABLES")}}))
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FUNDL_HUGEPAGES")}
+    out = subprocess.run([sys.executable, str(host)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"still_here": True, "tunables": None}
+
+
 FAULTS = """
 import ctypes, resource
 libc = ctypes.CDLL(None)
