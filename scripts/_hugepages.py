@@ -6,8 +6,9 @@ above 32 MiB with a fresh ``mmap``, so every step touches it page by page again:
 12,650 minor page faults per step for that CNN with 4 KiB pages, 380-390 with
 2 MiB transparent huge pages (``scripts/bench_page_faults.py``).  On the 2-core machine of docs/benchmarks.md
 that is 1.2x the CNN's steps/s and 1.13-1.34x ``scripts/train.py`` on
-``configs/mnist_cnn.toml``; models whose buffers stay small (MLPs, the LSTM,
-MNIST-1D) do not fault and do not change.
+``configs/mnist_cnn.toml`` (1.15x on ``shakespeare_char_lm``, an LSTM with large
+buffers); models whose buffers stay small (MLPs, MNIST-1D's models, the
+benchmark LSTM) do not fault and do not change.
 
 glibc reads its tunables only when a process starts, so a script that wants
 them re-executes itself (same pid, same arguments) with
