@@ -2,20 +2,22 @@
 
 XLA:CPU allocates each step's temporary buffer afresh and frees it after the
 step (59 MiB for the benchmark CNN at batch 128).  glibc serves an allocation
-above 32 MiB with a fresh ``mmap``, so every step touches it page by page again:
-12,650 minor page faults per step for that CNN with 4 KiB pages, 380-390 with
-2 MiB transparent huge pages (``scripts/bench_page_faults.py``).  On the 2-core machine of docs/benchmarks.md
-that is 1.2x the CNN's steps/s and 1.13-1.34x ``scripts/train.py`` on
-``configs/mnist_cnn.toml`` (1.15x on ``shakespeare_char_lm``, an LSTM with large
-buffers); models whose buffers stay small (MLPs, MNIST-1D's models, the
-benchmark LSTM) do not fault and do not change.
+above 32 MiB with a fresh ``mmap``, so every step touches it page by page
+again: 12,650 minor page faults per step for that CNN with 4 KiB pages,
+380-390 with 2 MiB transparent huge pages (``scripts/bench_page_faults.py``).
+On the 2-core machine of docs/benchmarks.md that is 1.2x the CNN's steps/s,
+1.13-1.34x ``scripts/train.py`` on ``configs/mnist_cnn.toml`` and 1.15x on
+``shakespeare_char_lm`` (an LSTM with large buffers).  Models whose buffers
+stay small (MLPs, MNIST-1D's models, the benchmark LSTM) do not fault and do
+not change.
 
 glibc reads its tunables only when a process starts, so a script that wants
 them re-executes itself (same pid, same arguments) with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` before importing JAX.  It does so
 only where that changes something: Linux with glibc >= 2.35 (the first with
 the tunable) and transparent huge pages in ``madvise`` mode (in ``always``
-mode large mappings get huge pages already; in ``never`` mode they cannot).
+mode the kernel gives large mappings huge pages without being asked; in
+``never`` mode it gives none).
 ``FUNDL_HUGEPAGES=0`` turns it off.  A script run inside another program
 (IPython's ``%run``) never re-executes: that would replace the program.  Your
 own scripts get the same by starting

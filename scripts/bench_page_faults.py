@@ -91,13 +91,14 @@ def main(argv=None) -> int:
     print("| model | XLA temp MiB | faults/step, 4 KiB | faults/step, huge | steps/s, 4 KiB | steps/s, huge "
           "| huge / 4 KiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    def med(rs, m, key):
+        return statistics.median(r[m][key] for r in rs)
+
     for m in models:
-        def med(rs, key):
-            return statistics.median(r[m][key] for r in rs)
         ratio = statistics.median(h[m]["steps_per_s"] / s[m]["steps_per_s"] for s, h in zip(small, huge))
-        print(f"| {m} | {huge[0][m]['xla_temp_mib']:.1f} | {med(small, 'faults_per_step'):.0f} "
-              f"| {med(huge, 'faults_per_step'):.0f} | {med(small, 'steps_per_s'):.1f} "
-              f"| {med(huge, 'steps_per_s'):.1f} | {ratio:.2f} |")
+        print(f"| {m} | {huge[0][m]['xla_temp_mib']:.1f} | {med(small, m, 'faults_per_step'):.0f} "
+              f"| {med(huge, m, 'faults_per_step'):.0f} | {med(small, m, 'steps_per_s'):.1f} "
+              f"| {med(huge, m, 'steps_per_s'):.1f} | {ratio:.2f} |")
     return 0
 
 
