@@ -265,9 +265,9 @@ def _tiles(x, window):
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _tiled_max(x, window):
     """Max pooling whose windows tile the input exactly (stride = window, no padding), as a
-    reshape and a max: XLA:CPU's ``reduce_window`` and its ``select_and_scatter`` gradient
-    made a CNN step with two 2x2 max pools (batch 128, 28x28, 32 and 64 channels) take
-    132-140 ms instead of 84-93 ms."""
+    reshape and a max: on XLA:CPU, ``reduce_window`` and its ``select_and_scatter`` gradient
+    were the slow part of a CNN step with max pooling (docs/benchmarks.md, *CNN*, has the
+    per-step figures and the command that regenerates them)."""
     tiles, axes = _tiles(x, window)
     return jnp.max(tiles, axis=axes)
 
