@@ -24,7 +24,7 @@ own scripts get the same by starting
 with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment.
 
 This file imports nothing heavy on purpose: it runs before ``import fundl``
-(which imports JAX, ~2.5 s), so the re-exec costs one interpreter start.
+(which imports JAX, ~1 s), so the re-exec costs one interpreter start.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_the_tunable_removes_most_page_faults_of_a_buffer_reallocated_every_step
 
 @pytest.mark.parametrize("name", ENTRY_SCRIPTS)
 def test_entry_scripts_reexecute_before_importing_jax_or_fundl(name):
-    """glibc reads the tunable only at process start, and importing JAX first would waste ~2.5 s."""
+    """glibc reads the tunable only at process start, and importing JAX first would waste ~1 s."""
     tree = ast.parse((ROOT / "scripts" / f"{name}.py").read_text())
     heavy = ("jax", "fundl", "numpy", "torch")
     reexec_at = heavy_at = None

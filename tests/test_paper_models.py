@@ -337,3 +337,16 @@ def test_resuming_with_another_data_order_or_init_is_checked():
         check_changes(config_changes(saved, cfg.validate({"model": {"init": "torch"}})), ("model",), "runs/x")
     old = {s: {k: v for k, v in e.items() if k not in ("residual", "init", "shuffle")} for s, e in saved.items()}
     assert config_changes(old, saved) == []
+
+
+def test_paper_cnn_config_runs_five_unrolled_steps_per_dispatch_through_fit(tmp_path):
+    """The paper CNN's config overrides "auto" (one step per dispatch for convolutions) by
+    measurement (docs/benchmarks.md, "End to end"): ``fit`` runs its 5 fused steps fully
+    unrolled, never as a rolled scan over convolutions (3-16x slower on XLA:CPU)."""
+    from fundl import experiment
+
+    config = cfg.load_config(ROOT / "configs" / "mnist1d_paper_cnn.toml",
+                             ["training.steps=12", "training.log_every=6", "training.eval_every=12"])
+    summary = experiment.run(config, tmp_path / "run", verbose=False)
+    assert (summary["steps_per_call"], summary["unroll"]) == (5, True)
+    assert summary["final_step"] == 12  # dispatches of 5, 1, 5, 1 steps: fused calls end at the logs
