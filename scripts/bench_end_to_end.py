@@ -49,8 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see _hugepages.py)
-    from _hugepages import reexec_with_huge_pages
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
     reexec_with_huge_pages()
 
 ROOT = Path(__file__).resolve().parent.parent

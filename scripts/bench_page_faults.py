@@ -5,7 +5,7 @@
 
 XLA:CPU allocates each step's temporary buffer afresh and frees it after the
 step; glibc maps a buffer that large anew every time, so each step faults its
-pages in again (scripts/_hugepages.py).  This runs fundl's benchmark step
+pages in again (fundl/run/hugepages.py).  This runs fundl's benchmark step
 (``scripts/benchmark.py``'s models, batch 128) in fresh processes, alternating
 ``FUNDL_HUGEPAGES=0`` (the process as Python starts it) and the default (the
 scripts' re-exec with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), and prints
@@ -24,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see _hugepages.py)
-    from _hugepages import reexec_with_huge_pages
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
     reexec_with_huge_pages()
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -71,8 +71,8 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see _hugepages.py)
-    from _hugepages import reexec_with_huge_pages
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
     reexec_with_huge_pages()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -784,7 +784,7 @@ def markdown(result: dict) -> str:
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores; float32 matmul peak (XLA, 2048²): "
                  f"{m['matmul_peak_gflops']:.0f} GFLOP/s; load average at start {m['load_start']}, "
                  f"end {m['load_end']}; XLA_FLAGS={m['xla_flags']!r}; "
-                 f"GLIBC_TUNABLES={m.get('glibc_tunables', '')!r} (scripts/_hugepages.py)")
+                 f"GLIBC_TUNABLES={m.get('glibc_tunables', '')!r} (fundl/run/hugepages.py)")
     lines.append(f"Batch {BATCH}, float32, Adam; {result['rounds']} interleaved rounds of ~{result['slot_s']} s "
                  f"per implementation; fused K={result['steps_per_call']}.")
     lines.append("")

@@ -1,4 +1,4 @@
-"""scripts/_hugepages.py: the scripts re-execute themselves with glibc's malloc using huge pages.
+"""fundl/run/hugepages.py: the scripts re-execute themselves with glibc's malloc using huge pages.
 
 Why (measured in docs/benchmarks.md, "Page faults"): XLA:CPU frees and re-allocates
 each step's temporary buffer, and with 4 KiB pages every step faults it in again.
@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import _hugepages as hp  # noqa: E402
+from fundl.run import hugepages as hp
 
 GLIBC = ("glibc", "2.36")
 ENTRY_SCRIPTS = ["train", "evaluate", "reproduce_mnist1d", "meta_lr", "benchmark", "bench_end_to_end",
@@ -63,9 +61,8 @@ def _run_probe(tmp_path, extra_env, body):
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, sys
-        sys.path.insert(0, {str(ROOT / "scripts")!r})
         if __name__ == "__main__":
-            from _hugepages import reexec_with_huge_pages
+            from fundl.run.hugepages import reexec_with_huge_pages
             reexec_with_huge_pages()
     """) + textwrap.dedent(body))
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FUNDL_HUGEPAGES")}
@@ -159,6 +156,7 @@ def test_entry_scripts_reexecute_before_importing_jax_or_fundl(name):
 
 
 def test_bench_page_faults_compares_both_settings_in_alternating_processes(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))  # until the benchmarks move to benchmarks/
     import bench_page_faults
 
     assert bench_page_faults.main(["--models", "mlp", "--pairs", "1", "--steps", "3", "--seconds", "0"]) == 0
