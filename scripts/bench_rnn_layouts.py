@@ -139,9 +139,9 @@ def make_gru(layout, unroll, F, H):
 
 
 def make_fundl(cell_name, F, H):
-    from fundl.nn import recurrent
+    from fundl import nn
 
-    layer = (recurrent.lstm if cell_name == "lstm" else recurrent.gru)(
+    layer = (nn.lstm if cell_name == "lstm" else nn.gru)(
         H, time_major=True, return_sequences=False, return_carry=True)
     def init(key):
         p, _, _ = layer.init(key, (28, 2, F))

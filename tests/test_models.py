@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fundl import models, nn
+from fundl.nn.children import record_shapes
 
 KEY = jax.random.key(0)
 
@@ -46,7 +47,7 @@ def test_mlp_input_dropout_drops_flattened_inputs_only_when_asked():
 
 
 def _paths(model, shape):
-    with nn.core.record_shapes() as rows:
+    with record_shapes() as rows:
         nn.abstract_init(model, shape)
     return [path for path, _ in rows]
 

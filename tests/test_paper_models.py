@@ -14,6 +14,7 @@ import pytest
 from fundl import config as cfg
 from fundl import models, nn
 from fundl.experiment import build_model
+from fundl.interop import gru_params_from_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = jax.random.key(0)
@@ -127,8 +128,8 @@ def test_paper_models_equal_the_papers_pytorch_code_on_ported_weights():
                      "dense_1": _linear(tm.linear3)}),
         "cnn": (tc, {"conv1d_0": _conv(tc.conv1), "conv1d_1": _conv(tc.conv2), "conv1d_2": _conv(tc.conv3),
                      "dense_0": _cnn_readout(tc.linear)}),
-        "gru": (tg, {"gru": {"forward": nn.gru_params_from_torch(sd(tg.gru), 0, "forward"),
-                             "backward": nn.gru_params_from_torch(sd(tg.gru), 0, "backward")},
+        "gru": (tg, {"gru": {"forward": gru_params_from_torch(sd(tg.gru), 0, "forward"),
+                             "backward": gru_params_from_torch(sd(tg.gru), 0, "backward")},
                      "dense_0": _linear(tg.linear)}),
     }
     for name, (module, params) in ported.items():
@@ -342,7 +343,7 @@ def test_resuming_with_another_data_order_or_init_is_checked():
 def test_paper_cnn_config_runs_five_unrolled_steps_per_dispatch_through_fit(tmp_path):
     """The paper CNN's config overrides "auto" (one step per dispatch for convolutions) by
     measurement (docs/benchmarks.md, "End to end"): ``fit`` runs its 5 fused steps fully
-    unrolled, never as a rolled scan over convolutions (3-16x slower on XLA:CPU)."""
+    unrolled, never as a rolled scan over convolutions (far slower on XLA:CPU: docs/benchmarks.md)."""
     from fundl import experiment
 
     config = cfg.load_config(ROOT / "configs" / "mnist1d_paper_cnn.toml",

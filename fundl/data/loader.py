@@ -71,14 +71,14 @@ class Loader:
                  device_put: Any = None):
         self.arrays = _check_arrays(arrays)
         self.num_examples = len(next(iter(self.arrays.values())))
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.seed = _nonnegative_int("seed", seed)
-        self.process_count = _positive_int("process_count", process_count)
+        self.process_count = positive_int("process_count", process_count)
         self.process_index = _nonnegative_int("process_index", process_index)
         if self.process_index >= self.process_count:
             raise ValueError(f"Loader: expected 0 <= process_index < process_count={self.process_count}, got {process_index}")
-        self.num_devices = None if num_devices is None else _positive_int("num_devices", num_devices)
+        self.num_devices = None if num_devices is None else positive_int("num_devices", num_devices)
         self.prefetch = _nonnegative_int("prefetch", prefetch)
         self._put = _make_put(device_put)
         n, b = self.num_examples, self.batch_size
@@ -351,7 +351,9 @@ def _make_put(device_put: Any) -> Callable[[Batch], Batch] | None:
     return lambda batch: jax.device_put(batch, device_put)
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
+    """``value`` as an int, or a ValueError naming the Loader argument ``name`` unless it is a
+    positive integer (bools refused); loaders built on :class:`Loader` check theirs with it."""
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise ValueError(f"Loader: expected {name} to be a positive int, got {value!r}")
     return int(value)

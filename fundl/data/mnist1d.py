@@ -6,9 +6,10 @@ back Python's and NumPy's global RNG state afterwards, because the generator
 reseeds both. The result is exactly ``make_dataset``'s output. The arrays are
 cached as an ``.npz`` in the user cache (``~/.cache/fundl/mnist1d/``, or
 ``$FUNDL_CACHE_DIR``), keyed by the arguments and the ``mnist1d`` version:
-generating takes 2-3.5 s on 2 cores (scipy interpolation), reading the cache
-about 10 ms — a fifth of ``make train``'s wall time.  ``cache=False`` turns
-it off; an unwritable cache only costs the regeneration (with a warning).
+generating is slow (scipy interpolation) and reading the cache is not, a
+difference ``make train``'s wall time feels (figures in docs/benchmarks.md,
+"Start-up").  ``cache=False`` turns it off; an unwritable cache only costs
+the regeneration (with a warning).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fundl.data.loader import Batch, Loader, _positive_int
+from fundl.data.loader import Batch, Loader, positive_int
 
 _STREAM = 0x706F6973  # "pois": keeps these draws apart from Loader's ([seed, epoch]) permutations
 
@@ -86,7 +86,7 @@ class PoissonLoader(Loader):
                          prefetch=prefetch, device_put=device_put)
         n = self.num_examples
         self.sampling_rate = self.batch_size / n
-        multiple_of = _positive_int("multiple_of", multiple_of)
+        multiple_of = positive_int("multiple_of", multiple_of)
         self.unit = math.lcm(self.process_count * (self.num_devices or 1), multiple_of)  # padded sizes: multiples
         if max_batch_size is None:
             if not 0 < overflow_probability < 1:

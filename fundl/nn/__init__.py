@@ -4,9 +4,10 @@ from fundl.nn import init
 from fundl.nn.activations import (
     elu, gelu, identity, leaky_relu, log_softmax, relu, sigmoid, silu, softmax, softplus, swish, tanh,
 )
+from fundl.nn.cells import Cell, gru_cell, lstm_cell
+from fundl.nn.combinators import named, parallel, residual, serial
 from fundl.nn.core import (
-    KeyMissingError, Layer, LayerError, ParamsError, ShapeError,
-    abstract_init, elementwise, lambda_layer, named, parallel, residual, serial,
+    KeyMissingError, Layer, LayerError, ParamsError, ShapeError, abstract_init, elementwise, lambda_layer,
 )
 from fundl.nn.conv import (
     avg_pool1d, avg_pool2d, conv1d, conv2d, global_avg_pool, global_max_pool, max_pool1d, max_pool2d,
@@ -15,15 +16,12 @@ from fundl.nn.dropout import dropout
 from fundl.nn.linear import dense, embedding, flatten, reshape
 from fundl.nn.norm import batch_norm, group_norm, layer_norm
 from fundl.nn.remat import remat, remat_cell, remat_serial
-from fundl.nn.recurrent import (
-    Cell, bidirectional, gru, gru_cell, gru_params_from_torch, lstm, lstm_cell, lstm_params_from_torch,
-    reverse_sequences, rnn, stacked,
-)
+from fundl.nn.sequence import bidirectional, gru, lstm, reverse_sequences, rnn, stacked
 from fundl.nn.summary import summary
 
 # The public API, in the order docs/api/nn.md shows it (tests/test_site.py checks it lists every export).
 __all__ = [  # noqa: RUF022 (ordered by topic, as the API page shows it)
-    # the contract, combinators and errors (fundl.nn.core)
+    # the contract and errors (fundl.nn.core), combinators (fundl.nn.combinators)
     "Layer", "serial", "parallel", "residual", "named", "lambda_layer", "elementwise", "abstract_init", "summary",
     "LayerError", "ShapeError", "ParamsError", "KeyMissingError",
     # dense, embedding, shape
@@ -36,9 +34,8 @@ __all__ = [  # noqa: RUF022 (ordered by topic, as the API page shows it)
     # activations (each a Layer)
     "relu", "gelu", "tanh", "sigmoid", "silu", "swish", "elu", "leaky_relu", "softplus", "softmax", "log_softmax",
     "identity",
-    # recurrent
+    # recurrent: cells (fundl.nn.cells), sequence layers (fundl.nn.sequence)
     "Cell", "lstm_cell", "gru_cell", "rnn", "lstm", "gru", "stacked", "bidirectional", "reverse_sequences",
-    "lstm_params_from_torch", "gru_params_from_torch",
     # rematerialisation
     "remat", "remat_serial", "remat_cell",
     # initialisers (a module)

@@ -17,7 +17,7 @@ from fundl.nn.core import elementwise
 def _relu(x):
     # jax.nn.relu's values and gradient (0 at x = 0, NaN passed through), written as a select
     # with a scalar 0: XLA:CPU materialises the broadcast zeros of ``max(x, 0)`` as a full-size
-    # array when it fuses the relu into a following pooling (5-9 ms per step of the benchmark CNN).
+    # array when it fuses the relu into a following pooling (the cost: docs/benchmarks.md, "CNN").
     return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 

@@ -4,7 +4,7 @@ Convolutions are ``jax.lax.conv_general_dilated`` with dimension numbers
 NWC/WIO (1D) and NHWC/HWIO (2D); the weight ``w`` has shape
 ``(*kernel_size, in_channels // feature_group_count, features)``.  On CPU a
 large convolution runs over the batch in chunks (``fundl.nn.conv_lowering``:
-1.35-3x faster for 2D layers on XLA:CPU, same results).
+faster for large 2D layers on XLA:CPU, same results; figures in docs/benchmarks.md, "CNN").
 
 ``padding`` (convolutions and pooling alike) is one of
 
@@ -36,7 +36,7 @@ from jax import lax
 
 from fundl.nn import init as initializers
 from fundl.nn.conv_lowering import convolve
-from fundl.nn.core import Layer, ShapeError, _fmt, check_input, get_param
+from fundl.nn.core import Layer, ShapeError, check_input, format_shape, get_param
 
 
 # --------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def _check_rank(x, nd: int, layer: str, channels=None):
     expected = (None,) * (nd + 1) + (channels,)
     if jnp.ndim(x) != nd + 2:
         raise ShapeError(
-            f"{layer} expects an input of shape {_fmt(expected)} {layout} (rank {nd + 2}), "
-            f"got shape {_fmt(jnp.shape(x))} (rank {jnp.ndim(x)}); add a batch axis "
+            f"{layer} expects an input of shape {format_shape(expected)} {layout} (rank {nd + 2}), "
+            f"got shape {format_shape(jnp.shape(x))} (rank {jnp.ndim(x)}); add a batch axis "
             "with x[None] or a channel axis with x[..., None]"
         )
     if channels is not None:
@@ -133,7 +133,7 @@ def _check_init_rank(input_shape, nd: int, layer: str) -> tuple:
     if len(input_shape) != nd + 2:
         raise ShapeError(
             f"{layer} expects an input shape of rank {nd + 2} (batch, spatial..., "
-            f"channels), got {_fmt(input_shape)}"
+            f"channels), got {format_shape(input_shape)}"
         )
     return input_shape
 
@@ -369,7 +369,7 @@ def _global_pool(kind: str, reduce, keepdims: bool) -> Layer:
         if len(input_shape) < 3:
             raise ShapeError(
                 f"{name} expects an input shape (batch, spatial..., channels) of rank "
-                f">= 3, got {_fmt(input_shape)}"
+                f">= 3, got {format_shape(input_shape)}"
             )
         spatial = (1,) * (len(input_shape) - 2) if keepdims else ()
         return {}, {}, (input_shape[0],) + spatial + (input_shape[-1],)
@@ -378,7 +378,7 @@ def _global_pool(kind: str, reduce, keepdims: bool) -> Layer:
         if jnp.ndim(x) < 3:
             raise ShapeError(
                 f"{name} expects an input (batch, spatial..., channels) of rank >= 3, "
-                f"got shape {_fmt(jnp.shape(x))} (rank {jnp.ndim(x)})"
+                f"got shape {format_shape(jnp.shape(x))} (rank {jnp.ndim(x)})"
             )
         return reduce(x, axis=tuple(range(1, x.ndim - 1)), keepdims=keepdims), {}
 

@@ -1,14 +1,12 @@
 """How fundl lowers a convolution: over the batch in chunks on CPU, whole elsewhere.
 
-XLA:CPU (jaxlib 0.10.2, whose convolutions are YNNPACK fusions) runs a 2D
-convolution's forward and backward 1.35-3x faster when a batch of 128 is split
-into chunks of 8 examples, each convolved on its own, than as one convolution:
-the ``(128, 14, 14, 32) -> 64`` layer's forward and gradients take 57 ms whole
-and 19 ms in chunks, mostly from the weight gradient.  Small 1D convolutions
-(MNIST-1D's, whose whole output is ~0.1 MiB) get 2-5x slower in chunks, and a
-long 1D one (1024 steps) gained only with chunks of 16, so 1D convolutions
-stay whole.  Measured per layer shape by ``scripts/bench_conv_chunks.py``
-(table in docs/benchmarks.md, "CNN").
+XLA:CPU (jaxlib 0.10.2, whose convolutions are YNNPACK fusions) runs a large
+2D convolution's forward and backward faster when the batch is split into
+chunks of 8 examples, each convolved on its own, than as one convolution,
+mostly from the weight gradient.  Small 1D convolutions (MNIST-1D's) get
+slower in chunks, and a long 1D one gained only with larger chunks, so 1D
+convolutions stay whole.  Measured per layer shape by
+``scripts/bench_conv_chunks.py``; the table is in docs/benchmarks.md, "CNN".
 
 The split is exact per example (only the weight gradient sums the chunks in
 another order, ~1e-7 relative); it composes with every transform (``grad``,
@@ -30,8 +28,8 @@ CPU_CHUNK_EXAMPLES = 8
 """Examples per chunk on CPU: the fastest or within noise of it for every 2D layer shape measured."""
 
 CPU_CHUNK_MIN_OUTPUT_BYTES = 2**20
-"""Chunk only convolutions whose whole output is at least this large (1 MiB); the smallest
-measured 2D layer that gained had a 1.5 MiB output.  Below it, untested: left whole."""
+"""Chunk only convolutions whose whole output is at least this large (1 MiB): every measured
+2D layer above it gained (docs/benchmarks.md, "CNN").  Below it, untested: left whole."""
 
 CPU_CHUNK_DIMS = (2,)
 """Spatial ranks that are chunked: 2D only (1D measured slower or mixed, above)."""

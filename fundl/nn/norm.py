@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fundl.nn.core import Layer, LayerError, ShapeError, _fmt, get_param
+from fundl.nn.core import Layer, LayerError, ShapeError, format_shape, get_param
 
 
 def _stat_dtype(dtype):
@@ -73,7 +73,7 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
         if 0 in axes:
             raise ShapeError(
                 f"{name}: axis={axis} includes the batch axis 0 of input shape "
-                f"{_fmt(input_shape)}; layer norm normalises each example on its own "
+                f"{format_shape(input_shape)}; layer norm normalises each example on its own "
                 "(use batch_norm to normalise over the batch)"
             )
         feat = tuple(input_shape[a] for a in axes)
@@ -96,7 +96,7 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
         if axes is None or (want is not None and tuple(shape[a] for a in axes) != want):
             raise ShapeError(
                 f"{name} over axis={axis} expected input of shape "
-                f"{_expected(axis, want)}, got shape {_fmt(shape)} (rank {len(shape)})"
+                f"{_expected(axis, want)}, got shape {format_shape(shape)} (rank {len(shape)})"
             )
         x32 = x.astype(_stat_dtype(x.dtype))
         mean = jnp.mean(x32, axis=axes, keepdims=True)
@@ -179,7 +179,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
         if len(input_shape) < 2:
             raise ShapeError(
                 f"{name} expects an input shape (batch, ..., channels) of rank >= 2, "
-                f"got {_fmt(input_shape)}"
+                f"got {format_shape(input_shape)}"
             )
         c = input_shape[-1]
         params = {}
@@ -198,7 +198,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis_name=None,
         if len(shape) < 2 or shape[-1] != c:
             raise ShapeError(
                 f"{name} expected input of shape (batch, ..., {c}) (rank >= 2), "
-                f"got shape {_fmt(shape)} (rank {len(shape)})"
+                f"got shape {format_shape(shape)} (rank {len(shape)})"
             )
         sdt = _stat_dtype(x.dtype)
         x32 = x.astype(sdt)
@@ -260,9 +260,9 @@ def group_norm(num_groups: int, eps: float = 1e-5, use_scale: bool = True, use_b
         if len(shape) < 2 or (c is not None and shape[-1] != c):
             want = f"(batch, ..., {c})" if c is not None else "(batch, ..., channels)"
             raise ShapeError(f"{name} expected input of shape {want} (rank >= 2), "
-                             f"got shape {_fmt(shape)} (rank {len(shape)})")
+                             f"got shape {format_shape(shape)} (rank {len(shape)})")
         if shape[-1] % num_groups:
-            raise ShapeError(f"{name}({num_groups}): the {shape[-1]} channels of input shape {_fmt(shape)} "
+            raise ShapeError(f"{name}({num_groups}): the {shape[-1]} channels of input shape {format_shape(shape)} "
                              f"do not split into {num_groups} groups; use a num_groups that divides {shape[-1]}")
         return shape[-1]
 

@@ -32,9 +32,10 @@ docs/transforms.md "Rematerialisation"):
 
 ``remat_cell(cell)`` checkpoints a recurrent cell's step inside the time
 scan: the scan then keeps only the carry per step (the LSTM's ``h, c``)
-instead of every gate, a 5x smaller residual for a long-sequence LSTM, on
-every backend.  ``remat_serial(*parts)`` is ``nn.serial`` with runs of layers
-recomputed as blocks and the params, names and keys of ``nn.serial``.
+instead of every gate, a much smaller residual for a long-sequence LSTM, on
+every backend (measured in docs/transforms.md, "Rematerialisation").
+``remat_serial(*parts)`` is ``nn.serial`` with runs of layers recomputed as
+blocks and the params, names and keys of ``nn.serial``.
 ``compiled_memory(fn, *args)`` reads XLA's memory analysis.
 """
 
@@ -45,7 +46,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from fundl.nn.core import Layer, _apply_child, _check_keys, _child_key, _child_names, _put, serial
+from fundl.nn.children import apply_child, check_children, child_key, child_names, put_nonempty
+from fundl.nn.combinators import serial
+from fundl.nn.core import Layer
 
 MODES = ("checkpoint", "custom_vjp")
 
@@ -153,11 +156,11 @@ def remat_serial(*parts: Layer | Sequence[Layer], name: str = "serial", mode: st
         blocks.append((len(layers), len(layers) + len(group), block))
         layers += group
     plain = serial(*layers, name=name)  # init, names and error checks are serial's
-    names = _child_names(layers)
+    names = child_names(layers)
 
     def apply(params, state, x, *, key=None, train=False):
-        _check_keys(params, names, "params")
-        _check_keys(state, names, "state")
+        check_children(params, names, "params")
+        check_children(state, names, "state")
         train = bool(train)
         new_state = {}
         for start, stop, recomputed in blocks:
@@ -166,8 +169,8 @@ def remat_serial(*parts: Layer | Sequence[Layer], name: str = "serial", mode: st
             def run(p, s, x, key, idx=idx):
                 out = {}
                 for i in idx:
-                    x, si = _apply_child(layers[i], names[i], p, s, x, _child_key(key, i), train)
-                    _put(out, names[i], si)
+                    x, si = apply_child(layers[i], names[i], p, s, x, child_key(key, i), train)
+                    put_nonempty(out, names[i], si)
                 return x, out
 
             sub_p = {names[i]: params[names[i]] for i in idx if names[i] in params}

@@ -6,7 +6,8 @@ import math
 
 import jax
 
-from fundl.nn.core import Layer, abstract_init, record_shapes
+from fundl.nn.children import record_shapes
+from fundl.nn.core import Layer, abstract_init
 
 
 def _subtree(tree, path: str):

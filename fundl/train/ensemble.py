@@ -118,14 +118,14 @@ def make_ensemble_eval_step(model, loss_fn: Callable = softmax_cross_entropy, me
     """``eval(params, model_state, batch) -> sums`` for a state with a member axis and one shared
     batch: each member's sums as ``members/<i>/<metric>``, and the ensemble's — the mean of the
     members' probabilities (softmax of their logits) — as ``<metric>``, with the shared ``count``."""
-    from fundl.train.step import _forward, resolve_dtype
+    from fundl.train.step import forward, resolve_dtype
 
     compute_dtype = resolve_dtype(compute_dtype)
     metrics_fn = classification_metrics() if metrics_fn is None else metrics_fn   # as make_eval_step
 
     def eval_step(params, model_state, batch):
         def logits_of(p, s):
-            out, _ = _forward(model, p, s, batch["x"], None, False, compute_dtype)
+            out, _ = forward(model, p, s, batch["x"], None, False, compute_dtype)
             return out
 
         logits = jax.vmap(logits_of)(params, model_state)            # (members, B, ..., classes)

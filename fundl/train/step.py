@@ -58,7 +58,10 @@ def cast_floats(tree, dtype):
     return jax.tree.map(cast, tree)
 
 
-def _forward(model, params, model_state, x, key, train, compute_dtype):
+def forward(model, params, model_state, x, key, train, compute_dtype):
+    """``model.apply`` as the train and eval steps run it: params and ``x`` cast to ``compute_dtype``
+    (floats only), the output in float32, the model state kept in its stored dtype.  Returns
+    ``(out, new_model_state)``; steps built elsewhere (DP-SGD, ensembles) call it to match."""
     if compute_dtype != jnp.float32:
         params, x = cast_floats(params, compute_dtype), cast_floats(x, compute_dtype)
     out, new_state = model.apply(params, model_state, x, key=key, train=train)
@@ -120,7 +123,7 @@ def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
                              "loss_scale > 0 to make_train_step")
 
         def objective(params):
-            out, new_model_state = _forward(model, params, state.model_state, batch["x"], key, True, compute_dtype)
+            out, new_model_state = forward(model, params, state.model_state, batch["x"], key, True, compute_dtype)
             loss = jnp.mean(loss_fn(out, batch["y"]))
             scaled = ls_lib.scale_loss(ls, loss) if dynamic else loss * scale
             return scaled, (loss, out, new_model_state)
@@ -174,7 +177,7 @@ def make_eval_step(model: Layer, loss_fn: Callable = softmax_cross_entropy,
     compute_dtype = resolve_dtype(compute_dtype)
 
     def eval_step(params, model_state, batch) -> dict:
-        out, _ = _forward(model, params, model_state, batch["x"], None, False, compute_dtype)
+        out, _ = forward(model, params, model_state, batch["x"], None, False, compute_dtype)
         values = {"loss": loss_fn(out, batch["y"]), **metrics_fn(out, batch["y"])}
         mask = batch.get("mask")
         if mask is None:

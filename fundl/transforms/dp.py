@@ -53,7 +53,7 @@ import optax
 
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
-from fundl.train.step import _forward, base_key, resolve_dtype
+from fundl.train.step import base_key, forward, resolve_dtype
 from fundl.transforms.per_example import global_norms, per_example_grads
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -125,7 +125,7 @@ def make_dp_train_step(model, optimizer: optax.GradientTransformation, loss_fn: 
                          "use compute_dtype float32 or bfloat16")
 
     def example_loss(params, example, *, model_state, key):
-        out, new_state = _forward(model, params, model_state, example["x"], key, True, compute_dtype)
+        out, new_state = forward(model, params, model_state, example["x"], key, True, compute_dtype)
         loss = jnp.mean(loss_fn(out, example["y"]))
         values = {k: jnp.mean(v) for k, v in metrics_fn(out, example["y"]).items()}
         return loss, (new_state, {"loss": loss, **values})

@@ -1,4 +1,5 @@
-"""Recurrent layers: scan-based LSTM/GRU against NumPy, Python loops and PyTorch."""
+"""Sequence layers (fundl.nn.sequence): scanned LSTM/GRU against NumPy and Python loops; lengths,
+reverse, bidirectional, stacked; errors.  PyTorch numerics: test_interop_torch.py; cells: test_cells.py."""
 
 import math
 
@@ -9,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from fundl import nn
-from fundl.nn import recurrent as R
+from fundl.interop import gru_params_from_torch, lstm_params_from_torch
 from layer_checks import check_layer
 
 KEY = jax.random.key(0)
@@ -103,14 +104,14 @@ def jax_loop_gru(p, x):
 
 
 LAYERS = {
-    "lstm": lambda: R.lstm(H),
-    "gru": lambda: R.gru(H),
-    "lstm_time_major": lambda: R.lstm(H, time_major=True),
-    "gru_reverse_last_output": lambda: R.gru(H, reverse=True, return_sequences=False),
-    "lstm_return_carry": lambda: R.lstm(H, return_carry=True),
-    "bidirectional_lstm_carry": lambda: R.lstm(H, bidirectional=True, return_carry=True),
-    "stacked_generic": lambda: R.stacked(R.bidirectional(R.gru(H), R.lstm(H), merge="add"),
-                                         R.lstm(3, return_sequences=False)),
+    "lstm": lambda: nn.lstm(H),
+    "gru": lambda: nn.gru(H),
+    "lstm_time_major": lambda: nn.lstm(H, time_major=True),
+    "gru_reverse_last_output": lambda: nn.gru(H, reverse=True, return_sequences=False),
+    "lstm_return_carry": lambda: nn.lstm(H, return_carry=True),
+    "bidirectional_lstm_carry": lambda: nn.lstm(H, bidirectional=True, return_carry=True),
+    "stacked_generic": lambda: nn.stacked(nn.bidirectional(nn.gru(H), nn.lstm(H), merge="add"),
+                                         nn.lstm(3, return_sequences=False)),
 }
 
 
@@ -120,18 +121,18 @@ def test_layer_contract(name):
 
 
 def test_stacked_dropout_contract_in_training():
-    check_layer(R.gru(H, num_layers=2, return_carry=True, dropout=0.3), (B, T, F), train=True)
+    check_layer(nn.gru(H, num_layers=2, return_carry=True, dropout=0.3), (B, T, F), train=True)
 
 
 def test_output_shapes_and_param_names():
-    p, s, out = R.lstm(H, return_carry=True).init(KEY, (B, T, F))
+    p, s, out = nn.lstm(H, return_carry=True).init(KEY, (B, T, F))
     assert s == {} and set(p) == {"w", "b"}
     assert p["w"].shape == (F + H, 4 * H) and p["b"].shape == (4 * H,)
     assert out == ((B, T, H), ((B, H), (B, H)))
-    p, _, out = R.gru(H, time_major=True, return_carry=True).init(KEY, (T, B, F))
+    p, _, out = nn.gru(H, time_major=True, return_carry=True).init(KEY, (T, B, F))
     assert set(p) == {"w_ih", "w_hh", "b_ih", "b_hh"}
     assert out == ((T, B, H), (B, H))
-    _, _, out = R.lstm(H, num_layers=2, bidirectional=True, return_sequences=False).init(KEY, (B, T, F))
+    _, _, out = nn.lstm(H, num_layers=2, bidirectional=True, return_sequences=False).init(KEY, (B, T, F))
     assert out == (B, 2 * H)
 
 
@@ -144,8 +145,8 @@ def test_output_shapes_and_param_names():
 def test_scan_equals_numpy_loop(kind, time_major):
     sd = torch_like_weights(1, 4 if kind == "lstm" else 3)
     x = rand(2, B, T, F)
-    params = (R.lstm_params_from_torch if kind == "lstm" else R.gru_params_from_torch)(sd)
-    layer = (R.lstm if kind == "lstm" else R.gru)(H, time_major=time_major, return_carry=True)
+    params = (lstm_params_from_torch if kind == "lstm" else gru_params_from_torch)(sd)
+    layer = (nn.lstm if kind == "lstm" else nn.gru)(H, time_major=time_major, return_carry=True)
     xin = np.swapaxes(x, 0, 1) if time_major else x
     ys, carry = layer.apply(params, {}, jnp.asarray(xin))[0]
     if time_major:
@@ -161,8 +162,8 @@ def test_scan_equals_numpy_loop(kind, time_major):
 def test_reverse_equals_numpy_on_flipped_input(kind):
     sd = torch_like_weights(3, 4 if kind == "lstm" else 3)
     x = rand(4, B, T, F)
-    params = (R.lstm_params_from_torch if kind == "lstm" else R.gru_params_from_torch)(sd)
-    ys, _ = (R.lstm if kind == "lstm" else R.gru)(H, reverse=True).apply(params, {}, jnp.asarray(x))
+    params = (lstm_params_from_torch if kind == "lstm" else gru_params_from_torch)(sd)
+    ys, _ = (nn.lstm if kind == "lstm" else nn.gru)(H, reverse=True).apply(params, {}, jnp.asarray(x))
     for b in range(B):
         ref, _ = (np_lstm if kind == "lstm" else np_gru)(sd, x[b, ::-1])
         np.testing.assert_allclose(ys[b], ref[::-1], atol=1e-5)
@@ -170,7 +171,7 @@ def test_reverse_equals_numpy_on_flipped_input(kind):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_gradients_equal_python_loop(kind):
-    layer = (R.lstm if kind == "lstm" else R.gru)(H, return_carry=True)
+    layer = (nn.lstm if kind == "lstm" else nn.gru)(H, return_carry=True)
     loop = jax_loop_lstm if kind == "lstm" else jax_loop_gru
     params, _, _ = layer.init(KEY, (B, T, F))
     x = jnp.asarray(rand(5, B, T, F))
@@ -190,9 +191,9 @@ def test_gradients_equal_python_loop(kind):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: R.lstm(3, return_carry=True),
-    lambda: R.gru(3, reverse=True),
-    lambda: R.lstm(2, bidirectional=True),
+    lambda: nn.lstm(3, return_carry=True),
+    lambda: nn.gru(3, reverse=True),
+    lambda: nn.lstm(2, bidirectional=True),
 ], ids=["lstm", "gru_reverse", "bilstm"])
 def test_check_grads_small_case_with_lengths(make):
     layer = make()
@@ -208,10 +209,10 @@ def test_check_grads_small_case_with_lengths(make):
 def test_unroll_does_not_change_results():
     x = jnp.asarray(rand(8, B, T, F))
     lengths = jnp.array([5, 3, 0])
-    params, _, _ = R.lstm(H).init(KEY, (B, T, F))
-    ref, _ = R.lstm(H, return_carry=True).apply(params, {}, (x, lengths))
+    params, _, _ = nn.lstm(H).init(KEY, (B, T, F))
+    ref, _ = nn.lstm(H, return_carry=True).apply(params, {}, (x, lengths))
     for u in (2, 3, 5):
-        got, _ = R.lstm(H, unroll=u, return_carry=True).apply(params, {}, (x, lengths))
+        got, _ = nn.lstm(H, unroll=u, return_carry=True).apply(params, {}, (x, lengths))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, ref)
 
 
@@ -225,7 +226,7 @@ LENGTHS = [5, 3, 1, 0]
 @pytest.mark.parametrize("kind,reverse,time_major", [
     ("lstm", False, False), ("lstm", True, True), ("gru", True, False), ("gru", False, True)])
 def test_lengths_equal_running_each_sequence_alone(kind, reverse, time_major):
-    make = R.lstm if kind == "lstm" else R.gru
+    make = nn.lstm if kind == "lstm" else nn.gru
     layer = make(H, reverse=reverse, time_major=time_major, return_carry=True)
     single = make(H, reverse=reverse, return_carry=True)
     nb = len(LENGTHS)
@@ -249,7 +250,7 @@ def test_lengths_equal_running_each_sequence_alone(kind, reverse, time_major):
 
 
 def test_padding_values_do_not_leak():
-    layer = R.gru(H, return_carry=True)
+    layer = nn.gru(H, return_carry=True)
     params, _, _ = layer.init(KEY, (B, T, F))
     x = rand(10, B, T, F)
     lengths = jnp.array([2, 4, 5])
@@ -265,18 +266,18 @@ def test_padding_values_do_not_leak():
 
 
 def test_last_output_is_output_at_last_valid_step():
-    layer = R.lstm(H, return_sequences=False)
+    layer = nn.lstm(H, return_sequences=False)
     params, _, _ = layer.init(KEY, (B, T, F))
     x = jnp.asarray(rand(11, B, T, F))
     lengths = jnp.array([5, 2, 3])
     last, _ = layer.apply(params, {}, (x, lengths))
-    ys, _ = R.lstm(H).apply(params, {}, (x, lengths))
+    ys, _ = nn.lstm(H).apply(params, {}, (x, lengths))
     for b, n in enumerate([5, 2, 3]):
         np.testing.assert_allclose(last[b], ys[b, n - 1], atol=1e-6)
 
 
 def test_initial_carry_is_used():
-    layer = R.lstm(H, return_carry=True)
+    layer = nn.lstm(H, return_carry=True)
     params, _, _ = layer.init(KEY, (B, T, F))
     x = jnp.asarray(rand(12, B, T, F))
     (ys, carry), _ = layer.apply(params, {}, x)
@@ -289,11 +290,11 @@ def test_initial_carry_is_used():
 
 def test_reverse_sequences_helper():
     x = jnp.arange(2 * 4).reshape(2, 4)[..., None]
-    r = R.reverse_sequences(x, jnp.array([3, 0]))
+    r = nn.reverse_sequences(x, jnp.array([3, 0]))
     np.testing.assert_array_equal(r[..., 0], [[2, 1, 0, 3], [4, 5, 6, 7]])
-    np.testing.assert_array_equal(R.reverse_sequences(r, jnp.array([3, 0])), x)
+    np.testing.assert_array_equal(nn.reverse_sequences(r, jnp.array([3, 0])), x)
     np.testing.assert_array_equal(
-        R.reverse_sequences(jnp.swapaxes(x, 0, 1), jnp.array([3, 0]), time_major=True), jnp.swapaxes(r, 0, 1))
+        nn.reverse_sequences(jnp.swapaxes(x, 0, 1), jnp.array([3, 0]), time_major=True), jnp.swapaxes(r, 0, 1))
 
 
 # --------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def test_reverse_sequences_helper():
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_bidirectional_equals_forward_plus_reversed(kind, with_lengths):
-    make = R.lstm if kind == "lstm" else R.gru
+    make = nn.lstm if kind == "lstm" else nn.gru
     layer = make(H, bidirectional=True, return_carry=True)
     nb = len(LENGTHS)
     params, _, out = layer.init(KEY, (nb, T, F))
@@ -327,13 +328,13 @@ def test_bidirectional_equals_forward_plus_reversed(kind, with_lengths):
 
 
 def test_stacked_equals_layers_in_sequence_and_dropout():
-    layer = R.gru(H, num_layers=2, dropout=0.5, return_carry=True)
+    layer = nn.gru(H, num_layers=2, dropout=0.5, return_carry=True)
     params, _, out = layer.init(KEY, (B, T, F))
     assert set(params) == {"layer_0", "layer_1"} and out == ((B, T, H), ((B, H), (B, H)))
     x = jnp.asarray(rand(14, B, T, F))
     lengths = jnp.array([5, 1, 3])
     (ys, (h0, h1)), _ = layer.apply(params, {}, (x, lengths))
-    one = R.gru(H, return_carry=True)
+    one = nn.gru(H, return_carry=True)
     (y0, r0), _ = one.apply(params["layer_0"], {}, (x, lengths))
     (y1, r1), _ = one.apply(params["layer_1"], {}, (y0, lengths))
     np.testing.assert_allclose(ys, y1, atol=1e-6)
@@ -350,11 +351,11 @@ def test_stacked_equals_layers_in_sequence_and_dropout():
 
 def test_stacked_rejects_non_sequence_middle_layer():
     with pytest.raises(nn.ShapeError, match="return_sequences=True"):
-        R.stacked(R.lstm(H, return_sequences=False), R.lstm(H)).init(KEY, (B, T, F))
+        nn.stacked(nn.lstm(H, return_sequences=False), nn.lstm(H)).init(KEY, (B, T, F))
 
 
 def test_vmap_over_inputs_with_lengths():
-    layer = R.lstm(H, bidirectional=True)
+    layer = nn.lstm(H, bidirectional=True)
     params, _, _ = layer.init(KEY, (B, T, F))
     xs = jnp.asarray(rand(15, 2, B, T, F))
     ls = jnp.array([[5, 2, 0], [1, 3, 4]])
@@ -364,140 +365,22 @@ def test_vmap_over_inputs_with_lengths():
 
 
 # --------------------------------------------------------------------------
-# Initialisation
-
-
-def test_default_init_matches_torch_distribution():
-    h, f = 64, 10
-    k = 1 / math.sqrt(h)
-    p = R.lstm_cell(h, forget_bias=0.0).init(KEY, f)
-    w, b = np.asarray(p["w"]), np.asarray(p["b"])
-    assert np.abs(w).max() <= k and np.abs(w).max() > 0.99 * k
-    np.testing.assert_allclose(w.std(), k / math.sqrt(3), rtol=0.05)  # U(-k, k)
-    # b = b_ih + b_hh: the sum of two U(-k, k), in [-2k, 2k], std k*sqrt(2/3)
-    assert np.abs(b).max() <= 2 * k
-    np.testing.assert_allclose(b.std(), k * math.sqrt(2 / 3), rtol=0.15)
-    # default forget_bias=1 shifts only the f block (gate order i, f, g, o)
-    p1 = R.lstm_cell(h).init(KEY, f)
-    np.testing.assert_allclose(p1["b"][h:2 * h] - p["b"][h:2 * h], 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(np.delete(p1["b"], np.s_[h:2 * h]), np.delete(b, np.s_[h:2 * h]))
-    np.testing.assert_array_equal(p1["w"], w)
-    g = R.gru_cell(h).init(KEY, f)
-    for name, shape in [("w_ih", (f, 3 * h)), ("w_hh", (h, 3 * h)), ("b_ih", (3 * h,)), ("b_hh", (3 * h,))]:
-        a = np.asarray(g[name])
-        assert a.shape == shape and np.abs(a).max() <= k and np.abs(a).max() > 0.95 * k
-
-
-def test_default_init_bounds_match_torch_modules():
-    torch = pytest.importorskip("torch")
-    h, f = 32, 7
-    torch.manual_seed(0)
-    t_lstm, t_gru = torch.nn.LSTM(f, h), torch.nn.GRU(f, h)
-    ours_lstm = R.lstm_params_from_torch({k: v.detach().numpy() for k, v in t_lstm.state_dict().items()})
-    p = R.lstm_cell(h, forget_bias=0.0).init(KEY, f)
-    # same bounds: weights within 1/sqrt(H), summed bias within 2/sqrt(H)
-    for ours, theirs in [(p["w"], ours_lstm["w"]), (p["b"], ours_lstm["b"])]:
-        bound = float(np.abs(theirs).max())
-        assert float(np.abs(ours).max()) <= (1 / math.sqrt(h) if ours.ndim == 2 else 2 / math.sqrt(h))
-        assert 0.8 < float(np.abs(ours).max()) / bound < 1.25
-    g = R.gru_cell(h).init(KEY, f)
-    tg = R.gru_params_from_torch({k: v.detach().numpy() for k, v in t_gru.state_dict().items()})
-    for name in g:
-        assert g[name].shape == tg[name].shape
-        assert 0.9 < float(np.abs(g[name]).max()) / float(np.abs(tg[name]).max()) < 1.1
-
-
-# --------------------------------------------------------------------------
-# PyTorch numerics
-
-
-def _torch_module(torch, kind, num_layers, bidirectional, f=F, h=H):
-    torch.manual_seed(0)
-    cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
-    return cls(f, h, num_layers=num_layers, bidirectional=bidirectional, batch_first=True)
-
-
-def _port(kind, sd, num_layers, bidirectional):
-    port = R.lstm_params_from_torch if kind == "lstm" else R.gru_params_from_torch
-
-    def one(layer):
-        if bidirectional:
-            return {"forward": port(sd, layer, "forward"), "backward": port(sd, layer, "backward")}
-        return port(sd, layer)
-
-    return one(0) if num_layers == 1 else {f"layer_{l}": one(l) for l in range(num_layers)}
-
-
-def _flat_carries(kind, carries, num_layers, bidirectional):
-    """Our carries as torch's (h_n, c_n) stacks of shape (L * D, B, H)."""
-    per_layer = [carries] if num_layers == 1 else list(carries)
-    per_dir = [c for layer in per_layer for c in (layer if bidirectional else [layer])]
-    if kind == "lstm":
-        return np.stack([c[0] for c in per_dir]), np.stack([c[1] for c in per_dir])
-    return np.stack(per_dir), None
-
-
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)])
-def test_matches_torch(kind, num_layers, bidirectional):
-    torch = pytest.importorskip("torch")
-    m = _torch_module(torch, kind, num_layers, bidirectional)
-    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
-    params = _port(kind, sd, num_layers, bidirectional)
-    layer = (R.lstm if kind == "lstm" else R.gru)(
-        H, num_layers=num_layers, bidirectional=bidirectional, return_carry=True)
-    _, _, out_shape = layer.init(KEY, (B, T, F))
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, layer.init(KEY, (B, T, F))[0])
-    x = rand(16, B, T, F)
-    (ys, carries), _ = jax.jit(lambda p, x: layer.apply(p, {}, x))(params, jnp.asarray(x))
-    with torch.no_grad():
-        t_ys, t_state = m(torch.from_numpy(x))
-    np.testing.assert_allclose(ys, t_ys.numpy(), atol=1e-5)
-    h_n, c_n = _flat_carries(kind, carries, num_layers, bidirectional)
-    if kind == "lstm":
-        np.testing.assert_allclose(h_n, t_state[0].numpy(), atol=1e-5)
-        np.testing.assert_allclose(c_n, t_state[1].numpy(), atol=1e-5)
-    else:
-        np.testing.assert_allclose(h_n, t_state.numpy(), atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_lengths_match_torch_packed_sequences(kind):
-    torch = pytest.importorskip("torch")
-    m = _torch_module(torch, kind, 2, True)
-    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
-    params = _port(kind, sd, 2, True)
-    layer = (R.lstm if kind == "lstm" else R.gru)(H, num_layers=2, bidirectional=True, return_carry=True)
-    lengths = [5, 2, 4]
-    x = rand(17, B, T, F)
-    (ys, carries), _ = layer.apply(params, {}, (jnp.asarray(x), jnp.array(lengths)))
-    packed = torch.nn.utils.rnn.pack_padded_sequence(
-        torch.from_numpy(x), torch.tensor(lengths), batch_first=True, enforce_sorted=False)
-    with torch.no_grad():
-        t_out, t_state = m(packed)
-    t_ys, _ = torch.nn.utils.rnn.pad_packed_sequence(t_out, batch_first=True, total_length=T)
-    np.testing.assert_allclose(ys, t_ys.numpy(), atol=1e-5)
-    h_n, _ = _flat_carries(kind, carries, 2, True)
-    np.testing.assert_allclose(h_n, (t_state[0] if kind == "lstm" else t_state).numpy(), atol=1e-5)
-
-
-# --------------------------------------------------------------------------
 # Errors
 
 
 def test_wrong_feature_size_is_shape_error_with_expected_and_got():
-    layer = R.lstm(H)
+    layer = nn.lstm(H)
     params, _, _ = layer.init(KEY, (B, T, F))
     with pytest.raises(nn.ShapeError) as err:
         layer.apply(params, {}, jnp.ones((B, T, F + 1)))
     assert f"(B, T, {F})" in str(err.value) and f"({B}, {T}, {F + 1})" in str(err.value)
-    p, _, _ = R.gru(H, time_major=True).init(KEY, (T, B, F))
+    p, _, _ = nn.gru(H, time_major=True).init(KEY, (T, B, F))
     with pytest.raises(nn.ShapeError, match=rf"\(T, B, {F}\).*\(2, 3, 7\)"):
-        R.gru(H, time_major=True).apply(p, {}, jnp.ones((2, 3, 7)))
+        nn.gru(H, time_major=True).apply(p, {}, jnp.ones((2, 3, 7)))
 
 
 def test_wrong_rank_is_shape_error():
-    layer = R.gru(H)
+    layer = nn.gru(H)
     params, _, _ = layer.init(KEY, (B, T, F))
     with pytest.raises(nn.ShapeError, match=rf"rank 3.*\(3, {F}\) \(rank 2\)"):
         layer.apply(params, {}, jnp.ones((3, F)))
@@ -506,29 +389,21 @@ def test_wrong_rank_is_shape_error():
 
 
 def test_wrong_lengths_shape_and_path_in_model():
-    model = nn.serial(nn.named("encoder", R.lstm(H, bidirectional=True)), nn.dense(2))
+    model = nn.serial(nn.named("encoder", nn.lstm(H, bidirectional=True)), nn.dense(2))
     params, _, _ = model.init(KEY, (B, T, F))
     with pytest.raises(nn.ShapeError) as err:
         model.apply(params, {}, jnp.ones((B, T, 2)))
     assert "encoder/forward" in str(err.value) and f"(B, T, {F})" in str(err.value)
-    layer = R.gru(H)
+    layer = nn.gru(H)
     p, _, _ = layer.init(KEY, (B, T, F))
     with pytest.raises(nn.ShapeError, match=r"lengths of shape \(3,\)"):
         layer.apply(p, {}, (jnp.ones((B, T, F)), jnp.array([1, 2])))
 
 
-def test_params_errors_are_clear():
-    layer = R.lstm(H)
-    with pytest.raises(nn.ParamsError, match="missing params entry 'w'"):
-        layer.apply({"b": jnp.zeros(4 * H)}, {}, jnp.ones((B, T, F)))
-    with pytest.raises(nn.ParamsError, match="hidden size"):
-        layer.apply(R.lstm(H + 1).init(KEY, (B, T, F))[0], {}, jnp.ones((B, T, F)))
-
-
 def test_combinators_check_children_like_serial():
-    """bidirectional/stacked use core's child helpers: unexpected params entries are errors,
+    """bidirectional/stacked use fundl.nn.children's helpers: unexpected params entries are errors,
     errors name the child's path, and nn.summary lists the children."""
-    layer = R.lstm(H, num_layers=2, bidirectional=True)
+    layer = nn.lstm(H, num_layers=2, bidirectional=True)
     params, _, _ = layer.init(KEY, (B, T, F))
     with pytest.raises(nn.ParamsError, match=r"unexpected params entries \['layer_2'\]"):
         layer.apply({**params, "layer_2": {}}, {}, jnp.ones((B, T, F)))

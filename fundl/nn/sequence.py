@@ -1,10 +1,4 @@
-"""Recurrent layers: LSTM/GRU cells as pure step functions, run by ``jax.lax.scan``.
-
-A **cell** is a :class:`Cell`, a NamedTuple of pure functions::
-
-    params = cell.init(key, input_size)                # plain dict of arrays
-    carry  = cell.initial_carry(batch_shape, dtype)    # zeros
-    carry, y_t = cell.step(params, carry, x_t)         # one time step
+"""Sequence layers: a :class:`~fundl.nn.cells.Cell` scanned over time with ``jax.lax.scan``.
 
 A **sequence layer** (:func:`rnn`, :func:`lstm`, :func:`gru`) is an ordinary
 :class:`~fundl.nn.core.Layer` that scans a cell over the time axis, with
@@ -13,19 +7,6 @@ batch-major ``(B, T, F)`` or time-major ``(T, B, F)`` input, ``reverse``,
 returning all outputs and/or the final carry.  :func:`bidirectional` and
 :func:`stacked` compose sequence layers; ``lstm(h, num_layers=2,
 bidirectional=True, dropout=0.1)`` builds the PyTorch-style stack.
-
-Equations, gate order and default initialisation follow PyTorch's
-``nn.LSTM``/``nn.GRU``, so weights port over with
-:func:`lstm_params_from_torch`/:func:`gru_params_from_torch` and results agree
-to float32 precision.
-
-**Matmul layout, chosen by measurement** (``scripts/bench_rnn_layouts.py``, a
-training step with Adam, 28 steps, 128 units, batch 128 on the 2-core CPU):
-the LSTM computes one fused ``concat([x_t, h]) @ w`` per step with ``unroll=1``
-(hoisting ``x @ W_ih`` out of the scan was about half as fast, unrolling
-slower); the GRU computes ``x_t @ w_ih`` and ``h @ w_hh`` separately inside the
-step (its reset gate multiplies the hidden projection, which a fused matmul
-would have to pad with zero blocks; that measured slower).
 
 Examples:
     >>> layer = nn.lstm(64)                                 # (B, T, F) -> (B, T, 64)
@@ -40,254 +21,17 @@ Examples:
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fundl.nn.core import (
-    KeyMissingError, Layer, ParamsError, ShapeError, _apply_child, _check_keys, _fmt, _init_child, get_param,
-)
+from fundl.nn.cells import Cell, check_hidden, gru_cell, lstm_cell
+from fundl.nn.children import apply_child, check_children, init_child
+from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
 
-__all__ = [
-    "Cell", "lstm_cell", "gru_cell", "rnn", "lstm", "gru", "bidirectional", "stacked",
-    "lstm_params_from_torch", "gru_params_from_torch", "reverse_sequences",
-]
-
-
-class Cell(NamedTuple):
-    """A recurrent cell: pure functions over a carry.
-
-    * ``init(key, input_size, dtype=float32) -> params``
-    * ``initial_carry(batch_shape, dtype=float32) -> carry`` (zeros)
-    * ``step(params, carry, x_t) -> (carry, y_t)``; ``x_t`` is ``(..., input_size)``
-    * ``output(carry) -> y``: the output a step leaves in ``carry`` (``h``)
-    * ``input_size(params) -> int``: the feature size the params expect
-    * ``carry_shape(batch_shape) -> shapes``: ``initial_carry``'s shapes
-
-    Examples:
-        >>> cell = nn.lstm_cell(4)
-        >>> params = cell.init(jax.random.key(0), 3)                 # input size 3
-        >>> carry = cell.initial_carry((2,))                         # batch of 2: (h, c)
-        >>> carry, y = cell.step(params, carry, jnp.ones((2, 3)))    # one time step
-        >>> y.shape, jax.tree.map(jnp.shape, carry)
-        ((2, 4), ((2, 4), (2, 4)))
-    """
-
-    init: Callable
-    initial_carry: Callable
-    step: Callable
-    output: Callable
-    input_size: Callable
-    carry_shape: Callable
-    hidden: int
-    name: str
-
-
-def _check_hidden(fn: str, hidden) -> None:
-    if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden <= 0:
-        raise ValueError(f"{fn}: hidden must be a positive int, got {hidden!r}")
-
-
-def _uniform(key, shape, bound, dtype):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _weight(params, name, shape_hint: str):
-    w = get_param(params, name)
-    if jnp.ndim(w) != 2 and name.startswith("w"):
-        raise ParamsError(f"expected params['{name}'] of shape {shape_hint}, got shape {jnp.shape(w)}")
-    return w
-
-
-# --------------------------------------------------------------------------
-# LSTM
-
-
-def lstm_cell(hidden: int, *, forget_bias: float = 1.0) -> Cell:
-    """The LSTM cell of ``torch.nn.LSTM`` (no peepholes, no projection).
-
-    Gate order **i, f, g, o** (input, forget, cell candidate, output)::
-
-        z = concat([x_t, h]) @ w + b                  # (..., 4H)
-        i, f, g, o = split(z, 4)
-        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
-        h' = sigmoid(o) * tanh(c')
-        carry = (h', c'),  y_t = h'
-
-    Params: ``w`` of shape ``(F + H, 4H)`` whose first ``F`` rows are torch's
-    ``weight_ih.T`` and last ``H`` rows ``weight_hh.T``; ``b`` of shape
-    ``(4H,)`` equal to torch's ``bias_ih + bias_hh``.  Columns are the gates
-    in the order i, f, g, o, ``H`` each.
-
-    Init: every weight ``U(-1/sqrt(H), 1/sqrt(H))`` as in torch; ``b`` is the
-    sum of two independent draws from that distribution (torch's two biases),
-    plus ``forget_bias`` on the f block.  ``forget_bias=1.0`` (the default,
-    per the common practice of Jozefowicz et al. 2015) shifts the forget-gate
-    bias by 1 at init only; ``forget_bias=0.0`` gives exactly torch's default
-    init distribution.  Ported torch weights are used as given either way.
-    """
-    _check_hidden("lstm_cell", hidden)
-    H = int(hidden)
-
-    def init(key, input_size, dtype=jnp.float32):
-        k_w, k_b1, k_b2 = jax.random.split(key, 3)
-        bound = 1.0 / math.sqrt(H)
-        w = _uniform(k_w, (input_size + H, 4 * H), bound, dtype)
-        b = _uniform(k_b1, (4 * H,), bound, dtype) + _uniform(k_b2, (4 * H,), bound, dtype)
-        b = b.at[H:2 * H].add(jnp.asarray(forget_bias, dtype))
-        return {"w": w, "b": b}
-
-    def initial_carry(batch_shape, dtype=jnp.float32):
-        z = jnp.zeros(tuple(batch_shape) + (H,), dtype)
-        return (z, z)
-
-    def step(params, carry, x_t):
-        w, b = _weight(params, "w", f"(F + {H}, {4 * H})"), get_param(params, "b")
-        h, c = carry
-        z = jnp.concatenate([x_t, h], axis=-1) @ w.astype(x_t.dtype) + b.astype(x_t.dtype)
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (h, c), h
-
-    def input_size(params):
-        w = _weight(params, "w", f"(F + {H}, {4 * H})")
-        if w.shape[1] != 4 * H or w.shape[0] < H:
-            raise ParamsError(
-                f"expected params['w'] of shape (F + {H}, {4 * H}) for an LSTM of hidden size {H}, "
-                f"got shape {tuple(w.shape)}")
-        return w.shape[0] - H
-
-    def carry_shape(batch_shape):
-        s = tuple(batch_shape) + (H,)
-        return (s, s)
-
-    return Cell(init, initial_carry, step, lambda carry: carry[0], input_size, carry_shape, H, "lstm")
-
-
-# --------------------------------------------------------------------------
-# GRU
-
-
-def gru_cell(hidden: int) -> Cell:
-    """The GRU cell of ``torch.nn.GRU``.
-
-    Gate order **r, z, n** (reset, update, new)::
-
-        r = sigmoid(x_t @ W_ir + b_ir + h @ W_hr + b_hr)
-        z = sigmoid(x_t @ W_iz + b_iz + h @ W_hz + b_hz)
-        n = tanh(x_t @ W_in + b_in + r * (h @ W_hn + b_hn))
-        h' = (1 - z) * n + z * h
-        carry = h',  y_t = h'
-
-    Note that the reset gate multiplies the hidden projection *including its
-    bias* ``b_hn`` (torch's convention, ``reset_after``), which is why the
-    hidden bias is kept apart from the input bias.
-
-    Params (torch's tensors transposed): ``w_ih`` (F, 3H), ``w_hh`` (H, 3H),
-    ``b_ih`` (3H,), ``b_hh`` (3H,); columns are the gates r, z, n, ``H`` each.
-    Init: all four ``U(-1/sqrt(H), 1/sqrt(H))``, as torch.
-    """
-    _check_hidden("gru_cell", hidden)
-    H = int(hidden)
-
-    def init(key, input_size, dtype=jnp.float32):
-        ks = jax.random.split(key, 4)
-        bound = 1.0 / math.sqrt(H)
-        return {
-            "w_ih": _uniform(ks[0], (input_size, 3 * H), bound, dtype),
-            "w_hh": _uniform(ks[1], (H, 3 * H), bound, dtype),
-            "b_ih": _uniform(ks[2], (3 * H,), bound, dtype),
-            "b_hh": _uniform(ks[3], (3 * H,), bound, dtype),
-        }
-
-    def initial_carry(batch_shape, dtype=jnp.float32):
-        return jnp.zeros(tuple(batch_shape) + (H,), dtype)
-
-    def step(params, h, x_t):
-        dt = x_t.dtype
-        gx = x_t @ _weight(params, "w_ih", f"(F, {3 * H})").astype(dt) + get_param(params, "b_ih").astype(dt)
-        gh = h @ _weight(params, "w_hh", f"({H}, {3 * H})").astype(dt) + get_param(params, "b_hh").astype(dt)
-        xr, xz, xn = jnp.split(gx, 3, axis=-1)
-        hr, hz, hn = jnp.split(gh, 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        h = (1.0 - z) * n + z * h
-        return h, h
-
-    def input_size(params):
-        w = _weight(params, "w_ih", f"(F, {3 * H})")
-        if w.shape[1] != 3 * H:
-            raise ParamsError(
-                f"expected params['w_ih'] of shape (F, {3 * H}) for a GRU of hidden size {H}, "
-                f"got shape {tuple(w.shape)}")
-        return w.shape[0]
-
-    def carry_shape(batch_shape):
-        return tuple(batch_shape) + (H,)
-
-    return Cell(init, initial_carry, step, lambda carry: carry, input_size, carry_shape, H, "gru")
-
-
-# --------------------------------------------------------------------------
-# Porting weights from PyTorch
-
-
-def _torch_get(sd, name):
-    if name not in sd:
-        raise KeyError(f"state dict has no '{name}'; it has {sorted(sd)}")
-    v = sd[name]
-    if hasattr(v, "detach"):  # a torch tensor slipped in: accept it
-        v = v.detach().cpu().numpy()
-    return np.asarray(v, dtype=np.float32)
-
-
-def _torch_suffix(layer: int, direction: int | str) -> str:
-    if direction in (0, "forward", "fwd"):
-        return f"_l{layer}"
-    if direction in (1, "backward", "bwd", "reverse"):
-        return f"_l{layer}_reverse"
-    raise ValueError(f"direction must be 'forward'/0 or 'backward'/1, got {direction!r}")
-
-
-def lstm_params_from_torch(state_dict, layer: int = 0, direction: int | str = "forward") -> dict:
-    """fundl LSTM cell params from a ``torch.nn.LSTM`` state dict (NumPy arrays in).
-
-    ``state_dict`` maps torch's names (``weight_ih_l0``, ``weight_hh_l0``,
-    ``bias_ih_l0``, ``bias_hh_l0``, with ``_reverse`` for the backward
-    direction) to arrays, e.g. ``{k: v.numpy() for k, v in m.state_dict().items()}``.
-    Returns ``{"w": concat([W_ih.T, W_hh.T]), "b": b_ih + b_hh}``.
-    A module built with ``bias=False`` gives ``b = 0``.
-    """
-    s = _torch_suffix(layer, direction)
-    w_ih, w_hh = _torch_get(state_dict, "weight_ih" + s), _torch_get(state_dict, "weight_hh" + s)
-    if "bias_ih" + s in state_dict:
-        b = _torch_get(state_dict, "bias_ih" + s) + _torch_get(state_dict, "bias_hh" + s)
-    else:
-        b = np.zeros(w_ih.shape[0], np.float32)
-    if w_hh.shape[0] != w_hh.shape[1] * 4:
-        raise ValueError(f"weight_hh{s} has shape {w_hh.shape}; projections (proj_size) are not supported")
-    return {"w": jnp.asarray(np.concatenate([w_ih.T, w_hh.T], 0)), "b": jnp.asarray(b)}
-
-
-def gru_params_from_torch(state_dict, layer: int = 0, direction: int | str = "forward") -> dict:
-    """fundl GRU cell params from a ``torch.nn.GRU`` state dict (NumPy arrays in).
-
-    Returns ``{"w_ih": W_ih.T, "w_hh": W_hh.T, "b_ih": b_ih, "b_hh": b_hh}``
-    (zeros for a module built with ``bias=False``).
-    """
-    s = _torch_suffix(layer, direction)
-    w_ih, w_hh = _torch_get(state_dict, "weight_ih" + s), _torch_get(state_dict, "weight_hh" + s)
-    if "bias_ih" + s in state_dict:
-        b_ih, b_hh = _torch_get(state_dict, "bias_ih" + s), _torch_get(state_dict, "bias_hh" + s)
-    else:
-        b_ih = b_hh = np.zeros(w_ih.shape[0], np.float32)
-    return {"w_ih": jnp.asarray(w_ih.T), "w_hh": jnp.asarray(w_hh.T),
-            "b_ih": jnp.asarray(b_ih), "b_hh": jnp.asarray(b_hh)}
+__all__ = ["rnn", "lstm", "gru", "bidirectional", "stacked", "reverse_sequences"]
 
 
 # --------------------------------------------------------------------------
@@ -362,6 +106,17 @@ def reverse_sequences(x, lengths=None, *, time_major=False):
 # The sequence layer
 
 
+def _select(return_sequences: bool, return_carry: bool, ys, carry, last):
+    """What a sequence layer returns, by its two flags (the table in :func:`rnn`).
+
+    ``last()`` gives the last output; it is called only when the flags ask for
+    it.  The same for arrays (``apply``) and for shapes (``init``).
+    """
+    if return_sequences:
+        return (ys, carry) if return_carry else ys
+    return carry if return_carry else last()
+
+
 @functools.partial(jax.jit, static_argnames=("cell", "time_major", "reverse", "unroll", "collect"))
 def _scan_cell(params, carry0, x, lengths, *, cell, time_major, reverse, unroll, collect=True):
     """Scan ``cell`` over time; returns (final carry, ys in the input's layout).
@@ -424,7 +179,8 @@ def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: 
     ``carry`` is the final carry, after each sequence's last valid step:
     ``(h, c)`` for an LSTM, ``h`` for a GRU, each ``(B, H)``.
 
-    ``unroll`` is passed to ``lax.scan``; 1 measured fastest on CPU.
+    ``unroll`` is passed to ``lax.scan``; the default 1 was chosen by
+    measurement on CPU (docs/benchmarks.md, "LSTM").
 
     Examples:
         >>> layer = nn.rnn(nn.gru_cell(8), return_sequences=False)     # the last valid output
@@ -441,16 +197,12 @@ def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: 
         shape = _split_shape(input_shape)
         if len(shape) != 3:
             layout = "(T, B, F)" if time_major else "(B, T, F)"
-            raise ShapeError(f"{cell.name} expects an input shape {layout} of rank 3, got {_fmt(shape)}")
+            raise ShapeError(f"{cell.name} expects an input shape {layout} of rank 3, got {format_shape(shape)}")
         params = cell.init(key, shape[2])
         B, T = shape[b_ax], shape[t_ax]
         carry = cell.carry_shape((B,))
         seq = (T, B, cell.hidden) if time_major else (B, T, cell.hidden)
-        if return_sequences:
-            out = (seq, carry) if return_carry else seq
-        else:
-            out = carry if return_carry else (B, cell.hidden)
-        return params, {}, out
+        return params, {}, _select(return_sequences, return_carry, seq, carry, lambda: (B, cell.hidden))
 
     def apply(params, state, x, *, key=None, train=False):
         x, lengths, carry0 = _split_input(x)
@@ -459,7 +211,7 @@ def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: 
         if jnp.ndim(x) != 3 or jnp.shape(x)[-1] != F:
             raise ShapeError(
                 f"expected input of shape ({layout[0]}, {layout[1]}, {F}) (rank 3), "
-                f"got shape {_fmt(jnp.shape(x))} (rank {jnp.ndim(x)})")
+                f"got shape {format_shape(jnp.shape(x))} (rank {jnp.ndim(x)})")
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ShapeError(f"expected a floating-point input, got dtype {x.dtype}")
@@ -475,9 +227,7 @@ def rnn(cell: Cell, *, time_major: bool = False, reverse: bool = False, unroll: 
             _check_lengths(lengths, x, time_major)
         carry, ys = _scan_cell(params, carry0, x, lengths, cell=cell, time_major=time_major,
                                reverse=reverse, unroll=unroll, collect=return_sequences)
-        if not return_sequences:
-            return (carry if return_carry else cell.output(carry)), {}
-        return ((ys, carry) if return_carry else ys), {}
+        return _select(return_sequences, return_carry, ys, carry, lambda: cell.output(carry)), {}
 
     return Layer(init, apply, name or cell.name)
 
@@ -497,6 +247,13 @@ def _parts(out, seq_rank):
     if hasattr(out, "ndim"):
         return out, None, False
     return None, out, False
+
+
+def _join(y, carry, pair):
+    """The inverse of :func:`_parts`: ``(y, carry)`` if ``pair``, else whichever is not None."""
+    if pair:
+        return y, carry
+    return y if carry is None else carry
 
 
 def _merge(a, b, merge):
@@ -536,8 +293,8 @@ _BIDI_MERGES = ("concat", "add", "mul", "mean", "tuple")
 
 
 def _init_stateless(layer, name, key, shape):
-    """Core's child init, for children without state (the only kind scanned here)."""
-    p, s, out = _init_child(layer, name, key, shape)
+    """:func:`~fundl.nn.children.init_child`, for children without state (the only kind scanned here)."""
+    p, s, out = init_child(layer, name, key, shape)
     if s:
         raise ValueError(f"{name}: recurrent combinators support only stateless layers, got state {s}")
     return p, out
@@ -584,23 +341,22 @@ def bidirectional(forward_layer: Layer, backward_layer: Layer | None = None, *,
             raise ValueError("bidirectional: the two directions must return the same kind of output")
         y = None if y_f is None else _merge_shape(y_f, y_b, merge)
         c = None if c_f is None else (c_f, c_b)
-        out = (y, c) if pair else (y if c is None else c)
-        return {"forward": p_f, "backward": p_b}, {}, out
+        return {"forward": p_f, "backward": p_b}, {}, _join(y, c, pair)
 
     def apply(params, state, x, *, key=None, train=False):
         xx, lengths, carry0 = _split_input(x)
         if carry0 is not None:
             raise ShapeError("bidirectional does not take an initial carry; pass x or (x, lengths)")
         if jnp.ndim(xx) != 3:
-            raise ShapeError(f"expected input of rank 3, got shape {_fmt(jnp.shape(xx))} (rank {jnp.ndim(xx)})")
+            raise ShapeError(f"expected input of rank 3, got shape {format_shape(jnp.shape(xx))} (rank {jnp.ndim(xx)})")
         if lengths is not None:
             _check_lengths(lengths, xx, time_major)
-        _check_keys(params, ("forward", "backward"), "params")
+        check_children(params, ("forward", "backward"), "params")
         k_f, k_b = (None, None) if key is None else jax.random.split(key)
         x_rev = reverse_sequences(xx, lengths, time_major=time_major)
-        fwd, _ = _apply_child(forward_layer, "forward", params, {},
+        fwd, _ = apply_child(forward_layer, "forward", params, {},
                               xx if lengths is None else (xx, lengths), k_f, train)
-        bwd, _ = _apply_child(backward_layer, "backward", params, {},
+        bwd, _ = apply_child(backward_layer, "backward", params, {},
                               x_rev if lengths is None else (x_rev, lengths), k_b, train)
         y_f, c_f, pair = _parts(fwd, xx.ndim)
         y_b, c_b, _ = _parts(bwd, xx.ndim)
@@ -610,7 +366,7 @@ def bidirectional(forward_layer: Layer, backward_layer: Layer | None = None, *,
                 y_b = reverse_sequences(y_b, lengths, time_major=time_major)
             y = _merge(y_f, y_b, merge)
         c = None if c_f is None else (c_f, c_b)
-        return ((y, c) if pair else (y if c is None else c)), {}
+        return _join(y, c, pair), {}
 
     return Layer(init, apply, name)
 
@@ -675,7 +431,7 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
             raise KeyMissingError(
                 "stacked recurrent layers with dropout in training mode need a PRNG key: call "
                 "apply(params, state, x, key=jax.random.key(...), train=True), or pass train=False")
-        _check_keys(params, names, "params")
+        check_children(params, names, "params")
         rank = jnp.ndim(xx)
         carries, y = [], xx
         for k, (layer, nm) in enumerate(zip(layers, names)):
@@ -683,7 +439,7 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
                 keep = jax.random.bernoulli(jax.random.fold_in(key, 2 * k), 1.0 - dropout, y.shape)
                 y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
             k_layer = None if key is None else jax.random.fold_in(key, 2 * k + 1)
-            out, _ = _apply_child(layer, nm, params, {}, y if lengths is None else (y, lengths), k_layer, train)
+            out, _ = apply_child(layer, nm, params, {}, y if lengths is None else (y, lengths), k_layer, train)
             y, c, pair = _parts(out, rank)
             if k < len(layers) - 1 and (y is None or y.ndim != rank):
                 raise ShapeError(f"stacked: layer '{nm}' must return sequences of rank {rank}")
@@ -698,50 +454,67 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
 # Convenience constructors
 
 
-def _build(cell, kind, num_layers, bidirectional_, dropout, time_major, reverse,
-           unroll, return_sequences, return_carry, merge):
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"{kind}: num_layers must be a positive int, got {num_layers!r}")
-    if bidirectional_ and reverse:
+class _Options(NamedTuple):
+    """The keyword arguments of :func:`lstm` and :func:`gru` beyond the cell's own."""
+
+    num_layers: int
+    bidirectional: bool
+    dropout: float
+    time_major: bool
+    reverse: bool
+    unroll: int
+    return_sequences: bool
+    return_carry: bool
+    merge: str
+
+
+def _build(cell: Cell, kind: str, opt: _Options) -> Layer:
+    """The ``kind`` (``"lstm"``, ``"gru"``) layer of ``cell``: one :func:`rnn`, or a
+    :func:`stacked` of ``opt.num_layers`` layers, each :func:`bidirectional` if asked."""
+    if not isinstance(opt.num_layers, int) or opt.num_layers < 1:
+        raise ValueError(f"{kind}: num_layers must be a positive int, got {opt.num_layers!r}")
+    if opt.bidirectional and opt.reverse:
         raise ValueError(f"{kind}: reverse=True has no meaning with bidirectional=True")
-    if dropout and num_layers == 1:
+    if opt.dropout and opt.num_layers == 1:
         raise ValueError(f"{kind}: dropout acts between stacked layers and needs num_layers > 1; for "
-                         f"dropout on a single layer's outputs, follow it with nn.dropout({dropout})")
-    if merge == "tuple" and num_layers > 1:
+                         f"dropout on a single layer's outputs, follow it with nn.dropout({opt.dropout})")
+    if opt.merge == "tuple" and opt.num_layers > 1:
         raise ValueError(f"{kind}: merge='tuple' cannot feed a next layer; use 'concat', 'add', ...")
-    if num_layers == 1 and not bidirectional_:
-        return rnn(cell, time_major=time_major, reverse=reverse, unroll=unroll,
+
+    def scan(return_sequences, return_carry):
+        return rnn(cell, time_major=opt.time_major, reverse=opt.reverse, unroll=opt.unroll,
                    return_sequences=return_sequences, return_carry=return_carry, name=kind)
+
+    if opt.num_layers == 1 and not opt.bidirectional:
+        return scan(opt.return_sequences, opt.return_carry)
 
     # Sub-layers always return (ys, carry); the flags select from that below,
     # without guessing what a layer returned.
     def one():
-        layer = rnn(cell, time_major=time_major, reverse=reverse, unroll=unroll,
-                    return_sequences=True, return_carry=True, name=kind)
-        if bidirectional_:
-            layer = bidirectional(layer, merge=merge, time_major=time_major, name="bi" + kind)
+        layer = scan(True, True)
+        if opt.bidirectional:
+            layer = bidirectional(layer, merge=opt.merge, time_major=opt.time_major, name="bi" + kind)
         return layer
 
-    inner = one() if num_layers == 1 else stacked(
-        *[one() for _ in range(num_layers)], dropout=dropout, name=kind)
+    inner = one() if opt.num_layers == 1 else stacked(
+        *[one() for _ in range(opt.num_layers)], dropout=opt.dropout, name=kind)
 
     def select(ys, carries, merge_fn):
-        if return_sequences:
-            return (ys, carries) if return_carry else ys
-        if return_carry:
-            return carries
-        last = carries if num_layers == 1 else carries[-1]
-        if bidirectional_:
-            return merge_fn(cell.output(last[0]), cell.output(last[1]))
-        return cell.output(last)
+        def last():  # the last layer's output (both directions merged)
+            carry = carries if opt.num_layers == 1 else carries[-1]
+            if opt.bidirectional:
+                return merge_fn(cell.output(carry[0]), cell.output(carry[1]))
+            return cell.output(carry)
+
+        return _select(opt.return_sequences, opt.return_carry, ys, carries, last)
 
     def init(key, input_shape):
         params, state, (ys, carries) = inner.init(key, input_shape)
-        return params, state, select(ys, carries, lambda a, b: _merge_shape(a, b, merge))
+        return params, state, select(ys, carries, lambda a, b: _merge_shape(a, b, opt.merge))
 
     def apply(params, state, x, *, key=None, train=False):
         (ys, carries), new_state = inner.apply(params, state, x, key=key, train=train)
-        return select(ys, carries, lambda a, b: _merge(a, b, merge)), new_state
+        return select(ys, carries, lambda a, b: _merge(a, b, opt.merge)), new_state
 
     return Layer(init, apply, inner.name)
 
@@ -781,10 +554,11 @@ def lstm(hidden: int, *, num_layers: int = 1, bidirectional: bool = False, dropo
         >>> sorted(params), sorted(params["layer_0"]), out_shape
         (['layer_0', 'layer_1'], ['backward', 'forward'], (1, 20, 64))
     """
-    _check_hidden("lstm", hidden)
-    return _build(lstm_cell(hidden, forget_bias=forget_bias), "lstm", num_layers,
-                  bidirectional, dropout, time_major, reverse, unroll, return_sequences,
-                  return_carry, merge)
+    check_hidden("lstm", hidden)
+    return _build(lstm_cell(hidden, forget_bias=forget_bias), "lstm", _Options(
+        num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, time_major=time_major,
+        reverse=reverse, unroll=unroll, return_sequences=return_sequences, return_carry=return_carry,
+        merge=merge))
 
 
 def gru(hidden: int, *, num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
@@ -801,6 +575,8 @@ def gru(hidden: int, *, num_layers: int = 1, bidirectional: bool = False, dropou
         >>> jax.tree.map(jnp.shape, params), out_shape
         ({'b_hh': (48,), 'b_ih': (48,), 'w_hh': (16, 48), 'w_ih': (8, 48)}, (1, 16))
     """
-    _check_hidden("gru", hidden)
-    return _build(gru_cell(hidden), "gru", num_layers, bidirectional, dropout,
-                  time_major, reverse, unroll, return_sequences, return_carry, merge)
+    check_hidden("gru", hidden)
+    return _build(gru_cell(hidden), "gru", _Options(
+        num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, time_major=time_major,
+        reverse=reverse, unroll=unroll, return_sequences=return_sequences, return_carry=return_carry,
+        merge=merge))
