@@ -1,4 +1,14 @@
-"""fundl.nn: layers as pairs of pure functions, and the combinators that compose them."""
+"""fundl.nn: layers as pairs of pure functions, and the combinators that compose them.
+
+Every name below is importable from ``fundl.nn``; by module: ``core`` (the
+``Layer`` contract, its errors, shape checks), ``combinators`` (``serial``,
+``parallel``, ``residual``, ``named``), ``children`` (how a combinator treats
+its children), ``linear``, ``conv`` (lowered by ``conv_lowering``), ``norm``,
+``dropout``, ``activations``, ``init``, ``cells`` (LSTM and GRU steps),
+``sequence`` (cells scanned over time: ``rnn``, ``lstm``, ``gru``,
+``stacked``, ``bidirectional``), ``remat`` and ``summary``.  PyTorch weights
+come in through ``fundl.interop``.
+"""
 
 from fundl.nn import init
 from fundl.nn.activations import (

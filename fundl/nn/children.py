@@ -86,7 +86,7 @@ _RECORDER = _ShapeRecorder()
 @contextlib.contextmanager
 def record_shapes():
     """Collect ``(path, output_shape)`` for every child inited inside the block
-    (in execution order); used by :func:`fundl.nn.summary`."""
+    (in execution order); used by :func:`fundl.nn.summary.summary`."""
     saved = (_RECORDER.rows, _RECORDER.stack)
     _RECORDER.rows, _RECORDER.stack = [], []
     try:
@@ -97,7 +97,7 @@ def record_shapes():
 
 def init_child(layer: Layer, name: str, key, input_shape):
     """``layer.init(key, input_shape)`` as child ``name``: an error inside names the
-    path (:meth:`~fundl.nn.core.LayerError.within`), and :func:`record_shapes` sees it."""
+    path (:meth:`~fundl.nn.LayerError.within`), and :func:`record_shapes` sees it."""
     _RECORDER.stack.append(name)
     try:
         p, s, out = layer.init(key, input_shape)
