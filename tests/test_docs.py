@@ -1,11 +1,11 @@
-"""Every ```python block of README.md and docs/*.md runs, one test per block (id file:line).
+"""Every ```python block of README.md, docs/*.md and docs/zh/*.md runs, one test per block (id file:line).
 
 Blocks of one file share a namespace in order, like a notebook: a block may use
 names an earlier block of its file defined.  A block preceded by an HTML comment
 ``<!-- skip: REASON -->`` is skipped with that reason (keep these rare:
 downloads, runs of many minutes); one preceded by ``<!-- needs data: WHAT -->``
 runs, and is skipped only if the data files are not on this machine
-(``DataNotFoundError``).
+(``DataNotFoundError``), as are the later ``needs data`` blocks of its file.
 """
 
 import re
@@ -28,7 +28,7 @@ class Block(NamedTuple):
 
 def extract_blocks(path: Path, root: Path = ROOT) -> list[Block]:
     """The ```python blocks of a markdown file, with their line and skip reason."""
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].strip() == "```python":
@@ -46,18 +46,24 @@ def extract_blocks(path: Path, root: Path = ROOT) -> list[Block]:
     return blocks
 
 
-BLOCKS = [b for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] for b in extract_blocks(f)]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "zh").glob("*.md"))]
+BLOCKS = [b for f in DOCS for b in extract_blocks(f)]
 _NAMESPACES: dict[str, dict] = {}   # file -> shared namespace
 _DONE: dict[tuple[str, int], bool] = {}  # (file, line) -> ran without error
+_MISSING: dict[str, str] = {}  # file -> why its first missing-data block was skipped
 
 
 def _run(block: Block) -> str:
     """Run ``block`` in its file's namespace; return why it was skipped ("" if it ran).
 
     A ``needs data`` block whose files are missing counts as done (skipped):
-    later blocks still run, and fail honestly if they use its names."""
+    later ``needs data`` blocks of its file are skipped too (they use its
+    names); other later blocks still run, and fail honestly if they use them."""
     from fundl.data.errors import DataNotFoundError
 
+    if block.needs and block.file in _MISSING:
+        _DONE[block.file, block.line] = True
+        return _MISSING[block.file]
     ns = _NAMESPACES.setdefault(block.file, {"__name__": "__docs__"})
     try:
         padded = "\n" * block.line + block.code  # so tracebacks give the markdown file's line numbers
@@ -67,7 +73,8 @@ def _run(block: Block) -> str:
             _DONE[block.file, block.line] = False
             raise
         _DONE[block.file, block.line] = True
-        return f"needs {block.needs}, not on this machine ({str(e)[:80]})"
+        _MISSING[block.file] = f"needs {block.needs}, not on this machine ({str(e)[:80]})"
+        return _MISSING[block.file]
     except BaseException:
         _DONE[block.file, block.line] = False
         raise
@@ -82,6 +89,16 @@ def test_extractor_reads_lines_and_skip_reasons(tmp_path):
     blocks = extract_blocks(md, root=tmp_path)
     assert [(b.line, b.code.strip(), b.skip, b.needs) for b in blocks] == [
         (2, "a = 1", "", ""), (8, "b = a", "downloads", ""), (15, "c = 2", "", "MNIST")]
+
+
+def test_later_needs_data_blocks_of_a_file_skip_when_its_data_is_missing():
+    file = "<a doc whose data is missing>.md"
+    missing = "from fundl.data.errors import DataNotFoundError\nraise DataNotFoundError('no MNIST here')"
+    assert "no MNIST here" in _run(Block(file, 1, missing, "", "MNIST"))
+    assert "no MNIST here" in _run(Block(file, 5, "mnist.train", "", "MNIST"))   # not run: no NameError
+    assert _run(Block(file, 9, "x = 1", "", "")) == ""                           # blocks without data still run
+    with pytest.raises(NameError):
+        _run(Block(file, 13, "mnist", "", ""))                                    # and fail if they use its names
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.file}:{b.line}" for b in BLOCKS])

@@ -34,7 +34,7 @@ def build(project: Path, site: Path) -> subprocess.CompletedProcess:
 def page(site: Path, path: str) -> str:
     file = site / path / "index.html" if not path.endswith(".html") else site / path
     assert file.is_file(), f"the site has no page {path}"
-    return file.read_text()
+    return file.read_text(encoding="utf-8")
 
 
 def test_site_builds_strict_with_guides_api_and_notebooks(tmp_path):
@@ -56,6 +56,15 @@ def test_site_builds_strict_with_guides_api_and_notebooks(tmp_path):
     assert "keep_checkpoints" in configs and "--allow-change" in configs  # generated at build time
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         page(site, f"notebooks/{notebook.stem}")  # rendered by mkdocs-jupyter, not executed
+
+    # the Chinese quickstart (docs/zh/), and the language switch (extra.alternate) of every page linking it
+    zh = page(site, "zh")
+    assert "快速入门" in zh and "nn.serial" in zh and 'class="grid"' in zh
+    for path in ["index.html", "layers", "api/nn", "notebooks/quickstart", "zh"]:
+        folder = (site / path).parent if path.endswith(".html") else site / path
+        links = dict((lang, (folder / href).resolve()) for href, lang in
+                     re.findall(r'<a href="([^"]*)" hreflang="([^"]+)" class="md-select__link"', page(site, path)))
+        assert links == {"en": site.resolve(), "zh": (site / "zh").resolve()}, f"{path}: language switch {links}"
 
     for html in sorted((site / "api").glob("*/index.html")):
         text = html.read_text()
