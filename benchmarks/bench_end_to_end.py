@@ -171,13 +171,14 @@ def run_fit(config: dict) -> tuple[dict, list[dict]]:
         return summary, read_metrics(Path(tmp) / "run")
 
 
-def time_fit(config: dict, steps: int, **training) -> FitTiming:
+def time_fit(config: dict, steps: int, *, min_logs: int = 3, **training) -> FitTiming:
     """``run_fit`` of ``shortened(config, steps, **training)``, timed from its first logged train
-    record to its last."""
+    record to its last (at least ``min_logs`` of them, so that ``min_logs - 1`` intervals are timed)."""
     summary, records = run_fit(shortened(config, steps, **training))
     train = [r for r in records if r["split"] == "train"]
-    if len(train) < 3:
-        raise ValueError(f"{steps} steps give {len(train)} train logs; need 3 (raise --steps or lower log_every)")
+    if len(train) < min_logs:
+        raise ValueError(f"{steps} steps give {len(train)} train logs; need {min_logs} "
+                         "(raise --steps or lower log_every)")
     return FitTiming(train[-1]["wall_time"] - train[0]["wall_time"], train[-1]["step"] - train[0]["step"],
                      train[0]["step"], summary)
 
@@ -306,9 +307,9 @@ def markdown(result: dict) -> str:
         rows.append([name, row["steps"], f"{row['steps_per_call']}, {row['unroll']}", f"{row['bare_examples_per_s']:,.0f}",
                      f"{row['fit_examples_per_s']:,.0f}", f"{row['fit_over_bare']:.2f}",
                      f"{row['hand_examples_per_s']:,.0f}", f"{1 / row['hand_time_over_fit_time']:.2f}"])
-    return "\n".join(head) + harness.markdown_table(
+    return "\n".join(head + [harness.markdown_table(
         ["config", "steps", "steps/call, unroll", "bare step ex/s", "fit ex/s", "fit / bare (target ≥ 0.9)",
-         "hand-loop ex/s", "fit time / hand time (target ≤ 1.15)"], rows, "lrlrrrrr")
+         "hand-loop ex/s", "fit time / hand time (target ≤ 1.15)"], rows, "lrlrrrrr")])
 
 
 def markdown_ab(result: dict) -> str:
@@ -322,9 +323,9 @@ def markdown_ab(result: dict) -> str:
             continue
         rows.append([name] + [f"{row['examples_per_s'][v]:,.0f}" for v in values] +
                     [f"{row['ratio_to_first'][v]:.2f}" for v in values[1:]])
-    return "\n".join(head) + harness.markdown_table(
+    return "\n".join(head + [harness.markdown_table(
         ["config"] + [f"{key}={v}" for v in values] + [f"{v} / {values[0]}" for v in values[1:]], rows,
-        "l" + "r" * (2 * len(values) - 1))
+        "l" + "r" * (2 * len(values) - 1))])
 
 
 # ---------------------------------------------------------------------------

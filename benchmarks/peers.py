@@ -110,18 +110,22 @@ def cross_entropy(logits, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-def jax_runner(step_fn, state, x, y):
-    """Drive ``state, loss = step_fn(state, x, y)`` (jitted, state donated)."""
+def jax_runner(step_fn, state, *args, steps_per_call=1, sync_every=0):
+    """Drive ``state, out = step_fn(state, *args)`` (jitted, state donated); ``sync_every``: wait for
+    the device every that many calls, as fundl's loop does under multi-device placements."""
     import jax
-    box = {"state": state, "out": None}
+    box = {"state": state, "out": None, "n": 0}
 
     def step():
-        box["state"], box["out"] = step_fn(box["state"], x, y)
+        box["state"], box["out"] = step_fn(box["state"], *args)
+        box["n"] += 1
+        if sync_every and box["n"] % sync_every == 0:
+            jax.block_until_ready(box["out"])
 
     def block():
         jax.block_until_ready(box["out"])
 
-    return Runner(step, block, jitted=step_fn, args=lambda: (box["state"], x, y))
+    return Runner(step, block, steps_per_call, jitted=step_fn, args=lambda: (box["state"], *args))
 
 
 def fundl_model(spec, unroll=1):
@@ -157,15 +161,7 @@ def build_fundl(spec, fused=0, unroll=1, **step_options):
     else:
         fn = jax.jit(step, donate_argnums=0)
         batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-    box = {"state": state, "out": None}
-
-    def run_step():
-        box["state"], box["out"] = fn(box["state"], batch)
-
-    def block():
-        jax.block_until_ready(box["out"])
-
-    return Runner(run_step, block, fused or 1, jitted=fn, args=lambda: (box["state"], batch))
+    return jax_runner(fn, state, batch, steps_per_call=fused or 1)
 
 
 def build_fundl_tuple(spec):
@@ -214,19 +210,7 @@ def build_fundl_sharded(spec, fused=0, unroll=1):
         batch = placement.put_batch({"x": np.stack([x] * fused), "y": np.stack([y] * fused)}, stacked=True)
     else:
         batch = placement.put_batch({"x": x, "y": y})
-    box = {"state": state, "out": None, "n": 0}
-    every = max(1, placement.sync_every or 1)
-
-    def step():
-        box["state"], box["out"] = fn(box["state"], batch)
-        box["n"] += 1
-        if box["n"] % every == 0:
-            jax.block_until_ready(box["out"])
-
-    def block():
-        jax.block_until_ready(box["out"])
-
-    return Runner(step, block, fused or 1, jitted=fn, args=lambda: (box["state"], batch))
+    return jax_runner(fn, state, batch, steps_per_call=fused or 1, sync_every=max(1, placement.sync_every or 1))
 
 
 def build_linen(spec):

@@ -113,8 +113,8 @@ def test_device_data_and_mlp_step_ab_report_their_ratios(tmp_path):
     and the parts of fundl's MLP step beside stax's (``benchmark``'s fundl_loss_only and fundl_tuple rows)."""
     out = _run_ok("bench_end_to_end", "--device-data", "--configs", "tiny_synthetic", "--steps", "20", "--rounds", "2")
     assert out.startswith("tiny_synthetic: host ") and float(out.split("host time / device time")[1]) > 0
-    _run_ok("benchmark", "--models", "mlp1d", "--impls", "stax,fundl,fundl_loss_only,fundl_tuple", "--rounds", "1",
-            "--slot", "0.05", "--no-memory", "--out", tmp_path)
+    _run_ok("benchmark", "--quick", "--models", "mlp1d", "--impls", "stax,fundl,fundl_loss_only,fundl_tuple",
+            "--out", tmp_path)
     rows = json.loads((tmp_path / "benchmark.json").read_text())["models"]["mlp1d"]
     ratios = {impl: row["ratio_to_fundl"] for impl, row in rows.items()}
     assert set(ratios) == {"stax", "fundl", "fundl_loss_only", "fundl_tuple"} and ratios["fundl"] == 1.0

@@ -63,7 +63,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 def _run_probe(tmp_path, extra_env, body):
     script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(textwrap.dedent("""
         import json, os, sys
         if __name__ == "__main__":
             from fundl.run.hugepages import reexec_with_huge_pages
