@@ -108,11 +108,15 @@ def test_profile_fit_times_every_part_of_the_loop():
     assert all(float(v[1]) >= 0 for v in rows.values())
 
 
-def test_device_data_and_mlp_step_ab_report_their_ratios(tmp_path):
-    """The two A/Bs that were probes of their own: device-resident data (``bench_end_to_end --device-data``)
-    and the parts of fundl's MLP step beside stax's (``benchmark``'s fundl_loss_only and fundl_tuple rows)."""
+def test_device_data_ab_reports_its_ratio():
+    """Device-resident data against NumPy batches (``bench_end_to_end --device-data``; once a probe of its own)."""
     out = _run_ok("bench_end_to_end", "--device-data", "--configs", "tiny_synthetic", "--steps", "20", "--rounds", "2")
     assert out.startswith("tiny_synthetic: host ") and float(out.split("host time / device time")[1]) > 0
+
+
+def test_mlp_step_variants_report_their_ratios(tmp_path):
+    """The parts of fundl's MLP step beside stax's (``benchmark``'s fundl_loss_only and fundl_tuple rows;
+    once a probe of its own)."""
     _run_ok("benchmark", "--quick", "--models", "mlp1d", "--impls", "stax,fundl,fundl_loss_only,fundl_tuple",
             "--out", tmp_path)
     rows = json.loads((tmp_path / "benchmark.json").read_text())["models"]["mlp1d"]
