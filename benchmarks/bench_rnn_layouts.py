@@ -29,7 +29,6 @@ also under ``taskset -c 0`` and with ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=f
 """
 
 import re
-import statistics
 import sys
 import time
 
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
     print(f"{jax.devices()[0].platform}; batch {args.batch}, T {args.steps}, F {F}, H {H}; adam; median of "
           f"{args.repeats} rounds x {args.iters} {'calls' if args.forward else 'steps'}; " + harness.header(record))
     unit = "calls/s" if args.forward else "steps/s"
-    rows = [[cell, layout, unroll, f"{statistics.median(r):.1f}", f"{min(r):.1f}", f"{max(r):.1f}"]
+    rows = [[cell, layout, unroll, *(f"{v:.1f}" for v in harness.spread(r).values())]
             for (cell, layout, unroll), r in rates.items()]
     print(harness.markdown_table(["cell", "layout", "unroll", unit, "min", "max"], rows, "lllrrr"))
     return 0

@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     rates = harness.interleaved({k: (lambda r=r: steps_per_second(r)) for k, r in runners.items()}, args.rounds)
     for (m, i), rs in rates.items():
         row = results[m][i]
-        row.update(steps_per_s=statistics.median(rs), min=min(rs), max=max(rs), rounds=rs)
+        r = harness.spread(rs)
+        row.update(steps_per_s=r["median"], min=r["min"], max=r["max"], rounds=rs)
         if row["flops_per_step"]:
             row["gflops"] = row["steps_per_s"] * row["flops_per_step"] / 1e9
             row["pct_peak"] = 100 * row["gflops"] / peak
