@@ -27,7 +27,7 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python scripts/benchmark.py
+	$(BIN)/python -m benchmarks.benchmark
 
 # The documentation site (mkdocs.yml, docs/, notebooks/) into site/; --strict: a broken link or reference fails.
 docs: $(STAMP)

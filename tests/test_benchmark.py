@@ -1,7 +1,10 @@
-"""Smoke test of scripts/benchmark.py: one tiny round writes valid JSON and markdown.
+"""Smoke tests of the benchmarks (benchmarks/): a tiny run of each writes its tables.
 
-Speed figures are not asserted (timings here are noisy); only that the
-script runs end to end and reports every implementation it was asked for.
+Speed figures are not asserted (timings here are noisy); only that each
+benchmark runs end to end and reports every variant it was asked for.  Each runs
+as its users run it, ``python -m benchmarks.NAME`` from the repository root, in
+a fresh process (benchmarks set JAX options, such as the CPU device count, that
+must not leak into the test process).
 """
 
 import json
@@ -12,10 +15,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _run(module, *args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def _run_ok(module, *args) -> str:
+    proc = _run(module, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_benchmark_quick_writes_json_and_markdown(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--models", "mlp,lstm1d",
-           "--impls", "fundl,fundl_fused,stax", "--steps-per-call", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = _run("benchmark", "--quick", "--models", "mlp,lstm1d", "--impls", "fundl,fundl_fused,stax",
+                "--steps-per-call", "2", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "benchmark.json").read_text())
     assert set(result["models"]) == {"mlp", "lstm1d"}
@@ -30,6 +43,7 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
     assert result["machine"]["matmul_peak_gflops"] > 0 and result["versions"]["jax"]
     md = (tmp_path / "benchmark.md").read_text()
     assert "| mlp | fundl |" in md and "| lstm1d | stax | n/a" in md
+    assert result["command"].startswith("python -m benchmarks.benchmark --quick")
 
 
 def test_multi_step_auto_unroll_unrolls_only_convolutional_steps():
@@ -62,18 +76,15 @@ def test_multi_step_auto_unroll_unrolls_only_convolutional_steps():
 
 
 def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
-    """scripts/bench_end_to_end.py: the fit/bare/hand table, and --ab's one-key comparison through fit."""
-    script = str(ROOT / "scripts" / "bench_end_to_end.py")
+    """benchmarks/bench_end_to_end.py: the fit/bare/hand table, and --ab's one-key comparison through fit."""
     common = ["--configs", "tiny_synthetic", "--steps", "24", "--seconds", "1"]
-    proc = subprocess.run([sys.executable, script, *common, "--rounds", "1", "--out", str(tmp_path / "e2e")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = _run("bench_end_to_end", *common, "--rounds", "1", "--out", tmp_path / "e2e")
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((tmp_path / "e2e" / "end_to_end.json").read_text())["configs"]["tiny_synthetic"]
     assert row["fit_examples_per_s"] > 0 and row["bare_examples_per_s"] > 0 and row["hand_examples_per_s"] > 0
     assert row["steps_per_call"] == 10  # "auto" for a dense model
 
-    proc = subprocess.run([sys.executable, script, *common, "--rounds", "2", "--ab", "data.prefetch=2,0",
-                           "--out", str(tmp_path / "ab")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = _run("bench_end_to_end", *common, "--rounds", "2", "--ab", "data.prefetch=2,0", "--out", tmp_path / "ab")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "ab" / "end_to_end_ab.json").read_text())
     assert result["key"] == "data.prefetch" and result["values"] == ["2", "0"]
@@ -82,20 +93,13 @@ def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
     assert row["examples_per_s"]["0"] > 0
     assert "| tiny_synthetic |" in (tmp_path / "ab" / "end_to_end_ab.md").read_text()
 
-    proc = subprocess.run([sys.executable, script, *common, "--ab", "data.prefetchh=2,0"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = _run("bench_end_to_end", *common, "--ab", "data.prefetchh=2,0")
     assert proc.returncode != 0 and "prefetchh" in proc.stderr  # a bad key is named, not ignored
 
 
-def _run_script(*args) -> str:
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_profile_fit_times_every_part_of_the_loop():
-    out = _run_script(ROOT / "scripts" / "profile_fit.py", "--config", ROOT / "configs" / "tiny_synthetic.toml",
-                      "--steps", "24", "--set", "logging.plots=false")
+    out = _run_ok("profile_fit", "--config", ROOT / "configs" / "tiny_synthetic.toml", "--steps", "24",
+                  "--set", "logging.plots=false")
     assert "tiny_synthetic:" in out and "us per step over the" in out
     rows = {line.split("  ")[0]: line.split()[-4:] for line in out.splitlines()[2:-1]}
     assert set(rows) >= {"next batch", "log (waits for the device)", "evaluation", "checkpoint"}
@@ -104,24 +108,29 @@ def test_profile_fit_times_every_part_of_the_loop():
     assert all(float(v[1]) >= 0 for v in rows.values())
 
 
-def test_device_data_and_mlp_step_ab_report_their_ratios():
-    out = _run_script(ROOT / "scripts" / "bench_device_data.py", "--configs", "tiny_synthetic", "--steps", "20",
-                      "--rounds", "2")
+def test_device_data_ab_reports_its_ratio():
+    """Device-resident data against NumPy batches (``bench_end_to_end --device-data``; once a probe of its own)."""
+    out = _run_ok("bench_end_to_end", "--device-data", "--configs", "tiny_synthetic", "--steps", "20", "--rounds", "2")
     assert out.startswith("tiny_synthetic: host ") and float(out.split("host time / device time")[1]) > 0
-    out = _run_script(ROOT / "scripts" / "bench_mlp_step.py", "--model", "mlp1d", "--rounds", "1")
-    ratios = {line.split()[1]: float(line.split()[-1]) for line in out.splitlines()}
-    assert set(ratios) == {"stax", "fundl", "fundl_loss_only", "fundl_tuple"} and ratios["stax"] == 1.0
+
+
+def test_mlp_step_variants_report_their_ratios(tmp_path):
+    """The parts of fundl's MLP step beside stax's (``benchmark``'s fundl_loss_only and fundl_tuple rows;
+    once a probe of its own)."""
+    _run_ok("benchmark", "--quick", "--models", "mlp1d", "--impls", "stax,fundl,fundl_loss_only,fundl_tuple",
+            "--out", tmp_path)
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["models"]["mlp1d"]
+    ratios = {impl: row["ratio_to_fundl"] for impl, row in rows.items()}
+    assert set(ratios) == {"stax", "fundl", "fundl_loss_only", "fundl_tuple"} and ratios["fundl"] == 1.0
     assert all(r > 0 for r in ratios.values())
 
 
 def test_conv_chunk_table_reports_speedups_and_the_rules_pick():
-    out = _run_script(ROOT / "scripts" / "bench_conv_chunks.py", "--only", "7x7", "--rounds", "1",
-                      "--slot", "0.01", "--chunk-sizes", "64,8")
+    out = _run_ok("bench_conv_chunks", "--only", "7x7", "--rounds", "1", "--slot", "0.01", "--chunk-sizes", "64,8")
     row = [line for line in out.splitlines() if line.startswith("| 2d 7x7x64")]
     assert len(row) == 1, out
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[0] == "2d 7x7x64 -> 64, k3 (128)" and cells[-1] == "chunks of 8"
     assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0  # whole ms, 64, 8
-    proc = subprocess.run([sys.executable, ROOT / "scripts" / "bench_conv_chunks.py", "--only", "nothing"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = _run("bench_conv_chunks", "--only", "nothing", timeout=120)
     assert proc.returncode == 2 and "matches none of" in proc.stderr

@@ -1,4 +1,4 @@
-"""fundl/run/hugepages.py: the scripts re-execute themselves with glibc's malloc using huge pages.
+"""fundl/run/hugepages.py: the scripts and benchmarks re-execute themselves with glibc's malloc using huge pages.
 
 Why (measured in docs/benchmarks.md, "Page faults"): XLA:CPU frees and re-allocates
 each step's temporary buffer, and with 4 KiB pages every step faults it in again.
@@ -18,8 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 from fundl.run import hugepages as hp
 
 GLIBC = ("glibc", "2.36")
-ENTRY_SCRIPTS = ["train", "evaluate", "reproduce_mnist1d", "meta_lr", "benchmark", "bench_end_to_end",
-                 "bench_conv_chunks", "profile_fit", "bench_page_faults"]
+# Every program that imports JAX and is started by hand: the scripts, the example, every benchmark
+# (bench_ensemble imports no JAX: it times scripts/train.py processes, which re-execute themselves).
+ENTRY_SCRIPTS = ["scripts/train.py", "scripts/evaluate.py", "scripts/reproduce_mnist1d.py", "examples/meta_lr.py"] + [
+    f"benchmarks/{name}.py" for name in ("benchmark", "bench_end_to_end", "bench_conv_chunks", "bench_page_faults",
+                                         "bench_rnn_layouts", "bench_remat", "bench_loader", "bench_checkpoint",
+                                         "bench_parallel", "profile_fit")]
 QUALIFIES = hp.tuned_environ(os.environ, system=sys.platform, libc=hp.libc_version(), thp=hp.thp_mode()) \
     is not None or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
 
@@ -59,7 +63,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 
 def _run_probe(tmp_path, extra_env, body):
     script = tmp_path / "probe.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(textwrap.dedent("""
         import json, os, sys
         if __name__ == "__main__":
             from fundl.run.hugepages import reexec_with_huge_pages
@@ -93,6 +97,25 @@ def test_started_as_this_script_only_for_the_programs_own_script(tmp_path):
     assert hp.started_as_this_script(str(script), ["python", "-X", "utf8", str(script), "--flag"])
     assert not hp.started_as_this_script(str(script), ["python", "-m", "ipykernel_launcher", "-f", "k.json"])
     assert not hp.started_as_this_script(str(script), [])
+
+
+def test_started_as_this_script_for_a_module_run_with_dash_m(tmp_path):
+    """``python -m benchmarks.benchmark``: sys.argv[0] is the module's file, the command line names the module."""
+    module = tmp_path / "benchmarks" / "benchmark.py"
+    package_main = tmp_path / "tools" / "__main__.py"
+    for f in (module, package_main):
+        f.parent.mkdir()
+        f.write_text("")
+    assert hp.started_as_this_script(str(module), ["python", "-m", "benchmarks.benchmark", "--quick"])
+    assert hp.started_as_this_script(str(module), ["python", "-X", "utf8", "-m", "benchmarks.benchmark"])
+    assert hp.started_as_this_script(str(module), ["python", "-mbenchmarks.benchmark"])
+    assert hp.started_as_this_script(str(package_main), ["python", "-m", "tools", "a"])
+    assert not hp.started_as_this_script(str(module), ["python", "-m", "benchmarks.other"])
+    assert not hp.started_as_this_script(str(module), ["python", "-m", "tools.benchmark"])
+    assert not hp.started_as_this_script(str(module), ["python", "-m", "ipykernel_launcher", "-f", "k.json"])
+    assert not hp.started_as_this_script(str(module), ["python", "other.py", "-m", "benchmarks.benchmark"])
+    assert not hp.started_as_this_script(str(module), ["python", "-c", "pass", "-m", "benchmarks.benchmark"])
+    assert not hp.started_as_this_script(str(module), ["python", "-m"])
 
 
 @pytest.mark.skipif(not QUALIFIES, reason="this machine needs no re-exec (no glibc >= 2.35 or THP not madvise)")
@@ -139,8 +162,8 @@ def test_the_tunable_removes_most_page_faults_of_a_buffer_reallocated_every_step
 
 @pytest.mark.parametrize("name", ENTRY_SCRIPTS)
 def test_entry_scripts_reexecute_before_importing_jax_or_fundl(name):
-    """glibc reads the tunable only at process start, and importing JAX first would waste ~1 s."""
-    tree = ast.parse((ROOT / "scripts" / f"{name}.py").read_text())
+    """glibc reads the tunable only at process start, and importing JAX first would waste its import time."""
+    tree = ast.parse((ROOT / name).read_text())
     heavy = ("jax", "fundl", "numpy", "torch")
     reexec_at = heavy_at = None
     for node in tree.body:
@@ -151,21 +174,32 @@ def test_entry_scripts_reexecute_before_importing_jax_or_fundl(name):
             [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         if heavy_at is None and any(n.split(".")[0] in heavy for n in names):
             heavy_at = node.lineno
-    assert reexec_at is not None, f"scripts/{name}.py does not call reexec_with_huge_pages"
+    assert reexec_at is not None, f"{name} does not call reexec_with_huge_pages"
     assert heavy_at is None or reexec_at < heavy_at, (name, reexec_at, heavy_at)
 
 
-def test_bench_page_faults_compares_both_settings_in_alternating_processes(capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))  # until the benchmarks move to benchmarks/
-    import bench_page_faults
+def test_every_benchmark_module_is_on_the_entry_script_list():
+    listed = {Path(name).stem for name in ENTRY_SCRIPTS if name.startswith("benchmarks/")}
+    modules = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "harness", "peers", "bench_ensemble"}
+    assert modules == listed
 
-    assert bench_page_faults.main(["--models", "mlp", "--pairs", "1", "--steps", "3", "--seconds", "0"]) == 0
-    out = capsys.readouterr().out
+
+def _bench_page_faults(*args):
+    """``python -m benchmarks.bench_page_faults ARGS`` from the repository root, as docs/benchmarks.md runs it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FUNDL_HUGEPAGES")}
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_page_faults", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_bench_page_faults_compares_both_settings_in_alternating_processes():
+    proc = _bench_page_faults("--models", "mlp", "--pairs", "1", "--steps", "3", "--seconds", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     seen = out.splitlines()[0]
     if QUALIFIES:  # the 4 KiB process runs without the tunable, the default one with it
         assert seen.startswith("GLIBC_TUNABLES seen: '' / 'glibc.malloc.hugetlb=1'"), seen
     row = next(line for line in out.splitlines() if line.startswith("| mlp |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 7 and float(cells[4]) > 0 and float(cells[5]) > 0, row
-    with pytest.raises(SystemExit):
-        bench_page_faults.main(["--models", "nope"])
+    proc = _bench_page_faults("--models", "nope")
+    assert proc.returncode == 2 and "unknown ['nope']" in proc.stderr

@@ -253,19 +253,20 @@ def test_meta_gradient_through_adam_needs_eps_root_when_a_gradient_is_exactly_ze
 
 
 def test_meta_lr_script_runs_with_tiny_settings(tmp_path):
-    """scripts/meta_lr.py end to end on MNIST-1D (generated offline) with tiny settings: the plot,
-    the JSON (history, sweep, comparison) and the table are written, and the learned rate stays
-    inside the swept range."""
-    import importlib.util
+    """examples/meta_lr.py end to end on MNIST-1D (generated offline) with tiny settings, run as its
+    users run it: the plot, the JSON (history, sweep, comparison) and the table are written, and the
+    learned rate stays inside the swept range."""
     import json
+    import subprocess
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "meta_lr.py"
-    spec = importlib.util.spec_from_file_location("meta_lr", path)
-    meta_lr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(meta_lr)
-    meta_lr.main(["--out", str(tmp_path), "--inner-steps", "4", "--outer-steps", "3", "--sweep-points", "3",
-                  "--val", "200", "--hidden", "16", "--batch", "32", "--init-lr", "1e-3", "--lr-range", "1e-4,1e-1"])
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "examples/meta_lr.py", "--out", str(tmp_path), "--inner-steps", "4", "--outer-steps", "3",
+         "--sweep-points", "3", "--val", "200", "--hidden", "16", "--batch", "32", "--init-lr", "1e-3",
+         "--lr-range", "1e-4,1e-1"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "meta_lr.json").read_text())
     assert len(result["history"]) == 3 and len(result["sweep"]) == 3
     assert all(jnp.isfinite(h["d_val_loss_d_log_lr"]) for h in result["history"])

@@ -1,15 +1,13 @@
 """Start fundl's scripts with glibc's malloc asking for transparent huge pages.
 
 XLA:CPU allocates each step's temporary buffer afresh and frees it after the
-step (59 MiB for the benchmark CNN at batch 128).  glibc serves an allocation
-above 32 MiB with a fresh ``mmap``, so every step touches it page by page
-again: 12,650 minor page faults per step for that CNN with 4 KiB pages,
-380-390 with 2 MiB transparent huge pages (``scripts/bench_page_faults.py``).
-On the 2-core machine of docs/benchmarks.md that is 1.2x the CNN's steps/s,
-1.13-1.34x ``scripts/train.py`` on ``configs/mnist_cnn.toml`` and 1.15x on
-``shakespeare_char_lm`` (an LSTM with large buffers).  Models whose buffers
-stay small (MLPs, MNIST-1D's models, the benchmark LSTM) do not fault and do
-not change.
+step.  glibc serves an allocation above 32 MiB (the ceiling of its mmap
+threshold) with a fresh ``mmap``, so every step faults such a buffer in again,
+page by page; with 2 MiB transparent huge pages it takes far fewer faults, and
+models with large buffers (the CNNs, the character LM) train faster.  Models
+whose buffers stay small (MLPs, MNIST-1D's models) do not fault and do not
+change.  Measured by ``python -m benchmarks.bench_page_faults``; the figures
+are in docs/benchmarks.md, "Page faults".
 
 glibc reads its tunables only when a process starts, so a script that wants
 them re-executes itself (same pid, same arguments) with
@@ -24,7 +22,8 @@ own scripts get the same by starting
 with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment.
 
 This file imports nothing heavy on purpose: it runs before ``import fundl``
-(which imports JAX, ~1 s), so the re-exec costs one interpreter start.
+(which imports JAX, the slow part of start-up), so the re-exec costs one
+interpreter start.
 """
 
 from __future__ import annotations
@@ -75,16 +74,37 @@ def libc_version() -> tuple[str, str]:
 
 
 def started_as_this_script(argv0: str, orig_argv: list[str]) -> bool:
-    """True when the interpreter's own command line names the script ``sys.argv[0]`` names.
+    """True when the interpreter's own command line names the script ``sys.argv[0]`` names,
+    as a path (``python scripts/train.py``) or as a module (``python -m benchmarks.benchmark``).
 
     Not so when a script runs inside another program (IPython's ``%run``, ``runpy``
     from a notebook): re-executing would replace that program, a notebook kernel with it.
     """
     try:
         target = os.path.realpath(argv0)
-        return any(os.path.realpath(a) == target for a in orig_argv[1:] if a and not a.startswith("-"))
+        if any(os.path.realpath(a) == target for a in orig_argv[1:] if a and not a.startswith("-")):
+            return True
+        module = _module_run(orig_argv)
+        if module is None:
+            return False
+        stem = os.path.join(*module.split("."))
+        return target.endswith((os.sep + stem + ".py", os.sep + os.path.join(stem, "__main__.py")))
     except (OSError, ValueError, TypeError):
         return False
+
+
+def _module_run(orig_argv: list[str]) -> str | None:
+    """``MODULE`` of ``python [options] -m MODULE ...``, else None (a script, ``-c``, the REPL)."""
+    args = orig_argv[1:]
+    takes_a_value = ("-X", "-W", "--check-hash-based-pycs")
+    for i, a in enumerate(args):
+        if a == "-m":
+            return args[i + 1] if i + 1 < len(args) else None
+        if a.startswith("-m"):
+            return a[2:]
+        if not a.startswith("-") and (i == 0 or args[i - 1] not in takes_a_value):
+            return None  # a script's path (or -c's program) comes before any -m
+    return None
 
 
 def reexec_with_huge_pages() -> None:

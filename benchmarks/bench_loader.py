@@ -3,18 +3,23 @@
 Prints examples/s for: the loader alone (prefetch off / on / on + jax.device_put),
 a jitted MLP train step alone (784-512-512-10, Adam; plain JAX so it measures
 compute, not our API), and the two together, so the ratio "loader speed / step
-speed" in the data issue can be re-measured on any machine.
+speed" in the data issue can be re-measured on any machine.  docs/data.md records the runs.
 
-    python scripts/bench_loader.py [--batch-size 128] [--examples 60000] [--epochs 3]
+    python -m benchmarks.bench_loader [--batch-size 128] [--examples 60000] [--epochs 3]
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
+
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
 
 import numpy as np
 
+from benchmarks import harness
 from fundl.data import Loader
 
 
@@ -81,19 +86,19 @@ def time_training(step, state, arrays, batch_size, epochs, prefetch) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = harness.parser(__doc__, __spec__.name)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--examples", type=int, default=60000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--no-step", action="store_true", help="measure the loader only")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
+    started = harness.start()
     rng = np.random.default_rng(0)
     arrays = {"x": rng.random((args.examples, 28, 28, 1), dtype=np.float32),
               "y": rng.integers(0, 10, args.examples).astype(np.int32)}
     b, e = args.batch_size, args.epochs
-    print(f"MNIST-shaped float32 data: {args.examples} x 28 x 28 x 1, batch {b}, {e} epochs, shuffled")
     rows = [("loader, prefetch=0", time_loader(arrays, b, e, prefetch=0)),
             ("loader, prefetch=2", time_loader(arrays, b, e, prefetch=2))]
     if not args.no_step:
@@ -104,11 +109,13 @@ def main() -> None:
         rows.append(("MLP 784-512-512-10 Adam step alone (same batch)", step_speed))
         rows.append(("loader + step, prefetch=0", time_training(step, state, arrays, b, 1, 0)))
         rows.append(("loader + step, prefetch=2", time_training(step, state, arrays, b, 1, 2)))
-    for name, speed in rows:
-        print(f"{name:<50} {speed:>12,.0f} examples/s")
+    print(f"MNIST-shaped float32 data: {args.examples} x 28 x 28 x 1, batch {b}, {e} epochs, shuffled; "
+          + harness.header(harness.finish(started, __spec__.name, argv)))
+    print(harness.markdown_table(["what", "examples/s"], [[name, f"{speed:,.0f}"] for name, speed in rows], "lr"))
     if not args.no_step:
         print(f"loader alone (prefetch=0) / step alone: {rows[0][1] / step_speed:.1f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

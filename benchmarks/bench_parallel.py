@@ -1,39 +1,41 @@
-#!/usr/bin/env python
 """Throughput of the data-parallel placements against the single-device step, in one run.
 
-    python scripts/bench_parallel.py [--local-devices 4] [--model mlp|cnn] [--batch 256] [--steps 30]
+    python -m benchmarks.bench_parallel [--local-devices 4] [--model mlp|cnn] [--batch 256] [--steps 30]
 
 Every placement trains the same model at the same *global* batch: the
 single-device ``jax.jit`` step, then ``pmap`` and sharded ``jit`` on 1, 2,
 4, ... of the local devices.  Each timing includes what the loop pays per
 step: the host batch split and sent to the devices, the step, and the
-periodic host sync (``placement.sync_every``).  Rounds are interleaved and
-the median is reported.
+periodic host sync (``placement.sync_every``).  Rounds are interleaved
+(``harness.interleaved``) and the median is reported, with each placement's
+median per-round ratio to the single device.
 
 On a CPU the "devices" are fake (``--local-devices``, the default here: 4)
 and share the same cores, so the figures show the overhead of each path,
 not a speed-up.  On a machine with several accelerators, pass
-``--local-devices 0`` to use the real ones.
+``--local-devices 0`` to use the real ones.  docs/parallel.md records the runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
+
+from benchmarks import harness
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __spec__.name)
     p.add_argument("--local-devices", type=int, default=4, help="fake CPU devices (0: the platform's own devices)")
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--batch", type=int, default=256, help="global batch size")
     p.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    harness.add_rounds(p, 3)
     args = p.parse_args(argv)
 
     import jax
@@ -70,10 +72,10 @@ def main(argv=None) -> int:
         opt = optax.adam(1e-3)
         state = placement.put_state(create_train_state(model, opt, jax.random.key(0), (1,) + shape))
         fn = placement.compile_train(make_train_step(model, opt, axis_name=axis), 1)
-        runners.append([name, placement, fn, state, []])
+        runners.append([name, placement, fn, state])
 
     def run(r, steps):
-        name, placement, fn, state, _ = r
+        name, placement, fn, state = r
         t0 = time.perf_counter()
         metrics = None
         for i in range(steps):
@@ -86,18 +88,18 @@ def main(argv=None) -> int:
 
     for r in runners:  # compile and warm up
         run(r, 3)
-    for _ in range(args.rounds):
-        for r in runners:
-            r[4].append(args.steps * args.batch / run(r, args.steps))
+    started = harness.start()
+    rates = harness.interleaved({r[0]: (lambda r=r: args.steps * args.batch / run(r, args.steps)) for r in runners},
+                                args.rounds)
+    record = harness.finish(started, __spec__.name, argv)
 
     platform = jax.devices()[0].platform
     print(f"{args.model}, global batch {args.batch}, {args.steps} steps x {args.rounds} rounds, "
-          f"{n} local {platform} devices, jax {jax.__version__}")
-    base = statistics.median(runners[0][4])
-    print(f"{'placement':<24}{'examples/s':>12}{'vs single':>11}")
-    for name, *_, rates in runners:
-        med = statistics.median(rates)
-        print(f"{name:<24}{med:>12.0f}{med / base:>10.2f}x")
+          f"{n} local {platform} devices; " + harness.header(record))
+    single = rates[runners[0][0]]
+    rows = [[name, f"{statistics.median(r):.0f}", f"{harness.median_ratio(r, single):.2f}x"]
+            for name, r in rates.items()]
+    print(harness.markdown_table(["placement", "examples/s", "vs single"], rows, "lrr"))
     return 0
 
 

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Where a config's ``fit`` spends its time: each part of the loop timed, call by call.
 
-    python scripts/profile_fit.py --config configs/mnist1d_paper_logistic.toml [--steps 4000] [--set KEY=VALUE ...]
+    python -m benchmarks.profile_fit --config configs/mnist1d_paper_logistic.toml [--steps 4000] [--set KEY=VALUE ...]
 
 Runs the config (shortened to ``--steps``) through ``fundl.experiment.run`` twice,
 the first as a warm-up, and reports for the second the training time per step
-over the timed window of ``scripts/bench_end_to_end.py`` (first to last train
+over the timed window of ``benchmarks.bench_end_to_end`` (first to last train
 log) and, for every part of the loop — the compiled step calls, taking the
 next batch, logging (which waits for the device), evaluations, checkpoints —
 the number of calls, their sum, median and maximum.  A maximum far above the
@@ -16,7 +15,6 @@ multi-device placements.  docs/benchmarks.md quotes what it showed.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import statistics
 import sys
@@ -27,9 +25,8 @@ if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only a
     from fundl.run.hugepages import reexec_with_huge_pages
     reexec_with_huge_pages()
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from benchmarks import bench_end_to_end as e2e
+from benchmarks import harness
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -63,19 +60,18 @@ def instrument() -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, __spec__.name)
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    import bench_end_to_end as e2e
     from fundl import config as cfg
 
     config = cfg.load_config(args.config, args.set)
     instrument()
     e2e.time_fit(config, min(args.steps, 3 * config["training"]["log_every"]))  # warm-up: imports, caches
     TIMES.clear()
-    seconds, steps, summary = e2e.time_fit(config, args.steps)
+    seconds, steps, _, summary = e2e.time_fit(config, args.steps)
     print(f"{args.config.stem}: {seconds / steps * 1e6:.1f} us per step over the {steps} timed steps "
           f"({summary['steps_per_call']} steps per dispatch)")
     print(f"{'part':34s} {'calls':>6s} {'sum ms':>9s} {'median us':>10s} {'max ms':>8s}")

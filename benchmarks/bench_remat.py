@@ -1,9 +1,8 @@
 """Rematerialisation: XLA's memory analysis and step time, with and without it.
 
-Usage:  python scripts/bench_remat.py [--iters 10] [--only mlp,lstm,unrolled]
+Usage:  python -m benchmarks.bench_remat [--iters 10] [--only mlp,lstm,unrolled]
 
-Three studies, each a table printed as Markdown (docs/transforms.md holds a
-measured copy):
+Three studies, each a table printed as Markdown (docs/transforms.md records the runs):
 
 * ``mlp``: a deep MLP (16 hidden layers of 1024, batch 256, 1024 inputs) --
   one training step (``make_train_step``, Adam): plain, ``models.mlp(remat=True)``
@@ -26,19 +25,19 @@ compiled and warmed up, then ``--iters`` steps are timed one by one
 noisy: the load average is printed.
 """
 
-import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import harness
 from fundl import models, nn
 from fundl.nn.remat import compiled_memory, remat, remat_serial
 from fundl.train.state import create_train_state
@@ -119,20 +118,18 @@ def unrolled_rows(ks=(10, 20, 40), batch=128):
 
 
 def table(rows, cols):
-    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r) for _, fmt in cols) + " |")
-    return "\n".join(lines)
+    """A Markdown table of ``rows`` with ``cols``: ``[(heading, format(row) -> str), ...]``."""
+    return harness.markdown_table([h for h, _ in cols], [[fmt(r) for _, fmt in cols] for r in rows],
+                                  "l" + "r" * (len(cols) - 1))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = harness.parser(__doc__, __spec__.name)
     p.add_argument("--iters", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--only", default="mlp,lstm,unrolled", help="comma-separated studies to run")
     args = p.parse_args(argv)
-    only = set(args.only.split(","))
-    print(f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}")
+    only = set(harness.names(args.only))
+    started = harness.start()
     step_cols = [("variant", lambda r: r["variant"]), ("temp MiB", lambda r: f"{r['temp']:.1f}"),
                  ("peak MiB", lambda r: f"{r['peak']:.1f}"), ("step ms (median)", lambda r: f"{r['ms']:.1f}"),
                  ("compile s", lambda r: f"{r['compile_s']:.1f}")]
@@ -151,7 +148,9 @@ def main(argv=None):
         (a, b) = rows[0], rows[-1]
         print(f"\nper extra step: plain {(b['plain'] - a['plain']) / (b['K'] - a['K']):.2f} MiB, "
               f"remat {(b['remat'] - a['remat']) / (b['K'] - a['K']):.2f} MiB")
+    print(f"\n{jax.default_backend()}; " + harness.header(harness.finish(started, __spec__.name, argv)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """What a checkpoint costs a training run: async vs synchronous saves, through the real ``fit``.
 
-    python scripts/bench_checkpoint.py [--config configs/mnist1d_cnn.toml] [--steps 1000] [--every 100]
-                                       [--rounds 5] [--saves 20] [--out FILE.json]
+    python -m benchmarks.bench_checkpoint [--config configs/mnist1d_cnn.toml] [--steps 1000] [--every 100]
+                                          [--rounds 5] [--saves 20] [--out DIR]
 
 Part 1 (end to end): ``fundl.experiment.run`` (what ``scripts/train.py``
 runs) of ``--config`` for ``--steps`` steps into a fresh run directory,
-three ways, in interleaved rounds in one process:
+three ways, in interleaved rounds in one process (``benchmarks.bench_end_to_end.time_fit``):
 
 * ``none``: no checkpoint during the run (``training.checkpoint_every = 0``;
   the final one is not timed);
@@ -26,13 +25,11 @@ train state: Orbax's own save (``AsyncCheckpointer`` save + wait, no fundl),
 fundl's synchronous save (Orbax + checksums, fsync, manifest, rename),
 the part of fundl's async save that blocks the caller, and, for comparison, a
 format-1 style write (``np.savez`` + fsync + sha256 + rename: what fundl did
-before Orbax).
+before Orbax).  docs/fault_tolerance.md records the runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import shutil
@@ -42,46 +39,70 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
+
+from benchmarks import bench_end_to_end as e2e
+from benchmarks import harness
+
+MODES = ("none", "sync", "async")
 
 
-def timed_run(config: dict, steps: int, every: int, mode: str) -> tuple[float, int]:
+def timed_run(config: dict, steps: int, every: int, mode: str, min_logs: int = 3) -> tuple[float, int]:
     """Seconds from the first logged train record to the last, and checkpoints written in between."""
-    from fundl import config as cfg
-    from fundl import experiment
-    from fundl.train.rundir import read_metrics
-
-    t = {**config["training"], "steps": steps, "progress": False, "eval_every": 0,
-         "checkpoint_every": 0 if mode == "none" else every, "async_checkpoints": mode == "async",
-         "keep_checkpoints": 3}
-    schedule = {**config["schedule"], "warmup_steps": min(config["schedule"]["warmup_steps"], steps // 10)}
-    short = cfg.validate({**config, "training": t, "schedule": schedule,
-                          "logging": {**config["logging"], "plots": False, "tensorboard": False}})
-    with tempfile.TemporaryDirectory(prefix="fundl-bench-ckpt-") as tmp:
-        experiment.run(short, Path(tmp) / "run", verbose=False)
-        train = [r for r in read_metrics(Path(tmp) / "run") if r["split"] == "train"]
-    first, last = train[0], train[-1]
-    saves = 0 if mode == "none" else len(range(-(-first["step"] // every) * every, last["step"], every))
-    return last["wall_time"] - first["wall_time"], saves
+    timing = e2e.time_fit(config, steps, min_logs=min_logs, eval_every=0,
+                          checkpoint_every=0 if mode == "none" else every, async_checkpoints=mode == "async",
+                          keep_checkpoints=3)
+    first, last = timing.first_step, timing.first_step + timing.steps
+    saves = 0 if mode == "none" else len(range(-(-first // every) * every, last, every))
+    return timing.seconds, saves
 
 
 def end_to_end(config: dict, steps: int, every: int, rounds: int) -> dict:
-    times = {m: [] for m in ("none", "sync", "async")}
-    saves = 0
-    timed_run(config, 2 * config["training"]["log_every"], every, "async")  # warm up: data, imports, compiles
-    for rnd in range(rounds):
-        order = ["none", "sync", "async"] if rnd % 2 == 0 else ["async", "sync", "none"]
-        for mode in order:
-            seconds, n = timed_run(config, steps, every, mode)
-            times[mode].append(seconds)
-            saves = max(saves, n)
-            print(f"round {rnd + 1}/{rounds} {mode}: {seconds:.3f} s ({n} checkpoints)", file=sys.stderr, flush=True)
-    out = {"saves_per_run": saves, "seconds": times,
-           "median_seconds": {m: statistics.median(v) for m, v in times.items()}}
+    timed_run(config, 2 * config["training"]["log_every"], every, "async", min_logs=1)  # warm up: imports, compiles
+    saves = []
+
+    def run(mode):
+        seconds, n = timed_run(config, steps, every, mode)
+        saves.append(n)
+        return seconds
+
+    def progress(rnd, figures):
+        print(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{m} {figures[m][-1]:.3f} s" for m in MODES),
+              file=sys.stderr, flush=True)
+
+    times = harness.interleaved({m: (lambda m=m: run(m)) for m in MODES}, rounds, progress)
+    n = max(saves)
+    out = {"saves_per_run": n, "seconds": times, "median_seconds": {m: statistics.median(v) for m, v in times.items()}}
     for mode in ("sync", "async"):
-        per_round = [(t - n) / saves for t, n in zip(times[mode], times["none"])]
+        per_round = [(t - base) / n for t, base in zip(times[mode], times["none"])]
         out[f"{mode}_ms_per_checkpoint"] = 1e3 * statistics.median(per_round)
+    return out
+
+
+def saved_tree(state) -> dict:
+    """The train state as nested dicts of its arrays (typed PRNG keys as their key data): what
+    Orbax is given to save, for the Orbax-alone baseline."""
+    import jax
+
+    tree = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        *parents, name = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = leaf
+    return tree
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -108,16 +129,14 @@ def _format1_save(directory: Path, arrays: dict, step: int) -> None:
 def single_saves(config: dict, n: int) -> dict:
     """Median milliseconds of one save of the config's train state, four ways."""
     import jax
+    import numpy as np
 
-    from fundl import experiment
     from fundl.train import checkpoint as ckpt
 
-    data = experiment.load_data(config)
-    _, _, state = experiment.initial_state(config, data, 10)
+    _, _, state, _ = e2e.setup(config)
     state = jax.device_put(state)
-    tree = ckpt._nest({k: v for k, v in ((ckpt._path_str(p), ckpt._leaf_data(x)) for p, x in
-                                         jax.tree_util.tree_flatten_with_path(state)[0])})
-    arrays = ckpt.flatten_state(state)
+    tree = saved_tree(state)
+    arrays = {k: np.asarray(v) for k, v in flat(tree).items()}  # the format-1 write saves NumPy arrays
     times = {"orbax_alone": [], "fundl_sync": [], "fundl_async_blocking": [], "fundl_async_total": [],
              "format1_npz": []}
     import orbax.checkpoint as ocp
@@ -156,7 +175,7 @@ def single_saves(config: dict, n: int) -> dict:
 
         ways = [orbax_alone, fundl_sync, fundl_async, format1]
         for i in range(n + 1):  # the first of each is a warm-up (dropped below); the order rotates
-            for way in ways[i % 4:] + ways[:i % 4]:
+            for way in harness.rotated(ways, i):
                 way(i)
         orbax.close()
         sync.close()
@@ -171,7 +190,7 @@ def single_saves(config: dict, n: int) -> dict:
 def markdown(result: dict) -> str:
     e, s = result["end_to_end"], result["single_save"]
     med = e["median_seconds"]
-    lines = [f"{result['date']}, load {result['load_start']} -> {result['load_end']}, `{result['command']}`", "",
+    lines = [harness.header(result), "",
              f"End to end ({result['steps']} steps, a checkpoint every {result['every']}: {e['saves_per_run']} timed "
              f"checkpoints per run; median of {result['rounds']} interleaved rounds):", "",
              "| checkpoints | run time (s) | cost per checkpoint (ms) |", "|---|---:|---:|",
@@ -191,27 +210,26 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "mnist1d_cnn.toml"))
+    p = harness.parser(__doc__, __spec__.name)
+    p.add_argument("--config", default=str(harness.CONFIGS / "mnist1d_cnn.toml"))
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--rounds", type=int, default=5)
+    harness.add_rounds(p, 5)
     p.add_argument("--saves", type=int, default=20, help="repetitions of the single-save timings")
-    p.add_argument("--out", help="also write the result as JSON here")
+    harness.add_out(p)
     args = p.parse_args(argv)
 
     from fundl import config as cfg
 
     config = cfg.load_config(args.config)
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "load_start": round(os.getloadavg()[0], 2), "command": " ".join(["python", *sys.argv]),
-              "steps": args.steps, "every": args.every, "rounds": args.rounds, "saves": args.saves}
-    result["single_save"] = single_saves(config, args.saves)
-    result["end_to_end"] = end_to_end(config, args.steps, args.every, args.rounds)
-    result["load_end"] = round(os.getloadavg()[0], 2)
-    print(markdown(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    started = harness.start()
+    single = single_saves(config, args.saves)
+    e2e_result = end_to_end(config, args.steps, args.every, args.rounds)
+    result = {**harness.finish(started, __spec__.name, argv), "steps": args.steps, "every": args.every,
+              "rounds": args.rounds, "saves": args.saves, "single_save": single, "end_to_end": e2e_result}
+    md = markdown(result)
+    print(md)
+    harness.write_result(args.out, "checkpoint", result, md)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Learn the learning rate by gradient descent on the validation loss, through K real training steps.
 
-Usage:  python scripts/meta_lr.py --out runs/meta_lr [--inner-steps 300] [--outer-steps 60]
+Usage:  python examples/meta_lr.py --out runs/meta_lr [--inner-steps 300] [--outer-steps 60]
             [--optimizer adam] [--init-lr 1e-4] [--outer-lr 0.15] [--lr-range 1e-4,1]
             [--sweep-points 9] [--batch 100] [--val 1000] [--seed 0]
 
@@ -25,20 +25,21 @@ Writes to ``--out``: meta_lr.png (learning rate and validation loss over
 outer steps, and the sweep's validation loss against the learning rate with
 the learned rate marked), meta_lr.json (history, sweep, comparison) and
 meta_lr.md (the comparison table).
+
+The file reads top to bottom: ``main`` (the steps of the experiment), then the
+pieces it calls: the data split, the inner run, the outer loop, the sweep, the
+report and the plot.
 """
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
     from fundl.run.hugepages import reexec_with_huge_pages
     reexec_with_huge_pages()
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
 import jax.numpy as jnp
@@ -81,44 +82,75 @@ def main(argv=None):
     if not 0 < lo < hi or not lo <= args.init_lr <= hi:
         raise SystemExit(f"--lr-range {args.lr_range}: need 0 < LO < HI with --init-lr {args.init_lr} inside")
 
-    # Data: training split -> (train, held-out validation); the test split is not touched.
+    data = split_data(args.val, args.seed)
+    inner = InnerRun(data, args)
+    data_key, eval_key = jax.random.split(jax.random.key(args.seed + 1))
+    log_lr, history = learn_rate(inner, args, data_key, lo, hi)
+    meta_s = time.perf_counter() - t_start
+
+    # The learned rate and the sweep: same initialisation, same batch order, same validation split.
+    final_loss, final_acc = (float(v) for v in jax.jit(inner.after_training, static_argnums=2)(log_lr, eval_key, False))
+    learned = {"lr": float(jnp.exp(log_lr)), "val_loss": final_loss, "val_accuracy": final_acc}
+    sweep_rows = sweep(inner, eval_key, np.geomspace(lo, hi, args.sweep_points).astype(np.float32))
+    return report(out_dir, args, learned, sweep_rows, history, meta_s, time.perf_counter() - t_start, lo, hi)
+
+
+# ---------------------------------------------------------------------------
+# The pieces
+
+
+def split_data(val: int, seed: int) -> dict:
+    """MNIST-1D's training split cut into a training part and ``val`` held-out examples, on the device;
+    the test split is not touched."""
     ds = load_dataset("mnist1d")
-    perm = np.random.default_rng(args.seed).permutation(len(ds.train["y"]))
-    tr, va = perm[:-args.val], perm[-args.val:]
-    x_tr, y_tr = jnp.asarray(ds.train["x"][tr]), jnp.asarray(ds.train["y"][tr])
-    val = {"x": jnp.asarray(ds.train["x"][va]), "y": jnp.asarray(ds.train["y"][va])}
-    n_tr, K, B = len(tr), args.inner_steps, args.batch
+    perm = np.random.default_rng(seed).permutation(len(ds.train["y"]))
+    tr, va = perm[:-val], perm[-val:]
+    return {"x": jnp.asarray(ds.train["x"][tr]), "y": jnp.asarray(ds.train["y"][tr]),
+            "val": {"x": jnp.asarray(ds.train["x"][va]), "y": jnp.asarray(ds.train["y"][va])},
+            "input_shape": tuple(ds.input_shape), "num_classes": ds.num_classes}
 
-    model = models.mlp([int(h) for h in args.hidden.split(",")], ds.num_classes)
-    # eps_root > 0: Adam's sqrt(nu) has an infinite derivative at nu = 0, so any exactly-zero
-    # gradient entry (a dead ReLU unit) makes the meta-gradient NaN without it (optax's advice).
-    extra = {"eps_root": 1e-8} if args.optimizer == "adam" else {}
-    opt = optax.inject_hyperparams(getattr(optax, args.optimizer))(learning_rate=args.init_lr, **extra)
-    state0 = create_train_state(model, opt, jax.random.key(args.seed), (1,) + tuple(ds.input_shape))
-    step = make_train_step(model, opt)
 
-    def batch_indices(key):
+class InnerRun:
+    """K real training steps from a fixed initialisation, as a function of ``log(lr)``, and the
+    validation loss and accuracy after them."""
+
+    def __init__(self, data: dict, args):
+        self.data, self.K, self.B = data, args.inner_steps, args.batch
+        self.model = models.mlp([int(h) for h in args.hidden.split(",")], data["num_classes"])
+        # eps_root > 0: Adam's sqrt(nu) has an infinite derivative at nu = 0, so any exactly-zero
+        # gradient entry (a dead ReLU unit) makes the meta-gradient NaN without it (optax's advice).
+        extra = {"eps_root": 1e-8} if args.optimizer == "adam" else {}
+        opt = optax.inject_hyperparams(getattr(optax, args.optimizer))(learning_rate=args.init_lr, **extra)
+        self.state0 = create_train_state(self.model, opt, jax.random.key(args.seed), (1,) + data["input_shape"])
+        self.step = make_train_step(self.model, opt)
+
+    def batches(self, key) -> dict:
         """K batches of B training examples: epochs of shuffled indices, on the device."""
-        epochs = -(-K * B // n_tr)
-        idx = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), n_tr) for e in range(epochs)])
-        return idx[:K * B].reshape(K, B)
+        n = len(self.data["y"])
+        epochs = -(-self.K * self.B // n)
+        idx = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), n) for e in range(epochs)])
+        idx = idx[:self.K * self.B].reshape(self.K, self.B)
+        return {"x": self.data["x"][idx], "y": self.data["y"][idx]}
 
-    def validation(params, model_state):
-        out, _ = model.apply(params, model_state, val["x"])
+    def validation(self, params, model_state):
+        val = self.data["val"]
+        out, _ = self.model.apply(params, model_state, val["x"])
         return jnp.mean(softmax_cross_entropy(out, val["y"])), jnp.mean(jnp.argmax(out, -1) == val["y"])
 
-    def after_training(log_lr, key, remat=True):
-        idx = batch_indices(key)
-        s, _ = unrolled_training(step, with_learning_rate(state0, jnp.exp(log_lr)),
-                                 {"x": x_tr[idx], "y": y_tr[idx]}, remat=remat)
-        return validation(s.params, s.model_state)
+    def after_training(self, log_lr, key, remat=True):
+        s, _ = unrolled_training(self.step, with_learning_rate(self.state0, jnp.exp(log_lr)), self.batches(key),
+                                 remat=remat)
+        return self.validation(s.params, s.model_state)
 
-    meta_grad = jax.jit(jax.value_and_grad(after_training, has_aux=True))
+
+def learn_rate(inner: InnerRun, args, data_key, lo: float, hi: float) -> tuple[jax.Array, list[dict]]:
+    """Adam on ``log(lr)`` with the meta-gradient of the validation loss, ``--outer-steps`` times, a fresh
+    batch order each step; ``log(lr)`` kept in ``[log lo, log hi]``.  The learned ``log(lr)`` and the history."""
+    meta_grad = jax.jit(jax.value_and_grad(inner.after_training, has_aux=True))
     outer = optax.adam(args.outer_lr)
     log_lr = jnp.asarray(math.log(args.init_lr), jnp.float32)
     outer_state = outer.init(log_lr)
     outer_update = jax.jit(lambda g, s, p: outer.update(g, s, p))
-    data_key, eval_key = jax.random.split(jax.random.key(args.seed + 1))
     history = []
     for t in range(args.outer_steps):
         (loss, acc), g = meta_grad(log_lr, jax.random.fold_in(data_key, t))
@@ -129,48 +161,49 @@ def main(argv=None):
             continue
         upd, outer_state = outer_update(g, outer_state, log_lr)
         log_lr = jnp.clip(optax.apply_updates(log_lr, upd), math.log(lo), math.log(hi))
-    learned_lr = float(jnp.exp(log_lr))
-    meta_s = time.perf_counter() - t_start
+    return log_lr, history
 
-    # The learned rate and the sweep: same initialisation, same batch order, same validation split.
-    final_loss, final_acc = (float(v) for v in jax.jit(after_training, static_argnums=2)(log_lr, eval_key, False))
-    lrs = np.geomspace(lo, hi, args.sweep_points).astype(np.float32)
-    states = stack_states([state0] * len(lrs))
+
+def sweep(inner: InnerRun, key, lrs: np.ndarray) -> list[dict]:
+    """Every learning rate of ``lrs`` trained as one vmapped ensemble from the same initialisation on
+    the batch order of ``key``; each one's validation loss and accuracy."""
+    states = stack_states([inner.state0] * len(lrs))
     states = states.replace(opt_state=set_hyperparams(states.opt_state, learning_rate=jnp.asarray(lrs)))
-    idx = batch_indices(eval_key)
-    batches = {"x": x_tr[idx], "y": y_tr[idx]}
+    batches = inner.batches(key)
 
     @jax.jit
-    def sweep(states):
+    def run(states):
         def one(s):
-            s, _ = unrolled_training(step, s, batches, remat=False)
-            return validation(s.params, s.model_state)
+            s, _ = unrolled_training(inner.step, s, batches, remat=False)
+            return inner.validation(s.params, s.model_state)
         return jax.vmap(one)(states)
 
-    sw_loss, sw_acc = (np.asarray(v, np.float64) for v in sweep(states))
-    sweep_rows = [{"lr": float(lr), "val_loss": float(l), "val_accuracy": float(a)}
-                  for lr, l, a in zip(lrs, sw_loss, sw_acc)]
-    finite = np.where(np.isfinite(sw_loss), sw_loss, np.inf)
-    best = sweep_rows[int(np.argmin(finite))]
-    result = {
-        "settings": vars(args),
-        "learned": {"lr": learned_lr, "val_loss": final_loss, "val_accuracy": final_acc},
-        "sweep_best": best, "sweep": sweep_rows, "history": history,
-        "seconds": {"meta": round(meta_s, 1), "total": round(time.perf_counter() - t_start, 1)},
-    }
+    losses, accs = (np.asarray(v, np.float64) for v in run(states))
+    return [{"lr": float(lr), "val_loss": float(loss), "val_accuracy": float(acc)}
+            for lr, loss, acc in zip(lrs, losses, accs)]
+
+
+def report(out_dir: Path, args, learned: dict, sweep_rows: list[dict], history: list[dict], meta_s: float,
+           total_s: float, lo: float, hi: float) -> dict:
+    """meta_lr.json, meta_lr.md and meta_lr.png in ``out_dir``; the table printed; the result returned."""
+    losses = np.array([r["val_loss"] for r in sweep_rows])
+    best = sweep_rows[int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))]
+    result = {"settings": vars(args), "learned": learned, "sweep_best": best, "sweep": sweep_rows,
+              "history": history, "seconds": {"meta": round(meta_s, 1), "total": round(total_s, 1)}}
     (out_dir / "meta_lr.json").write_text(json.dumps(result, indent=1))
+    K = args.inner_steps
     table = "\n".join([
         f"| after {K} {args.optimizer} steps (val: {args.val} held-out training examples) | lr | val loss | val accuracy |",
         "|---|---|---|---|",
-        f"| learned by {args.outer_steps} outer gradient steps from {args.init_lr:g} | {learned_lr:.4g} "
-        f"| {final_loss:.4f} | {final_acc:.3f} |",
-        f"| best of a {len(lrs)}-point sweep over [{lo:g}, {hi:g}] | {best['lr']:.4g} | {best['val_loss']:.4f} "
+        f"| learned by {args.outer_steps} outer gradient steps from {args.init_lr:g} | {learned['lr']:.4g} "
+        f"| {learned['val_loss']:.4f} | {learned['val_accuracy']:.3f} |",
+        f"| best of a {len(sweep_rows)}-point sweep over [{lo:g}, {hi:g}] | {best['lr']:.4g} | {best['val_loss']:.4f} "
         f"| {best['val_accuracy']:.3f} |",
     ])
     (out_dir / "meta_lr.md").write_text(table + "\n")
-    plot(out_dir / "meta_lr.png", history, sweep_rows, result["learned"], best, K, args.optimizer)
+    plot(out_dir / "meta_lr.png", history, sweep_rows, learned, best, K, args.optimizer)
     print(table)
-    print(f"meta-learning {meta_s:.1f} s, total {result['seconds']['total']:.1f} s; wrote {out_dir}/meta_lr.png, "
+    print(f"meta-learning {meta_s:.1f} s, total {total_s:.1f} s; wrote {out_dir}/meta_lr.png, "
           f"meta_lr.json, meta_lr.md")
     return result
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Which convolutions run faster over the batch in chunks, per layer shape: the table behind
 ``fundl.nn.conv_lowering``'s rule.
 
-    python scripts/bench_conv_chunks.py [--rounds 5] [--slot 0.1] [--only 2d] [--chunk-sizes 64,32,16,8,4,2]
+    python -m benchmarks.bench_conv_chunks [--rounds 5] [--slot 0.1] [--only 2d] [--chunk-sizes 64,32,16,8,4,2]
 
 For each layer shape (the benchmark's and the shipped configs' convolutions, and a few
 larger ones), one jitted gradient of ``<conv(x, w), r>`` with respect to ``w`` and, except
@@ -11,25 +10,20 @@ input gradient), computed whole and in chunks of 64, 32, ... examples
 (``fundl.nn.conv_lowering.convolve(..., chunks=k)``).  Interleaved rounds of ``--slot``
 seconds per variant; reported: the whole-batch time (ms) and each chunk size's speed-up
 (median over rounds of whole time / chunked time, > 1 = chunking is faster), beside what
-the rule picks.  docs/benchmarks.md quotes it.
+the rule picks.  docs/benchmarks.md, "CNN", records the runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import statistics
 import sys
-import time
-from pathlib import Path
 
 if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
     from fundl.run.hugepages import reexec_with_huge_pages
     reexec_with_huge_pages()
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
 
 # name, input shape, kernel shape, stride, gradient wrt the input too
 SHAPES = [
@@ -74,60 +68,47 @@ def build(shapes, chunk_sizes):
 
 
 def measure(fns, rounds: int, slot: float) -> dict:
+    """Seconds per call of every variant, per round (``harness.interleaved``, ``slot`` seconds each)."""
     import jax
 
     for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
-    times = {key: [] for key in fns}
-    for r in range(rounds):
-        keys = list(fns)
-        keys = keys[r % len(keys):] + keys[:r % len(keys)]  # rotate the order
-        for key in keys:
-            fn, args = fns[key]
-            start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < slot:
-                out = fn(*args)
-                n += 1
-            jax.block_until_ready(out)
-            times[key].append((time.perf_counter() - start) / n)
-    return times
+    return harness.interleaved({key: (lambda fn=fn, args=args: harness.seconds_per_call(
+        lambda: fn(*args), slot, jax.block_until_ready)) for key, (fn, args) in fns.items()}, rounds)
 
 
 def table(times, picks, chunk_sizes) -> str:
     names = list(dict.fromkeys(name for name, _ in times))
-    head = "| layer (batch) | output MiB | whole, ms | " + " | ".join(f"chunks of {c}" for c in chunk_sizes)
-    lines = [head + " | rule picks |", "|---|---:|---:|" + "---:|" * len(chunk_sizes) + "---|"]
+    rows = []
     for name in names:
         sizes = sorted((size for n, size in times if n == name), reverse=True)
         whole = times[(name, sizes[0])]
-        cells = []
-        for c in chunk_sizes:
-            if (name, c) in times and c != sizes[0]:
-                cells.append(f"{statistics.median(w / t for w, t in zip(whole, times[(name, c)])):.2f}")
-            else:
-                cells.append("")
+        cells = [f"{harness.median_ratio(whole, times[(name, c)]):.2f}" if (name, c) in times and c != sizes[0]
+                 else "" for c in chunk_sizes]
         pick, out_bytes = picks[name]
         rule = "whole" if pick == sizes[0] else f"chunks of {pick}"
-        lines.append(f"| {name} ({sizes[0]}) | {out_bytes / 2**20:.2f} | "
-                     f"{statistics.median(whole) * 1e3:.2f} | " + " | ".join(cells) + f" | {rule} |")
-    return "\n".join(lines)
+        rows.append([f"{name} ({sizes[0]})", f"{out_bytes / 2**20:.2f}", f"{statistics.median(whole) * 1e3:.2f}",
+                     *cells, rule])
+    return harness.markdown_table(["layer (batch)", "output MiB", "whole, ms", *(f"chunks of {c}" for c in chunk_sizes),
+                                   "rule picks"], rows, "lrr" + "r" * len(chunk_sizes) + "l")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = harness.parser(__doc__, __spec__.name)
+    harness.add_rounds(parser, 5)
     parser.add_argument("--slot", type=float, default=0.1, help="seconds per variant per round")
     parser.add_argument("--only", default="", help="only the shapes whose name contains this")
     parser.add_argument("--chunk-sizes", default="64,32,16,8,4,2")
     args = parser.parse_args(argv)
-    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
+    chunk_sizes = [int(c) for c in harness.names(args.chunk_sizes)]
     shapes = [s for s in SHAPES if args.only in s[0]]
     if not shapes:
         parser.error(f"--only {args.only!r} matches none of: " + ", ".join(s[0] for s in SHAPES))
+    started = harness.start()
     fns, picks = build(shapes, chunk_sizes)
     times = measure(fns, args.rounds, args.slot)
-    print(f"{args.rounds} interleaved rounds of {args.slot} s per variant; load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; speed-up = whole / chunked time")
+    print(f"{args.rounds} interleaved rounds of {args.slot} s per variant; speed-up = whole / chunked time; "
+          + harness.header(harness.finish(started, __spec__.name, argv)))
     print(table(times, picks, chunk_sizes))
     return 0
 

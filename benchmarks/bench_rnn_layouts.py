@@ -1,16 +1,16 @@
 """Measure LSTM/GRU matmul layouts for a scan-based training step.
 
-Usage:  python scripts/bench_rnn_layouts.py [--batch 128] [--steps 28] [--hidden 128]
+Usage:  python -m benchmarks.bench_rnn_layouts [--batch 128] [--steps 28] [--hidden 128]
             [--features 28] [--repeats 7] [--iters 20] [--cells lstm,gru]
 
 For each cell and layout a full training step is timed: ``value_and_grad`` of
 a cross-entropy loss (RNN over the sequence, dense readout of the last hidden
 state to 10 classes) plus an ``optax.adam`` update, jitted, buffers reused.
 Every variant is compiled and warmed up (3 calls) first; then ``--repeats``
-rounds each time ``--iters`` steps of every variant in turn (interleaved, so
-load changes hit all variants alike), blocking on the result; the median over
-rounds is reported as training steps per second.  Figures are comparable only
-on an otherwise idle machine: the load average is printed.
+rounds each time ``--iters`` steps of every variant in turn (``harness.interleaved``:
+the order rotated each round, so load changes hit all variants alike), blocking on
+the result; the median over rounds is reported as training steps per second.
+Figures are comparable only on an otherwise idle machine: the load average is printed.
 
 Layouts (all compute the same function):
   fused     one ``concat([x_t, h]) @ W`` per step, W of shape (F+H, G*H)
@@ -18,6 +18,7 @@ Layouts (all compute the same function):
   hoisted   ``x @ W_ih`` for all steps before the scan, ``h @ W_hh`` inside
 each with ``unroll`` in {1, 2, 4}.  The last rows time ``fundl.nn.lstm``/``gru``
 with their default settings, so the library's choice is measured too.
+docs/benchmarks.md ("LSTM") records the runs; ``fundl.nn``'s recurrent layers follow them.
 
 ``--forward`` times the recurrent forward pass alone (``jit(run)``) instead of
 the training step; ``--hlo`` prints, per variant, how many loop fusions of the
@@ -27,16 +28,20 @@ docs/benchmarks.md's "LSTM: where the hoisted input projection loses" (run it
 also under ``taskset -c 0`` and with ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false``).
 """
 
-import argparse
-import os
 import re
-import statistics
+import sys
 import time
+
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from benchmarks import harness
 
 
 def lstm_gates(z, c):
@@ -209,47 +214,46 @@ def make_step(init, run, args, H):
     return timed
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    ap = harness.parser(__doc__, __spec__.name)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--features", type=int, default=28)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (the median is reported)")
+    ap.add_argument("--iters", type=int, default=20, help="timed steps per variant per round")
     ap.add_argument("--cells", default="lstm,gru")
     ap.add_argument("--layouts", default="fused,separate,hoisted")
     ap.add_argument("--unrolls", default="1,2,4")
     ap.add_argument("--no-fundl", action="store_true", help="skip timing fundl's own layers")
     ap.add_argument("--forward", action="store_true", help="time the recurrent forward pass alone, not a train step")
     ap.add_argument("--hlo", action="store_true", help="with --forward: count loop fusions split into parallel tasks")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     F, H = args.features, args.hidden
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, "
-          f"T {args.steps}, F {F}, H {H}; adam; median of {args.repeats} rounds x {args.iters} steps; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    started = harness.start()
     # Compile every variant first, then time them in interleaved rounds, so
     # that a change in machine load affects all variants alike.
-    variants = []
-    for cell in args.cells.split(","):
+    variants = {}
+    for cell in harness.names(args.cells):
         make = make_lstm if cell == "lstm" else make_gru
-        for layout in args.layouts.split(","):
-            for unroll in map(int, args.unrolls.split(",")):
+        for layout in harness.names(args.layouts):
+            for unroll in map(int, harness.names(args.unrolls)):
                 if args.hlo:
                     print(f"{cell} {layout} unroll {unroll}:")
-                variants.append((cell, layout, str(unroll), make_step(*make(layout, unroll, F, H), args, H)))
+                variants[(cell, layout, str(unroll))] = make_step(*make(layout, unroll, F, H), args, H)
         if not args.no_fundl:
-            variants.append((cell, "fundl", "dflt", make_step(*make_fundl(cell, F, H), args, H)))
-    rates = {v[:3]: [] for v in variants}
-    for _ in range(args.repeats):
-        for cell, layout, unroll, timed in variants:
-            rates[(cell, layout, unroll)].append(timed(args.iters))
-    print(f"load average at end {os.getloadavg()[0]:.1f} (compare figures only from an idle machine)")
-    print(f"{'cell':5} {'layout':9} {'unroll':>6} {'calls/s' if args.forward else 'steps/s':>8} {'(min-max)':>15}")
-    for (cell, layout, unroll), r in rates.items():
-        print(f"{cell:5} {layout:9} {unroll:>6} {statistics.median(r):8.1f} "
-              f"({min(r):6.1f}-{max(r):6.1f})")
+            variants[(cell, "fundl", "dflt")] = make_step(*make_fundl(cell, F, H), args, H)
+    rates = harness.interleaved({k: (lambda timed=timed: timed(args.iters)) for k, timed in variants.items()},
+                                args.repeats)
+    record = harness.finish(started, __spec__.name, argv)
+    print(f"{jax.devices()[0].platform}; batch {args.batch}, T {args.steps}, F {F}, H {H}; adam; median of "
+          f"{args.repeats} rounds x {args.iters} {'calls' if args.forward else 'steps'}; " + harness.header(record))
+    unit = "calls/s" if args.forward else "steps/s"
+    rows = [[cell, layout, unroll, *(f"{v:.1f}" for v in harness.spread(r).values())]
+            for (cell, layout, unroll), r in rates.items()]
+    print(harness.markdown_table(["cell", "layout", "unroll", unit, "min", "max"], rows, "lllrrr"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
