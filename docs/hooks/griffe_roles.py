@@ -3,7 +3,7 @@
 fundl's docstrings write ``:func:`rnn```, ``:class:`fundl.nn.Layer``` or
 ``:func:`~fundl.nn.core.Layer``` (readable in ``help()``).  Here each role
 whose name resolves from the docstring's scope (the object, then its parents,
-as Python would) becomes an autorefs link, ``[`rnn`][fundl.nn.recurrent.rnn]``;
+as Python would) becomes an autorefs link, ``[`rnn`][fundl.nn.sequence.rnn]``;
 one that does not resolve becomes plain code.  A link to an object that no API
 page renders fails ``mkdocs build --strict`` -- on purpose: add it to a page.
 """
