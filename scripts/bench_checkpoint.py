@@ -4,7 +4,7 @@
     python scripts/bench_checkpoint.py [--config configs/mnist1d_cnn.toml] [--steps 1000] [--every 100]
                                        [--rounds 5] [--saves 20] [--out FILE.json]
 
-Part 1 (end to end): ``fundl.experiment.run`` (what ``scripts/train.py``
+Part 1 (end to end): ``fundl.run.experiment.run`` (what ``scripts/train.py``
 runs) of ``--config`` for ``--steps`` steps into a fresh run directory,
 three ways, in interleaved rounds in one process:
 
@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 def timed_run(config: dict, steps: int, every: int, mode: str) -> tuple[float, int]:
     """Seconds from the first logged train record to the last, and checkpoints written in between."""
-    from fundl import config as cfg
-    from fundl import experiment
-    from fundl.train.rundir import read_metrics
+    from fundl.run import config as cfg
+    from fundl.run import experiment
+    from fundl.run.rundir import read_metrics
 
     t = {**config["training"], "steps": steps, "progress": False, "eval_every": 0,
          "checkpoint_every": 0 if mode == "none" else every, "async_checkpoints": mode == "async",
@@ -109,7 +109,7 @@ def single_saves(config: dict, n: int) -> dict:
     """Median milliseconds of one save of the config's train state, four ways."""
     import jax
 
-    from fundl import experiment
+    from fundl.run import experiment
     from fundl.train import checkpoint as ckpt
 
     data = experiment.load_data(config)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
 
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     config = cfg.load_config(args.config)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
     import bench_end_to_end as e2e
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     for name in args.configs.split(","):
         config = cfg.load_config(ROOT / "configs" / f"{name}.toml")

@@ -12,7 +12,7 @@ intervals, plus the final evaluation and checkpoint), three ways to train the
 same model with the same step, measured in the same process, in interleaved
 rounds:
 
-* ``fit``: ``fundl.experiment.run`` — what ``scripts/train.py`` runs — for N
+* ``fit``: ``fundl.run.experiment.run`` — what ``scripts/train.py`` runs — for N
   steps into a fresh temporary run directory; the time is read from its
   ``metrics.jsonl``: from the first logged train record to the last, so the
   first interval (trace and compile) and the final evaluation and checkpoint
@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _setup(config: dict):
-    """Data, loader, initial state and train step of a config, built as ``fundl.experiment`` builds them."""
-    from fundl import experiment
+    """Data, loader, initial state and train step of a config, built as ``fundl.run.experiment`` builds them."""
+    from fundl.run import experiment
     from fundl.data import Loader
     from fundl.losses import softmax_cross_entropy
     from fundl.metrics import classification_metrics
@@ -134,7 +134,7 @@ def time_hand(config: dict, steps: int, device_data: bool = False) -> float:
 def load_configs(config_paths: list[Path]) -> tuple[dict, dict]:
     """``({name: config}, {name: row})``: the configs whose data are on this machine, and a row per
     config in ``config_paths``' order, empty to fill in, or ``{"skipped": reason}``."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
     from fundl.data.errors import DataNotFoundError
 
     configs, rows = {}, {}
@@ -151,7 +151,7 @@ def load_configs(config_paths: list[Path]) -> tuple[dict, dict]:
 
 def with_setting(config: dict, key: str, value: str) -> dict:
     """``config`` with ``key`` (``section.name``) set to ``value`` (TOML syntax), validated."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     section, name, parsed = cfg.parse_override(f"{key}={value}")
     return cfg.validate({**config, section: {**config.get(section, {}), name: parsed}}, f"--ab {key}={value}")
@@ -202,11 +202,11 @@ def markdown_ab(result: dict) -> str:
 
 
 def run_fit(config: dict, steps: int) -> tuple[dict, list[dict]]:
-    """``fundl.experiment.run`` for ``steps`` steps in a fresh run directory: its summary and records."""
-    from fundl.train.rundir import read_metrics
+    """``fundl.run.experiment.run`` for ``steps`` steps in a fresh run directory: its summary and records."""
+    from fundl.run.rundir import read_metrics
 
-    from fundl import config as cfg
-    from fundl import experiment
+    from fundl.run import config as cfg
+    from fundl.run import experiment
 
     schedule = dict(config["schedule"])
     schedule["warmup_steps"] = min(schedule["warmup_steps"], steps // 10)  # a shortened run keeps a valid schedule
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
             p.error(f"unknown config(s) {unknown}; choose from {[q.stem for q in paths]}")
         paths = [q for q in paths if q.stem in names]
     else:  # the tests' fixture and the ensemble/sweep variants of other configs (bench_ensemble.py) only when named
-        from fundl import config as cfg
+        from fundl.run import config as cfg
 
         def plain(q):
             c = cfg.load_config(q)

@@ -1,11 +1,13 @@
 """Experiment configs: TOML files checked against one schema before anything runs.
 
 A config has the sections model, data, optimizer, schedule, training,
-parallel, logging and privacy.  Every key has a default (the schema below is the
-reference for what exists); a file overrides some; ``--set section.key=value``
-overrides again.  Unknown sections or keys are errors that list the valid
-keys and the closest match; values of the wrong type are errors naming the
-key.  The resolved config is written back as TOML into the run directory.
+parallel, logging and privacy.  Every key has a default (``fundl.run.schema``
+is the reference for what exists); a file overrides some; ``--set
+section.key=value`` overrides again.  Unknown sections or keys are errors that
+list the valid keys and the closest match; values of the wrong type are errors
+naming the key; settings that contradict each other are errors naming both
+(:func:`check_config`, the one place for such rules).  The resolved config is
+written back as TOML into the run directory.
 """
 
 from __future__ import annotations
@@ -18,137 +20,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-# section -> key -> default value.  A default's type is the key's type
-# (ints are accepted where floats are expected; a list default takes lists).
-SCHEMA: dict[str, dict[str, Any]] = {
-    "model": {
-        "kind": "mlp",            # mlp | cnn (2D) | cnn1d | rnn | char_lm
-        "hidden": [128],          # mlp widths / dense widths after the conv stack
-        "residual": 0,            # mlp: blocks h + activation(dense(h)) of the last hidden width, after it
-        "channels": [32, 64],     # conv channels per block
-        "kernel_size": 3,         # an int for every conv layer, or a list: one per layer
-        "stride": 1,
-        "padding": "SAME",        # SAME | VALID | an int p (p zeros on both sides, torch's padding=p)
-        "pool": "avg",            # avg | max | none: 2x pooling after each conv block
-        "batch_norm": False,
-        "dropout": 0.0,           # drop probability after each hidden layer (not on the raw inputs)
-        "input_dropout": 0.0,     # mlp: drop probability on the inputs (0: inputs are never dropped)
-        "remat": False,           # mlp / rnn / char_lm: recompute activations in the backward pass (less memory)
-        "activation": "relu",
-        "cell": "lstm",           # rnn / char_lm: lstm | gru
-        "rnn_hidden": 128,
-        "num_layers": 1,
-        "bidirectional": False,
-        "readout": "last",        # rnn: last | mean (over all outputs) | flatten (all outputs, flattened)
-        "embed_dim": 64,          # char_lm
-        "init": "default",        # default (fundl's) | torch (PyTorch's defaults; fundl/models.py)
-    },
-    "data": {
-        "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | synthetic
-        "dir": "",                # data folder; default FUNDL_DATA_DIR and the usual places
-        "num_train": 0,           # synthetic: examples (0 = dataset default)
-        "num_test": 0,
-        "seq_len": 64,            # shakespeare windows
-        "flatten": False,         # feed (N, prod(shape)) to the model
-        "prefetch": 2,            # batches prefetched by a background thread (0: off)
-        "shuffle": True,          # reshuffle the training set every epoch (false: batches in array order)
-    },
-    "optimizer": {
-        "name": "adam",           # one of fundl.train.optim.OPTIMIZERS (docs/optimizers.md)
-        "learning_rate": 1e-3,
-        "momentum": 0.0,          # sgd / rmsprop (an error elsewhere: see docs/optimizers.md)
-        "nesterov": False,        # sgd / rmsprop (with momentum) and the adam family
-        "weight_decay": 0.0,      # decoupled, scaled by the learning rate, for every optimiser
-        "clip_norm": 0.0,         # global-norm clipping (0: off)
-        "accumulate_steps": 1,    # gradient accumulation via optax.MultiSteps
-    },
-    "schedule": {
-        "name": "constant",       # constant | cosine | warmup_cosine | exponential | piecewise
-        "warmup_steps": 0,
-        "end_value": 0.0,
-        "decay_rate": 0.1,
-        "transition_steps": 0,
-        "boundaries": [],
-        "scales": [],
-    },
-    "training": {
-        "seed": 0,
-        "batch_size": 128,
-        "eval_batch_size": 1000,
-        "epochs": 1,
-        "steps": 0,               # > 0 overrides epochs
-        "eval_every": 0,          # steps between evaluations (0: only at the end)
-        "log_every": 50,          # steps between host transfers of metrics
-        "checkpoint_every": 0,    # steps between checkpoints (0: only at the end)
-        "keep_checkpoints": 3,
-        "async_checkpoints": True,  # write checkpoints in the background while training goes on
-        "resume": False,          # continue from the run directory's latest checkpoint
-        "compute_dtype": "float32",  # float32 | bfloat16 | float16
-        "loss_scale": 0.0,        # 0: the dtype's default (float16 needs one)
-        "steps_per_call": "auto",  # K optimiser steps fused into one dispatch; "auto": measured per model family
-        "unroll": "auto",         # lax.scan unroll for fused steps (0: fully); "auto": measured per model family
-        "nan_policy": "stop",     # stop | skip | ignore
-        "progress": True,         # tqdm bar when stderr is a terminal
-        "ensemble": 1,            # members trained together (vmap); member i uses seed + i
-        "sweep": [],              # ["section.key=v1,v2,..."]: one member per point (fundl/sweeps.py)
-    },
-    "parallel": {
-        "mode": "none",           # none | pmap | sharding | fsdp (parameters and optimiser state split too)
-        "devices": 0,             # 0: all local devices
-        "member_devices": 1,      # sharding + ensemble: mesh rows holding members (1: members replicated)
-        "model_devices": 1,       # fsdp: a data x model mesh with this many columns (rules may use 'model')
-        "rules": [],              # fsdp: [[REGEX, [AXIS_OR_EMPTY, ...]], ...] by tree path; first match wins
-        "fsdp_min_size": 1024,    # fsdp: leaves with fewer elements stay replicated
-    },
-    "logging": {
-        "plots": True,            # curves.png at the end
-        "tensorboard": False,     # event files via tensorboardX when installed
-    },
-    "privacy": {                  # DP-SGD (docs/privacy.md)
-        "enabled": False,
-        "clip_norm": 1.0,         # per-example gradients clipped to this global L2 norm
-        "noise_multiplier": 1.0,  # Gaussian noise std on the clipped sum, in units of clip_norm
-        "delta": 1e-5,            # epsilon is reported for this delta
-        "sampling": "poisson",    # each example in each step's batch with probability batch_size / N
-        "accountant": "pld",      # pld | rdp (dp-accounting)
-    },
-}
-
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "kind"): ("mlp", "cnn", "cnn1d", "rnn", "char_lm"),
-    ("model", "pool"): ("avg", "max", "none"),
-    ("model", "padding"): ("SAME", "VALID"),
-    ("model", "cell"): ("lstm", "gru"),
-    ("model", "readout"): ("last", "mean", "flatten"),
-    ("model", "init"): ("default", "torch"),
-    ("model", "activation"): ("relu", "gelu", "tanh", "silu", "elu", "sigmoid"),
-    ("schedule", "name"): ("constant", "cosine", "warmup_cosine", "exponential", "piecewise"),
-    ("training", "compute_dtype"): ("float32", "bfloat16", "float16"),
-    ("training", "nan_policy"): ("stop", "skip", "ignore"),
-    ("parallel", "mode"): ("none", "pmap", "sharding", "fsdp"),
-    ("privacy", "sampling"): ("poisson",),
-    ("privacy", "accountant"): ("pld", "rdp"),
-}
-
-# Keys that take "auto" or an int (their default is "auto").
-AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
-# Keys that take a positive int or a non-empty list of them (their default is an int).
-INT_OR_INT_LIST = {("model", "kernel_size")}
-# Keys that take one of their CHOICES or an int >= 0 (their default is a string).
-CHOICE_OR_INT = {("model", "padding")}
-
-POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("training", "log_every"),
-            ("training", "steps_per_call"), ("training", "keep_checkpoints"),
-            ("optimizer", "accumulate_steps"), ("model", "stride"),
-            ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
-            ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
-            ("privacy", "clip_norm"), ("privacy", "delta")}
-NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
-                ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
-                ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
-                ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
-                ("parallel", "fsdp_min_size"),
-                ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier")}
+from fundl.run.schema import (  # noqa: F401 - the schema's names, re-exported for config users
+    AUTO_OR_INT, CHOICE_OR_INT, CHOICES, INT_OR_INT_LIST, NON_NEGATIVE, OPTIMIZERS, POSITIVE, RESUME_KINDS, SCHEMA,
+    resume_kind,
+)
 
 
 class ConfigError(ValueError):
@@ -160,7 +35,8 @@ def _closest(name: str, options) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
+    """The name config errors give a value's type (``"string"``, ``"list"``, ``"int"``, ...)."""
     return {bool: "bool", int: "int", float: "float", str: "string", list: "list"}.get(type(value), type(value).__name__)
 
 
@@ -173,7 +49,7 @@ def _check_int_or_list(where: str, value):
     ints = list(value) if isinstance(value, (list, tuple)) else [value]
     if not ints or not all(_is_int(v) and v > 0 for v in ints):
         raise ConfigError(f"{where} must be a positive int or a non-empty list of positive ints (one per layer), "
-                          f"got {_type_name(value)} {value!r}")
+                          f"got {type_name(value)} {value!r}")
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -181,7 +57,7 @@ def _check_choice_or_int(where: str, value, choices):
     """One of ``choices`` or an int >= 0 (``model.padding``)."""
     if _is_int(value) and value >= 0 or value in choices:
         return value
-    raise ConfigError(f"{where} must be one of {list(choices)} or an int >= 0, got {_type_name(value)} {value!r}."
+    raise ConfigError(f"{where} must be one of {list(choices)} or an int >= 0, got {type_name(value)} {value!r}."
                       f"{_closest(str(value).upper(), choices)}")
 
 
@@ -196,7 +72,7 @@ def _check_value(section: str, key: str, value, source: str):
         if value == "auto":
             return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be \"auto\" or an int, got {_type_name(value)} {value!r}")
+            raise ConfigError(f"{where} must be \"auto\" or an int, got {type_name(value)} {value!r}")
         default = 0
     want = type(default)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -204,7 +80,7 @@ def _check_value(section: str, key: str, value, source: str):
     if want is list and isinstance(value, tuple):
         value = list(value)
     if type(value) is not want:
-        raise ConfigError(f"{where} must be of type {_type_name(default)} (like {default!r}), got {_type_name(value)} {value!r}")
+        raise ConfigError(f"{where} must be of type {type_name(default)} (like {default!r}), got {type_name(value)} {value!r}")
     if want is float and not math.isfinite(value):
         raise ConfigError(f"{where} must be finite, got {value!r}")
     choices = CHOICES.get((section, key))
@@ -218,7 +94,8 @@ def _check_value(section: str, key: str, value, source: str):
 
 
 def validate(raw: dict, source: str = "") -> dict:
-    """Merge ``raw`` over the defaults, checking every section, key and value."""
+    """Merge ``raw`` over the defaults, checking every section, key and value, then the rules
+    between keys (:func:`check_config`)."""
     config = copy.deepcopy(SCHEMA)
     for section, entries in raw.items():
         if section not in SCHEMA:
@@ -227,7 +104,7 @@ def validate(raw: dict, source: str = "") -> dict:
                 f"valid sections: {sorted(SCHEMA)}.{_closest(section, SCHEMA)}"
             )
         if not isinstance(entries, dict):
-            raise ConfigError(f"[{section}] must be a table of keys, got {_type_name(entries)}")
+            raise ConfigError(f"[{section}] must be a table of keys, got {type_name(entries)}")
         for key, value in entries.items():
             if key not in SCHEMA[section]:
                 raise ConfigError(
@@ -235,27 +112,109 @@ def validate(raw: dict, source: str = "") -> dict:
                     f"[{section}]: {sorted(SCHEMA[section])}.{_closest(key, SCHEMA[section])}"
                 )
             config[section][key] = _check_value(section, key, value, source)
-    _check_consistency(config)
+    _check_ranges(config)
+    check_config(config)
     return config
 
 
-def _check_consistency(config: dict) -> None:
-    t = config["training"]
-    if t["epochs"] == 0 and t["steps"] == 0:
-        raise ConfigError("training.epochs and training.steps are both 0: set one of them to a positive number")
+def _check_ranges(config: dict) -> None:
+    """Bounds of single keys that the schema's POSITIVE / NON_NEGATIVE sets do not express."""
     opt = config["optimizer"]
     if opt["learning_rate"] <= 0:
         raise ConfigError(f"optimizer.learning_rate must be > 0, got {opt['learning_rate']}")
-    sched = config["schedule"]
-    if len(sched["boundaries"]) != len(sched["scales"]):
-        raise ConfigError(
-            f"schedule.boundaries ({len(sched['boundaries'])} values) and schedule.scales "
-            f"({len(sched['scales'])} values) must have the same length")
     if not config["privacy"]["delta"] < 1.0:
         raise ConfigError(f"privacy.delta is a probability in (0, 1), got {config['privacy']['delta']}")
     for key in ("dropout", "input_dropout"):
         if not 0.0 <= config["model"][key] < 1.0:
             raise ConfigError(f"model.{key} is a drop probability in [0, 1), got {config['model'][key]}")
+
+
+def check_config(config: dict, *, overwrite: bool = False) -> None:
+    """Every rule that relates config keys to each other, each a ConfigError naming the keys.
+
+    :func:`validate` calls it, so a loaded config has passed it; the runner
+    calls it again with ``overwrite`` (``--overwrite``, which a fresh run
+    cannot combine with ``training.resume``).  Checks that need the machine
+    or the data (device counts, the dataset's size, the run's length in steps
+    when set in epochs) stay where that is known: the placement, DP-SGD's
+    set-up (``fundl.run.privacy``) and the schedule (``fundl.run.optimizer``).
+    """
+    m, o, t, p = config["model"], config["optimizer"], config["training"], config["privacy"]
+    # how long the run is
+    if t["epochs"] == 0 and t["steps"] == 0:
+        raise ConfigError("training.epochs and training.steps are both 0: set one of them to a positive number")
+    # the schedule
+    sched = config["schedule"]
+    if len(sched["boundaries"]) != len(sched["scales"]):
+        raise ConfigError(
+            f"schedule.boundaries ({len(sched['boundaries'])} values) and schedule.scales "
+            f"({len(sched['scales'])} values) must have the same length")
+    # what the model kind can honour
+    kind = m["kind"]
+    if m["input_dropout"] and kind != "mlp":
+        raise ConfigError(f"model.input_dropout applies to model.kind='mlp' only, got kind={kind!r}; "
+                          f"use model.dropout (on hidden features) instead")
+    if m["remat"] and kind not in ("mlp", "rnn", "char_lm"):
+        raise ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn' and 'char_lm', got {kind!r}")
+    if m["residual"] and kind != "mlp":
+        raise ConfigError(f"model.residual applies to model.kind='mlp' only, got kind={kind!r}; "
+                          f"set model.residual = 0")
+    if m["residual"] and not m["hidden"]:
+        raise ConfigError(f"model.residual = {m['residual']} blocks need a hidden layer of the width they keep, "
+                          f"got model.hidden = []; give e.g. model.hidden = [100]")
+    sizes = m["kernel_size"]
+    if isinstance(sizes, list) and kind in ("cnn", "cnn1d") and len(sizes) != len(m["channels"]):
+        raise ConfigError(f"model.kernel_size must be an int or one size per conv layer: expected "
+                          f"{len(m['channels'])} sizes (model.channels = {m['channels']}), got {len(sizes)}: "
+                          f"{sizes}")
+    # momentum and nesterov reach the optimiser named, or are errors
+    _check_momentum(o)
+    # ensembles and sweeps
+    if t["sweep"] and t["ensemble"] > 1:
+        raise ConfigError(f"training.ensemble = {t['ensemble']} with training.sweep: sweep the seed instead "
+                          f"(--sweep training.seed=0,1,...)")
+    # what DP-SGD cannot honour (docs/privacy.md)
+    if p["enabled"]:
+        if t["ensemble"] > 1 or t["sweep"]:
+            raise ConfigError("privacy.enabled with training.ensemble > 1 or training.sweep: every member would "
+                              "train on the same data and their privacy costs add up, which one epsilon per "
+                              "run does not report; train one model per DP run")
+        if not config["data"]["shuffle"]:
+            raise ConfigError("privacy.enabled with data.shuffle = false: DP-SGD draws every batch by Poisson "
+                              "sampling (its privacy accounting needs it), so there is no fixed order to keep; "
+                              "set data.shuffle = true")
+        if m["batch_norm"]:
+            raise ConfigError("privacy.enabled with model.batch_norm = true: batch norm normalises each example "
+                              "with statistics of its whole batch, so per-example gradients (and their clipping) "
+                              "are not defined; set model.batch_norm = false (nn.layer_norm / nn.group_norm "
+                              "normalise per example)")
+        if t["compute_dtype"] == "float16":
+            raise ConfigError("privacy.enabled with training.compute_dtype = 'float16': DP-SGD does not support "
+                              "float16 loss scaling; use 'float32' or 'bfloat16'")
+    # the command line's --overwrite
+    if overwrite and t["resume"]:
+        raise ConfigError("--overwrite starts afresh and --resume continues the run: choose one")
+
+
+def _check_momentum(o: dict) -> None:
+    """``optimizer.momentum`` / ``nesterov``, when set, must be arguments of ``optax.<optimizer.name>``."""
+    name = o["name"]
+    if name not in OPTIMIZERS or not (o["momentum"] or o["nesterov"]):
+        return  # an unknown name is refused when the optimiser is built (fundl.run.optimizer)
+    from fundl.train.optim import accepted_options  # imports optax: only for configs that set these
+
+    takes = accepted_options(name)
+    for key in ("momentum", "nesterov"):
+        value = o[key]
+        if value and key not in takes:
+            hint = " (it takes b1 for its first moment)" if key == "momentum" and "b1" in takes else ""
+            takers = [n for n in OPTIMIZERS if key in accepted_options(n)]
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"optimizer.{key}={shown} is not used by optax.{name}{hint}; "
+                              f"optimisers that take {key}: {', '.join(takers)}")
+    if o["nesterov"] and "momentum" in takes and not o["momentum"]:
+        raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 for optax.{name} "
+                          "(with no momentum optax ignores nesterov); set e.g. optimizer.momentum=0.9")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -314,42 +273,3 @@ def dumps(config: dict) -> str:
         lines += [f"{key} = {toml_value(value)}" for key, value in entries.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-# How a difference between a checkpoint's config and the config of the run
-# that resumes it is treated (fundl/train/resume.py):
-#   "structure":  the model, the shape of the train state or the numbers it holds
-#                 mean something else -> refused;
-#   "trajectory": the rest of the run's numbers (schedule, length, data order,
-#                 seed) -> refused unless allowed explicitly (--allow-change KEY),
-#                 then its effect is printed;
-#   "cosmetic":   how the run is observed, stored or placed -> allowed, printed.
-# A section maps to one kind, or to {key: kind} for its keys.
-RESUME_KINDS: dict[str, str | dict[str, str]] = {
-    "model": {**{k: "structure" for k in SCHEMA["model"]}, "remat": "cosmetic"},  # remat: same values, less memory
-    "data": {"name": "structure", "seq_len": "structure", "flatten": "structure", "shuffle": "trajectory",
-             "num_train": "trajectory", "num_test": "trajectory", "dir": "cosmetic", "prefetch": "cosmetic"},
-    "optimizer": {"name": "structure", "momentum": "structure", "accumulate_steps": "structure",
-                  "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",
-                  "clip_norm": "trajectory"},
-    "schedule": "trajectory",
-    "training": {"seed": "trajectory", "batch_size": "trajectory", "epochs": "trajectory",
-                 "steps": "trajectory", "nan_policy": "structure", "compute_dtype": "structure",
-                 "loss_scale": "structure", "eval_batch_size": "cosmetic", "eval_every": "cosmetic",
-                 "log_every": "cosmetic", "checkpoint_every": "cosmetic", "keep_checkpoints": "cosmetic",
-                 "async_checkpoints": "cosmetic",
-                 "resume": "cosmetic", "steps_per_call": "cosmetic", "unroll": "cosmetic",
-                 "progress": "cosmetic", "ensemble": "structure", "sweep": "structure"},
-    "parallel": "cosmetic",  # every placement trains the same run (tests/test_parallel.py)
-    "logging": "cosmetic",
-    # A run's epsilon is accounted for the whole run with one noise multiplier and sampling:
-    # changing those mid-run would make the reported epsilon wrong, so they are refused.
-    "privacy": {"enabled": "structure", "sampling": "structure", "noise_multiplier": "structure",
-                "clip_norm": "trajectory", "delta": "cosmetic", "accountant": "cosmetic"},
-}
-
-
-def resume_kind(section: str, key: str) -> str:
-    """``"structure"``, ``"trajectory"`` or ``"cosmetic"``: see RESUME_KINDS."""
-    kind = RESUME_KINDS[section]
-    return kind if isinstance(kind, str) else kind[key]

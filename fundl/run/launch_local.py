@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Start N training processes on this machine (127.0.0.1) as one multi-process JAX run.
 
     python scripts/launch_local.py -n 2 --local-devices 2 -- \\
@@ -7,7 +6,7 @@
 Everything after ``--`` goes to ``scripts/train.py`` (or to ``--script``).
 Each process gets ``FUNDL_COORDINATOR=127.0.0.1:PORT`` (a free port unless
 ``--port``), ``FUNDL_NUM_PROCESSES``, ``FUNDL_PROCESS_ID`` and the timeouts
-as environment variables (see ``fundl/distributed.py``); its output lines
+as environment variables (see ``fundl/run/distributed.py``); its output lines
 are prefixed with ``[pI]``.  Process 0 writes the run directory.
 
 If a process fails, the others are given ``--grace`` seconds to stop by
@@ -15,7 +14,8 @@ themselves (JAX's runtime or the collectives notice the dead peer) and are
 then killed; the launcher prints how each process ended and exits with the
 first non-zero code.  Exit codes of the processes: 0 done, 1 an error
 (message on its stderr), -6 SIGABRT (usually JAX's distributed runtime
-terminating the process after a peer died), -9 killed.
+terminating the process after a peer died), -9 killed.  Installed, this is
+``fundl-launch-local``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is fundl/run/launch_local.py)
 LOOPBACK = "127.0.0.1"
 
 
@@ -152,6 +152,3 @@ def main(argv=None) -> int:
                   shutdown_timeout=args.shutdown_timeout, collective_timeout=args.collective_timeout,
                   grace=args.grace, script=args.script)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,12 +7,12 @@
 
 The figures in docs/reproduction.md come from
 ``python scripts/reproduce_mnist1d.py --torch-reference --variant data.shuffle=true``
-(about 25 minutes on 2 CPU cores).
+(its wall time is in that file).  Installed, the command is ``fundl-reproduce-mnist1d``.
 
 Models: the paper's four (configs/mnist1d_paper_{logistic,mlp,cnn,gru}.toml, which follow
 github.com/greydanus/mnist1d notebooks/models.py and train.py) and fundl's own
 configs/mnist1d_cnn.toml and configs/mnist1d_lstm.toml.  Each model's seeds train as one
-run through ``fundl.experiment.run`` with ``training.ensemble = --seeds`` (member ``i``:
+run through ``fundl.run.experiment.run`` with ``training.ensemble = --seeds`` (member ``i``:
 seed ``i``; one vmapped program, each member equal to a run of its own seed), so the wall
 time is that of all seeds together.  The test accuracy is each member's after the last
 step; the table gives the mean ± sample std over seeds.
@@ -43,12 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
-    from fundl.run.hugepages import reexec_with_huge_pages
-    reexec_with_huge_pages()
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without install
+ROOT = Path(__file__).resolve().parents[2]  # the repository, whose configs/ this reads (fundl/run/ is two below)
 
 # name -> (config, label, paper's accuracy or None, what the paper number is)
 MODELS = {
@@ -100,9 +95,9 @@ def parse_args(argv=None):
 def train_fundl(name: str, seeds: int, steps: int, runs_dir: Path, variant: list[str] = ()) -> dict:
     """Train ``name``'s config (with the ``variant`` overrides) for ``seeds`` seeds as one ensemble run;
     its per-seed results."""
-    from fundl import config as cfg
-    from fundl.experiment import run
-    from fundl.train.rundir import read_metrics
+    from fundl.run import config as cfg
+    from fundl.run.experiment import run
+    from fundl.run.rundir import read_metrics
 
     path = ROOT / MODELS[name][0]
     overrides = [f"training.ensemble={seeds}", "training.seed=0", "training.progress=false", "logging.plots=false"]
@@ -205,7 +200,7 @@ def torch_reference(name: str, seeds: int, steps: int) -> dict:
 
     from fundl.data.mnist1d import load_mnist1d
 
-    torch.set_num_threads(1)  # measured here: 2 threads ran these small models 7-50x slower on a loaded 2-core machine
+    torch.set_num_threads(1)  # one thread: faster for these small models on a shared machine (docs/benchmarks.md)
     data = load_mnist1d()
     steps = steps or 6000
     t0 = time.perf_counter()
@@ -319,7 +314,7 @@ def legend(report: dict) -> list[str]:
     return [
         (f"* **fundl**: test accuracy (%) on the 1000 MNIST-1D test sequences after the last training step, mean ± "
          f"sample std over {n} seeds (0 to {n - 1}, *per seed* in order). Each model's seeds train as one ensemble "
-         f"run through `fundl.experiment.run` (`training.ensemble = {n}`, one vmapped program; member i equals a "
+         f"run through `fundl.run.experiment.run` (`training.ensemble = {n}`, one vmapped program; member i equals a "
          f"run with seed i), so *wall time* covers all seeds, compilation included."),
         f"* **paper**: {PAPER_SOURCE}. For fundl's own configs, the paper's number for the same family of model.",
         ("* **paper's logs**: what the paper's own notebooks print at step 6000 (seed 42, one run each): "
@@ -364,7 +359,7 @@ def markdown(report: dict) -> str:
 
 REFERENCE_NOTE = (
     "* **paper's code here**: the paper's PyTorch models and training loop (notebooks/models.py, notebooks/train.py, "
-    "retyped in scripts/reproduce_mnist1d.py), trained on this machine for the same seeds on the same data "
+    "retyped in fundl/run/reproduce_mnist1d.py), trained on this machine for the same seeds on the same data "
     "(sequential, unshuffled batches; steps + 1 updates); one seed after another.")
 DIFFERENCES = [
     ("* Data: identical arrays (fundl generates MNIST-1D offline with the `mnist1d` package; they equal the "
@@ -423,5 +418,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+
+def console() -> None:
+    """The ``fundl-reproduce-mnist1d`` console script: huge pages first (before JAX), then :func:`main`."""
+    from fundl.run.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main())
