@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fundl import distributed  # noqa: E402
+from fundl.run import distributed  # noqa: E402
 
 distributed.initialize(distributed.settings_from())
 

@@ -10,7 +10,7 @@ the closed connection); a hung (SIGSTOPped) peer is declared dead after the
 heartbeat timeout (~4.5-5 s); a live peer that stops joining collectives is
 caught by the collective timeout (5.0 s); a peer that never starts stops the
 others ~1-2 s after the init timeout (the start-up watchdog of
-``fundl.distributed``).
+``fundl.run.distributed``).
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
+
+from fundl.run import distributed, launch_local
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import launch_local  # noqa: E402
-from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section  # noqa: E402
-
-from fundl import distributed  # noqa: E402
 
 TIMEOUTS = {"FUNDL_INIT_TIMEOUT": 5, "FUNDL_HEARTBEAT_TIMEOUT": 5, "FUNDL_SHUTDOWN_TIMEOUT": 5}
 
@@ -203,8 +200,7 @@ def test_dead_or_hung_peer_stops_the_others_within_bound(tmp_path, how):
 
 STUCK = """
 import os, sys, time
-sys.path.insert(0, {root!r})
-from fundl import distributed
+from fundl.run import distributed
 distributed.initialize(distributed.settings_from())
 import jax, numpy as np
 f = jax.pmap(lambda a: jax.lax.psum(a, "i"), axis_name="i")
@@ -219,7 +215,7 @@ f(np.ones((1, 3), np.float32)).block_until_ready()
 def test_stuck_peer_fails_the_collective_after_collective_timeout():
     """A live peer that stops taking part: heartbeats continue, the collective timeout ends it."""
     port = launch_local.free_port()
-    code = STUCK.format(root=str(ROOT))
+    code = STUCK  # run with cwd=ROOT: fundl from the checkout
     env = lambda i: mp_env(port, i, devices=1, FUNDL_COLLECTIVE_TIMEOUT=5, FUNDL_HEARTBEAT_TIMEOUT=60)
     procs = [start([sys.executable, "-c", code], env(i)) for i in range(2)]
     try:
