@@ -90,13 +90,10 @@ def test_residual_mlp_equals_numpy():
 
 
 def _paper_torch_model(name):
-    """The paper's PyTorch model as scripts/reproduce_mnist1d.py retypes it (its reference runs use it)."""
-    import importlib.util
+    """The paper's PyTorch model as fundl/run/reproduce_mnist1d.py retypes it (its reference runs use it)."""
+    from fundl.run.reproduce_mnist1d import paper_torch_model
 
-    spec = importlib.util.spec_from_file_location("reproduce_mnist1d", ROOT / "scripts" / "reproduce_mnist1d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.paper_torch_model(name)
+    return paper_torch_model(name)
 
 
 def _linear(m):

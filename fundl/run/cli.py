@@ -18,6 +18,7 @@ from fundl.run import distributed
 from fundl.run.config import ConfigError, load_config
 from fundl.run.errors import report_error
 from fundl.run.hugepages import reexec_with_huge_pages
+from fundl.run.rundir import RunDirError
 
 TRAIN_HELP = """Train a model from a TOML config.
 
@@ -166,8 +167,8 @@ def evaluate_main(argv=None) -> int:
     args = evaluate_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").is_file():
-        print(f"error: {run_dir} has no config.toml; is it a fundl run directory?", file=sys.stderr)
-        return 2
+        return report_error(RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?"),
+                            at_start_up=True)
     from fundl.run.evaluator import evaluate_run  # heavy imports after the check
 
     try:
