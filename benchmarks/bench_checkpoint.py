@@ -3,7 +3,7 @@
     python -m benchmarks.bench_checkpoint [--config configs/mnist1d_cnn.toml] [--steps 1000] [--every 100]
                                           [--rounds 5] [--saves 20] [--out DIR]
 
-Part 1 (end to end): ``fundl.experiment.run`` (what ``scripts/train.py``
+Part 1 (end to end): ``fundl.run.experiment.run`` (what ``scripts/train.py``
 runs) of ``--config`` for ``--steps`` steps into a fresh run directory,
 three ways, in interleaved rounds in one process (``benchmarks.bench_end_to_end.time_fit``):
 
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     harness.add_out(p)
     args = p.parse_args(argv)
 
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     config = cfg.load_config(args.config)
     started = harness.start()

@@ -12,7 +12,7 @@ intervals, plus the final evaluation and checkpoint), three ways to train the
 same model with the same step, measured in the same process, in interleaved
 rounds:
 
-* ``fit``: ``fundl.experiment.run`` — what ``scripts/train.py`` runs — for N
+* ``fit``: ``fundl.run.experiment.run`` — what ``scripts/train.py`` runs — for N
   steps into a fresh temporary run directory; the time is read from its
   ``metrics.jsonl``: from the first logged train record to the last, so the
   first interval (trace and compile) and the final evaluation and checkpoint
@@ -70,17 +70,17 @@ DEVICE_DATA_CONFIGS = "mnist1d_paper_cnn,mnist1d_cnn,mnist_mlp"
 
 
 def setup(config: dict):
-    """Data, loader, initial state and train step of a config, built as ``fundl.experiment`` builds them."""
-    from fundl import experiment
+    """Data, loader, initial state and train step of a config, built as ``fundl.run.build`` builds them."""
+    from fundl.run import build
     from fundl.data import Loader
     from fundl.losses import softmax_cross_entropy
     from fundl.metrics import classification_metrics
     from fundl.train.step import make_train_step
 
     t = config["training"]
-    data = experiment.load_data(config)
+    data = build.load_data(config)
     loader = Loader(data.train, t["batch_size"], seed=t["seed"], drop_last=True, prefetch=0)
-    model, opt, state = experiment.initial_state(config, data, loader.steps_per_epoch)
+    model, opt, state = build.initial_state(config, data, loader.steps_per_epoch)
     step = make_train_step(model, opt, softmax_cross_entropy, classification_metrics(),
                            compute_dtype=t["compute_dtype"], loss_scale=t["loss_scale"] or None)
     return data, loader, state, step
@@ -153,7 +153,7 @@ class FitTiming(NamedTuple):
 def shortened(config: dict, steps: int, **training) -> dict:
     """``config`` cut to ``steps`` steps, quiet (no progress bar, plots or TensorBoard), its warm-up
     kept valid, with ``training`` keys overridden; validated."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     schedule = {**config["schedule"], "warmup_steps": min(config["schedule"]["warmup_steps"], steps // 10)}
     return cfg.validate({**config, "training": {**config["training"], "steps": steps, "progress": False, **training},
@@ -162,9 +162,9 @@ def shortened(config: dict, steps: int, **training) -> dict:
 
 
 def run_fit(config: dict) -> tuple[dict, list[dict]]:
-    """``fundl.experiment.run`` of ``config`` in a fresh temporary run directory: its summary and records."""
-    from fundl import experiment
-    from fundl.train.rundir import read_metrics
+    """``fundl.run.experiment.run`` of ``config`` in a fresh temporary run directory: its summary and records."""
+    from fundl.run import experiment
+    from fundl.run.rundir import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="fundl-e2e-") as tmp:
         summary = experiment.run(config, Path(tmp) / "run", verbose=False)
@@ -198,7 +198,7 @@ def calibrated_steps(config: dict, steps: int, seconds: float) -> int:
 def load_configs(config_paths: list[Path]) -> tuple[dict, dict]:
     """``({name: config}, {name: row})``: the configs whose data are on this machine, and a row per
     config in ``config_paths``' order, empty to fill in, or ``{"skipped": reason}``."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
     from fundl.data.errors import DataNotFoundError
 
     configs, rows = {}, {}
@@ -215,7 +215,7 @@ def load_configs(config_paths: list[Path]) -> tuple[dict, dict]:
 
 def with_setting(config: dict, key: str, value: str) -> dict:
     """``config`` with ``key`` (``section.name``) set to ``value`` (TOML syntax), validated."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     section, name, parsed = cfg.parse_override(f"{key}={value}")
     return cfg.validate({**config, section: {**config.get(section, {}), name: parsed}}, f"--ab {key}={value}")
@@ -276,7 +276,7 @@ def measure_ab(config_paths: list[Path], key: str, values: list[str], steps: int
 
 def measure_device_data(config_paths: list[Path], steps: int, rounds: int) -> dict:
     """The hand loop with host (NumPy) batches and with device-resident data, alternating per round."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     rows = {}
     for path in config_paths:
@@ -342,7 +342,7 @@ def config_paths(p, names: list[str], default: str = "") -> list[Path]:
         if unknown:
             p.error(f"unknown config(s) {unknown}; choose from {[q.stem for q in paths]}")
         return [q for q in paths if q.stem in names]
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     def plain(q):
         c = cfg.load_config(q)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_fit --config configs/mnist1d_paper_logistic.toml [--steps 4000] [--set KEY=VALUE ...]
 
-Runs the config (shortened to ``--steps``) through ``fundl.experiment.run`` twice,
+Runs the config (shortened to ``--steps``) through ``fundl.run.experiment.run`` twice,
 the first as a warm-up, and reports for the second the training time per step
 over the timed window of ``benchmarks.bench_end_to_end`` (first to last train
 log) and, for every part of the loop — the compiled step calls, taking the
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    from fundl import config as cfg
+    from fundl.run import config as cfg
 
     config = cfg.load_config(args.config, args.set)
     instrument()

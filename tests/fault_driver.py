@@ -115,8 +115,7 @@ def install(spec: str, slow: float) -> None:
 
 if __name__ == "__main__":
     install(os.environ.get("FUNDL_FAULT", ""), float(os.environ.get("FUNDL_SLOW", "0") or 0))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train
+    from fundl.run.cli import train_main
 
     sys.argv[0] = str(ROOT / "scripts" / "train.py")
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(train_main(sys.argv[1:]))

@@ -3,7 +3,7 @@
 Trains the same three small models (an MLP, a CNN with batch norm, an LSTM)
 for 20 steps of SGD with momentum from the same initial state on the same
 global batches, through ``fundl.train.loop.fit`` with each placement asked
-for, evaluating inside ``fit`` (steps 10 and 20, as ``fundl.experiment``
+for, evaluating inside ``fit`` (steps 10 and 20, as ``fundl.run.experiment``
 does: ``placement.eval_params`` of the state fit hands over, counting the
 host placements that takes) and again after it from the returned plain state;
 writes the final states, logged losses and eval results to an .npz
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fundl import distributed  # noqa: E402
+from fundl.run import distributed  # noqa: E402
 
 distributed.initialize(distributed.settings_from())
 
@@ -96,7 +96,7 @@ def train(kind: str, mode: str, devices: int, k: int) -> dict:
     eval_step = placement.compile_eval(make_eval_step(model, axis_name=axis))
     placed = {"calls": 0, "in_eval": 0}  # host placements: all, and while evaluating inside fit
 
-    def eval_fn(s):  # as fundl.experiment's: the state fit holds, evaluated where it is
+    def eval_fn(s):  # as fundl.run.experiment's: the state fit holds, evaluated where it is
         before = placed["calls"]
         ev = evaluate(eval_step, *placement.eval_params(s), test_arrays, 16, placement=placement.for_eval())
         placed["in_eval"] += placed["calls"] - before

@@ -25,7 +25,7 @@ from fundl import models
 from fundl.data import Loader, load_dataset
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import fit
-from fundl.train.rundir import RunDir
+from fundl.run.rundir import RunDir
 from fundl.train.signals import TrainingInterrupted
 from fundl.train.state import create_train_state, is_prng_key
 from fundl.train.step import make_train_step

@@ -1,4 +1,4 @@
-"""scripts/train.py and scripts/evaluate.py end to end on a tiny config."""
+"""scripts/train.py and scripts/evaluate.py (fundl-train, fundl-evaluate) end to end on a tiny config."""
 
 import json
 import os
@@ -58,7 +58,7 @@ def test_evaluate_reproduces_summary_accuracy(tiny_run):
 
 def test_metrics_load_into_pandas_when_installed(tiny_run):
     pd = pytest.importorskip("pandas")
-    from fundl.train.rundir import load_metrics
+    from fundl.run.rundir import load_metrics
 
     df = load_metrics(tiny_run[0])
     assert isinstance(df, pd.DataFrame) and {"step", "split", "loss"} <= set(df.columns)
@@ -81,3 +81,27 @@ def test_tensorboard_event_files_when_asked(tmp_path):
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert not (run_dir / "curves.png").exists()
+
+
+def test_console_entry_points_name_the_functions_the_scripts_call():
+    """pyproject's [project.scripts] (fundl-train, fundl-evaluate, ...) and scripts/*.py run the same mains."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"fundl-train", "fundl-evaluate", "fundl-launch-local", "fundl-reproduce-mnist1d"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    assert "fundl.run.cli import train_main" in (ROOT / "scripts" / "train.py").read_text()
+    assert "fundl.run.cli import evaluate_main" in (ROOT / "scripts" / "evaluate.py").read_text()
+    for script in ("train", "evaluate", "launch_local", "reproduce_mnist1d"):
+        text = (ROOT / "scripts" / f"{script}.py").read_text()
+        assert len(text.splitlines()) <= 15 and "sys.path" not in text, script  # thin wrappers
+
+
+def test_help_names_the_console_script_when_installed():
+    r = run("scripts/train.py", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: train.py") and "fundl-train" in r.stdout
+    r = run("scripts/evaluate.py", "--help")
+    assert r.returncode == 0 and "fundl-evaluate" in r.stdout

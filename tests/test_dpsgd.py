@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from fundl import config as cfg
+from fundl.run import config as cfg
 from fundl import models
 from fundl.data import load_dataset
 from fundl.data.poisson import PoissonLoader
@@ -240,7 +240,7 @@ def test_fit_with_the_poisson_loader_resumes_identically_and_reports_epsilon():
 
 
 def test_privacy_config_section_and_dp_setup_refusals():
-    from fundl.experiment import dp_setup
+    from fundl.run.privacy import dp_setup
 
     ds = load_dataset("synthetic", num_train=200, num_test=20, input_shape=(6,), num_classes=4)
     base = {"data": {"name": "synthetic"}, "training": {"batch_size": 20}}
@@ -257,10 +257,9 @@ def test_privacy_config_section_and_dp_setup_refusals():
     for extra, match in [({"model": {"batch_norm": True}}, "batch_norm"), ({"training": {"ensemble": 2}}, "ensemble"),
                          ({"training": {"compute_dtype": "float16"}}, "float16"),
                          ({"training": {"batch_size": 500}}, "<= the 200")]:
-        config = cfg.validate({**base, "privacy": {"enabled": True}, **extra,
-                               "training": {**base["training"], **extra.get("training", {})}})
-        with pytest.raises(cfg.ConfigError, match=match):
-            dp_setup(config, ds)
+        with pytest.raises(cfg.ConfigError, match=match):  # the rules between keys fail on validation
+            dp_setup(cfg.validate({**base, "privacy": {"enabled": True}, **extra,
+                                   "training": {**base["training"], **extra.get("training", {})}}), ds)
     four = types.SimpleNamespace(num_devices=4)  # a placement's size is all dp_setup reads
     assert dp_setup(cfg.validate({**base, "privacy": {"enabled": True}, "parallel": {"mode": "pmap"}}),
                     ds, four).loader.max_batch_size % 4 == 0
@@ -270,10 +269,10 @@ def test_privacy_config_section_and_dp_setup_refusals():
 
 @needs_accounting
 def test_a_dp_run_writes_epsilon_and_delta_to_its_summary(tmp_path):
-    """Through fundl.experiment.run (what scripts/train.py runs): [privacy] enabled trains with the
+    """Through fundl.run.experiment.run (what scripts/train.py runs): [privacy] enabled trains with the
     Poisson loader and the DP step; summary.json and the eval records hold epsilon and delta."""
-    from fundl.experiment import read_summary, run
-    from fundl.train.rundir import read_metrics
+    from fundl.run.experiment import run
+    from fundl.run.rundir import read_metrics, read_summary
 
     config = cfg.validate({"data": {"name": "synthetic", "num_train": 256, "num_test": 64},
                            "model": {"hidden": [8]},

@@ -16,8 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from fundl import config as cfg
-from fundl import experiment, models
+from fundl import models
+from fundl.run import config as cfg
+from fundl.run import experiment
+from fundl.run.build import check_labels
 from fundl.data import Dataset, Loader, load_dataset
 from fundl.data.errors import DataError
 from fundl.nn.core import ShapeError
@@ -97,7 +99,7 @@ def test_labels_outside_the_class_range_are_found_before_training(tmp_path, monk
 
 def test_float_labels_are_rejected():
     with pytest.raises(DataError, match="train split: labels must be integer class ids, got dtype float32"):
-        experiment.check_labels(_with_labels(np.zeros(64, np.float32)))
+        check_labels(_with_labels(np.zeros(64, np.float32)))
 
 
 # ---------------------------------------------------------------- devices

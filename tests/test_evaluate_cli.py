@@ -1,30 +1,21 @@
-"""scripts/evaluate.py: config and checkpoint errors are one clear message and an exit
-code (2: config, 1: checkpoint or data), not a traceback; FUNDL_TRACEBACK=1 shows it."""
+"""scripts/evaluate.py (fundl.run.cli.evaluate_main): config and checkpoint errors are one clear
+message and an exit code (2: config, 1: checkpoint or data), not a traceback; FUNDL_TRACEBACK=1 shows it."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from fundl.run.cli import evaluate_main, train_main
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"fundl_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _script("evaluate")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs") / "tiny"
-    code = _script("train").main(["--config", str(ROOT / "configs/tiny_synthetic.toml"), "--run-dir", str(path),
+    code = train_main(["--config", str(ROOT / "configs/tiny_synthetic.toml"), "--run-dir", str(path),
                                   "--set", "training.steps=4", "--set", "training.checkpoint_every=2",
                                   "--set", "logging.plots=false", "--quiet"])
     assert code == 0
@@ -47,14 +38,14 @@ def _edit_config(run, old, new):
 
 
 def test_evaluates_the_latest_checkpoint(copy, capsys):
-    assert evaluate.main([str(copy)]) == 0
+    assert evaluate_main([str(copy)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 4 and 0.0 <= out["test_accuracy"] <= 1.0
 
 
 def test_unknown_config_key_is_a_config_error_exit_2(copy, capsys):
     _edit_config(copy, "[training]\n", "[training]\nstepz = 3\n")
-    assert evaluate.main([str(copy)]) == 2
+    assert evaluate_main([str(copy)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: unknown key 'training.stepz'") and "Did you mean 'steps'?" in err
     assert "Traceback" not in err
@@ -69,7 +60,7 @@ def _corrupt(checkpoint):
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(copy, capsys):
     _corrupt(copy / "checkpoints" / "step_00000004")
-    assert evaluate.main([str(copy)]) == 0
+    assert evaluate_main([str(copy)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["step"] == 2
     assert err.startswith("warning: skipping corrupt checkpoint") and "step_00000004" in err
@@ -78,7 +69,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(copy, capsys):
 def test_all_checkpoints_corrupt_is_exit_1(copy, capsys):
     for checkpoint in (copy / "checkpoints").glob("step_*"):
         _corrupt(checkpoint)
-    assert evaluate.main([str(copy)]) == 1
+    assert evaluate_main([str(copy)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: CheckpointError: no valid checkpoint in") and "sha256" in err
     assert "Traceback" not in err and "FUNDL_TRACEBACK=1" in err
@@ -86,7 +77,7 @@ def test_all_checkpoints_corrupt_is_exit_1(copy, capsys):
 
 def test_checkpoint_that_does_not_fit_the_model_is_exit_1(copy, capsys):
     _edit_config(copy, "hidden = [16]", "hidden = [32]")
-    assert evaluate.main([str(copy)]) == 1
+    assert evaluate_main([str(copy)]) == 1
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "params/dense_0/w" in err
 
@@ -94,19 +85,19 @@ def test_checkpoint_that_does_not_fit_the_model_is_exit_1(copy, capsys):
 def test_no_checkpoint_is_exit_1(copy, capsys):
     shutil.rmtree(copy / "checkpoints")
     (copy / "checkpoints").mkdir()
-    assert evaluate.main([str(copy)]) == 1
+    assert evaluate_main([str(copy)]) == 1
     assert "no checkpoint in" in capsys.readouterr().err
 
 
 def test_not_a_run_directory_is_exit_2(tmp_path, capsys):
-    assert evaluate.main([str(tmp_path)]) == 2
+    assert evaluate_main([str(tmp_path)]) == 2
     assert "has no config.toml" in capsys.readouterr().err
 
 
 def test_fundl_traceback_shows_the_traceback(copy, monkeypatch):
-    from fundl.config import ConfigError
+    from fundl.run.config import ConfigError
 
     _edit_config(copy, "[training]\n", "[training]\nstepz = 3\n")
     monkeypatch.setenv("FUNDL_TRACEBACK", "1")
     with pytest.raises(ConfigError, match="stepz"):
-        evaluate.main([str(copy)])
+        evaluate_main([str(copy)])

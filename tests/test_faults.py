@@ -21,12 +21,13 @@ import numpy as np
 import optax
 import pytest
 
-from fundl import config as cfg
-from fundl import experiment, models
+from fundl import models
+from fundl.run import config as cfg
+from fundl.run import experiment
 from fundl.data import Loader, load_dataset
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import NonFiniteLossError, fit
-from fundl.train.rundir import RunDir, read_metrics
+from fundl.run.rundir import RunDir, read_metrics
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
@@ -323,10 +324,10 @@ def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path):
 # ------------------------------------------------- multi-process SIGTERM
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """JAX's preemption service catches SIGTERM; the sync point makes both processes save one step."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     sys.path.insert(0, str(ROOT / "tests"))
     import test_multihost as multihost
-    import launch_local
+
+    from fundl.run import launch_local
 
     run_dir = tmp_path / "run"
     args = [sys.executable, DRIVER, "--config", "configs/tiny_synthetic.toml", "--quiet",

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fundl import config as cfg
-from fundl.experiment import placement_from_config
+from fundl.run import config as cfg
+from fundl.run.build import placement_from_config
 from fundl.train.parallel import FsdpPlacement, make_placement, state_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,6 +1,6 @@
 """Cluster launchers detected by JAX: SLURM (srun), Open MPI (mpirun), precedence and refusals.
 
-``fundl.distributed.settings_from`` asks JAX's own cluster detectors
+``fundl.run.distributed.settings_from`` asks JAX's own cluster detectors
 (``jax._src.clusters``) for the coordinator, the number of processes and the
 process id when flags and FUNDL_* variables do not give them.  Here:
 
@@ -44,15 +44,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import launch_local
 from test_multihost import TIMEOUTS, finish, start
 from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
 
-from fundl import distributed
+from fundl.run import distributed, launch_local
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TRAIN = ROOT / "scripts" / "train.py"
 TINY = ROOT / "configs" / "tiny_synthetic.toml"

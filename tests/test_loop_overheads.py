@@ -1,4 +1,4 @@
-"""What ``fit`` and ``fundl.experiment`` do so that the loop costs little beside the step (issue 13).
+"""What ``fit`` and ``fundl.run.experiment`` do so that the loop costs little beside the step (issue 13).
 
 The evaluation is compiled before training (a broken one fails before the first step; no
 evaluation stops training to compile), and the per-dispatch host work stays small.
@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from fundl import config as cfg
-from fundl import experiment
+from fundl.run import config as cfg
+from fundl.run import experiment
 from fundl.data import Dataset
 from fundl.nn.core import ShapeError
 from fundl.train import loop
-from fundl.train.rundir import read_metrics
+from fundl.run.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_synthetic.toml"
@@ -48,7 +48,7 @@ class CompileCounter:
 
 
 def eval_compiles(config: dict, run_dir: Path) -> list[int]:
-    """Run ``config`` through ``fundl.experiment.run`` and count the XLA compiles inside each
+    """Run ``config`` through ``fundl.run.experiment.run`` and count the XLA compiles inside each
     evaluation ``fit`` runs."""
     compiles_per_eval = []
     real_fit = loop.fit

@@ -4,13 +4,11 @@ Two processes with two fake CPU devices each form one JAX run
 (``jax.distributed`` with gloo CPU collectives).  Every address is
 127.0.0.1; every process started here is waited for or killed by pid.
 
-Measured here (2 cores, heartbeat/init timeouts of 5 s): a peer killed
-mid-training stops the survivor in well under a second (the collective sees
-the closed connection); a hung (SIGSTOPped) peer is declared dead after the
-heartbeat timeout (~4.5-5 s); a live peer that stops joining collectives is
-caught by the collective timeout (5.0 s); a peer that never starts stops the
-others ~1-2 s after the init timeout (the start-up watchdog of
-``fundl.distributed``).
+Failures end the other process within the timeout that catches them (a killed
+peer: its collective fails at once; a hung one: the heartbeat timeout; a live
+one outside the collectives: the collective timeout; one that never starts:
+the init timeout, via the start-up watchdog of ``fundl.run.distributed``);
+the times measured are in docs/parallel.md ("When a peer fails"), the tests bound them.
 """
 
 from __future__ import annotations
@@ -27,14 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
+
+from fundl.run import distributed, launch_local
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import launch_local  # noqa: E402
-from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section  # noqa: E402
-
-from fundl import distributed  # noqa: E402
 
 TIMEOUTS = {"FUNDL_INIT_TIMEOUT": 5, "FUNDL_HEARTBEAT_TIMEOUT": 5, "FUNDL_SHUTDOWN_TIMEOUT": 5}
 
@@ -95,9 +90,9 @@ def launch_train(tmp_path, capsys, *args, mode="sharding"):
     argv = ["-n", "2", "--local-devices", "2", "--init-timeout", "20", "--heartbeat-timeout", "10", "--",
             "--config", str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet",
             "--set", f'parallel.mode="{mode}"', "--run-dir", str(tmp_path / "run"), *args]
-    old = os.environ.copy()
+    old, env = os.environ.copy(), clean_env()  # this environment less fundl's and launchers' variables
     os.environ.clear()
-    os.environ.update(clean_env())
+    os.environ.update(env)
     try:
         code = launch_local.main(argv)
     finally:
@@ -203,8 +198,7 @@ def test_dead_or_hung_peer_stops_the_others_within_bound(tmp_path, how):
 
 STUCK = """
 import os, sys, time
-sys.path.insert(0, {root!r})
-from fundl import distributed
+from fundl.run import distributed
 distributed.initialize(distributed.settings_from())
 import jax, numpy as np
 f = jax.pmap(lambda a: jax.lax.psum(a, "i"), axis_name="i")
@@ -219,7 +213,7 @@ f(np.ones((1, 3), np.float32)).block_until_ready()
 def test_stuck_peer_fails_the_collective_after_collective_timeout():
     """A live peer that stops taking part: heartbeats continue, the collective timeout ends it."""
     port = launch_local.free_port()
-    code = STUCK.format(root=str(ROOT))
+    code = STUCK  # run with cwd=ROOT: fundl from the checkout
     env = lambda i: mp_env(port, i, devices=1, FUNDL_COLLECTIVE_TIMEOUT=5, FUNDL_HEARTBEAT_TIMEOUT=60)
     procs = [start([sys.executable, "-c", code], env(i)) for i in range(2)]
     try:

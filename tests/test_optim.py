@@ -1,6 +1,6 @@
 """Config -> optimiser: every [optimizer] setting reaches optax exactly or is an error naming it.
 
-Each catalogue optimiser built by ``optimizer_from_config`` is run on the same
+Each catalogue optimiser built by ``fundl.run.optimizer.optimizer_from_config`` is run on the same
 random gradients as a hand-written reference (a direct ``optax.<name>`` call,
 with clipping, accumulation and decoupled weight decay done by hand).
 """
@@ -14,8 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from fundl.config import ConfigError, validate
-from fundl.train.optim import OPTIMIZERS, make_optimizer, optimizer_from_config
+from fundl.run.config import OPTIMIZERS, ConfigError, validate
+from fundl.run.optimizer import optimizer_from_config
+from fundl.train.optim import OptimizerError, make_optimizer, make_schedule
 
 LR = 0.1
 
@@ -179,10 +180,58 @@ def test_nan_policy_skip_leaves_params_untouched_on_a_nan_gradient():
 
 
 def test_a_warmup_longer_than_the_run_is_a_config_error_naming_the_key():
-    from fundl import config as cfg
-    from fundl.train.optim import optimizer_from_config
+    from fundl.run import config as cfg
 
     config = cfg.load_config(None, ['schedule.name="warmup_cosine"', "schedule.warmup_steps=100"])
     with pytest.raises(cfg.ConfigError, match="schedule.warmup_steps=100 must be smaller than the run's 50 steps"):
         optimizer_from_config(config, 50)
     optimizer_from_config(config, 101)  # fine
+
+
+# ------------------------------------------------- the library's own errors
+def test_library_errors_name_the_argument_and_are_value_errors():
+    """make_optimizer / make_schedule know no config: their OptimizerError (a ValueError) names the argument."""
+    with pytest.raises(OptimizerError, match=r"make_optimizer\(momentum=\.\.\.\): optax\.adam does not accept") as e:
+        make_optimizer("adam", LR, momentum=0.9)
+    assert e.value.argument == "momentum" and isinstance(e.value, ValueError)
+    with pytest.raises(OptimizerError, match=r"make_optimizer\(nesterov=True\)") as e:
+        make_optimizer("sgd", LR, nesterov=True)
+    assert e.value.argument == "nesterov"
+    with pytest.raises(OptimizerError, match=r"make_optimizer\(name='adamm'\): optax has no optimiser"):
+        make_optimizer("adamm", LR)
+    with pytest.raises(OptimizerError, match=r"make_schedule\(boundaries=\.\.\., scales=\.\.\.\)") as e:
+        make_schedule(1.0, 10, name="piecewise", boundaries=[5], scales=[])
+    assert e.value.argument == "boundaries"
+    with pytest.raises(OptimizerError, match=r"make_schedule\(name='cosin'\)"):
+        make_schedule(1.0, 10, name="cosin")
+
+
+def test_a_library_error_reaching_the_run_layer_becomes_a_config_error_naming_the_key():
+    """Rules between keys are checked on validation; what still reaches the library (a config edited after
+    validation) comes back as a ConfigError naming the config key."""
+    from fundl.run.optimizer import schedule_from_config
+
+    config = validate({"schedule": {"name": "piecewise", "boundaries": [5], "scales": [0.1]}})
+    config["schedule"]["scales"] = []
+    with pytest.raises(ConfigError, match=r"^schedule\.boundaries: make_schedule\(boundaries=\.\.\., scales=\.\.\.\)"):
+        schedule_from_config(config, 10)
+    config = validate({"optimizer": {"name": "adam"}})
+    config["optimizer"]["momentum"] = 0.9
+    with pytest.raises(ConfigError, match=r"^optimizer\.momentum: make_optimizer\(momentum=\.\.\.\)"):
+        optimizer_from_config(config, 10)
+
+
+def test_the_library_imports_no_run_layer():
+    """fundl.train.optim (and the rest of the library) never imports fundl.run: arrows point one way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    library = sorted(p for p in (root / "fundl").rglob("*.py") if "run" not in p.relative_to(root / "fundl").parts)
+    offenders = [f"{p.relative_to(root)}:{i}" for p in library for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if line.lstrip().startswith(("import fundl.run", "from fundl.run", "from fundl import run"))]
+    assert offenders == []
+    code = "import sys, fundl.train.optim; print(sorted(m for m in sys.modules if m.startswith('fundl.run')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fundl import config as cfg
+from fundl.run import config as cfg
 from fundl import models, nn
-from fundl.experiment import build_model
+from fundl.run.build import build_model
 from fundl.interop import gru_params_from_torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def test_paper_configs_build_the_papers_models(name):
 
 def test_train_py_prints_each_paper_models_own_published_number():
     """Logistic regression is an MLP with no hidden layer: its reference is the paper's 32%, not the MLP's 68%."""
-    from fundl.experiment import published_reference
+    from fundl.run.summary import published_reference
 
     got = {name: published_reference(_paper_model(name)[1])[1] for name in PAPER}
     assert got == {"logistic": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91}
@@ -91,13 +91,10 @@ def test_residual_mlp_equals_numpy():
 
 
 def _paper_torch_model(name):
-    """The paper's PyTorch model as scripts/reproduce_mnist1d.py retypes it (its reference runs use it)."""
-    import importlib.util
+    """The paper's PyTorch model as fundl/run/reproduce_mnist1d.py retypes it (its reference runs use it)."""
+    from fundl.run.reproduce_mnist1d import paper_torch_model
 
-    spec = importlib.util.spec_from_file_location("reproduce_mnist1d", ROOT / "scripts" / "reproduce_mnist1d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.paper_torch_model(name)
+    return paper_torch_model(name)
 
 
 def _linear(m):
@@ -282,15 +279,14 @@ def test_bad_values_are_config_errors_saying_expected_got_where(setting, message
       r"\(model\.channels = \[25, 25, 25\]\), got 2: \[5, 3\]")),
 ])
 def test_settings_the_model_kind_cannot_honour_are_config_errors(setting, message):
-    config = cfg.validate({"model": setting})
-    with pytest.raises(cfg.ConfigError, match=message):
-        build_model(config["model"], 10)
+    with pytest.raises(cfg.ConfigError, match=message):  # rules between keys: fundl.run.config.check_config
+        build_model(cfg.validate({"model": setting})["model"], 10)
 
 
 def test_data_shuffle_false_reaches_the_training_loader(monkeypatch):
     """``data.shuffle`` is handed to every member's Loader (false: batches in array order, as the
     paper's loop takes them); DP-SGD, which samples by Poisson, refuses it."""
-    from fundl import experiment
+    from fundl.run import experiment
 
     seen = []
 
@@ -306,15 +302,14 @@ def test_data_shuffle_false_reaches_the_training_loader(monkeypatch):
         config = cfg.validate({"data": {"name": "synthetic", "num_train": 64, "num_test": 16, "shuffle": shuffle},
                                "model": {"hidden": [4]}, "training": {"steps": 1, "batch_size": 8}})
         with pytest.raises(Stop):
-            experiment._run(config, _NoRunDir(), experiment.placement_from_config(config), "", False, ())
+            experiment.train(config, _NoRunDir(), experiment.placement_from_config(config), verbose=False)
     assert seen == [False, True]
-    dp = cfg.validate({"data": {"shuffle": False}, "privacy": {"enabled": True}})
     with pytest.raises(cfg.ConfigError, match=r"privacy\.enabled with data\.shuffle = false.*set data\.shuffle = true"):
-        experiment.dp_setup(dp, None)
+        cfg.validate({"data": {"shuffle": False}, "privacy": {"enabled": True}})  # fundl.run.config.check_config
 
 
 class _NoRunDir:
-    """Enough of a RunDir for ``_run`` to reach its loaders."""
+    """Enough of a RunDir for ``experiment.train`` to reach its loaders."""
 
     writer, moved_to = False, None
 
@@ -323,7 +318,7 @@ def test_resuming_with_another_data_order_or_init_is_checked():
     """data.shuffle changes the data order (allowed with --allow-change, its effect said); the
     model keys fix the train state (refused); a checkpoint's config without the new keys has
     their defaults (no change)."""
-    from fundl.train.resume import check_changes, config_changes, describe_effects
+    from fundl.run.resume import check_changes, config_changes, describe_effects
 
     saved = cfg.validate({})
     changes = config_changes(saved, cfg.validate({"data": {"shuffle": False}}))
@@ -344,7 +339,7 @@ def test_paper_cnn_config_runs_five_unrolled_steps_per_dispatch_through_fit(tmp_
     """The paper CNN's config overrides "auto" (one step per dispatch for convolutions) by
     measurement (docs/benchmarks.md, "End to end"): ``fit`` runs its 5 fused steps fully
     unrolled, never as a rolled scan over convolutions (far slower on XLA:CPU: docs/benchmarks.md)."""
-    from fundl import experiment
+    from fundl.run import experiment
 
     config = cfg.load_config(ROOT / "configs" / "mnist1d_paper_cnn.toml",
                              ["training.steps=12", "training.log_every=6", "training.eval_every=12"])

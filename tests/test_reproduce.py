@@ -1,23 +1,18 @@
-"""scripts/reproduce_mnist1d.py with tiny settings: the report's rows, paper column and statistics."""
+"""scripts/reproduce_mnist1d.py (fundl.run.reproduce_mnist1d) with tiny settings: the report's rows,
+paper column and statistics."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from fundl.run import reproduce_mnist1d
+
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"logistic": 32, "gru": 91, "fundl_cnn": 94}  # a paper model, a recurrent one, one of fundl's own
 REFERENCE = ("logistic", "gru")
 PAPER_LOGS = ("logistic", "gru")  # the paper's models among them
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("reproduce_mnist1d", ROOT / "scripts" / "reproduce_mnist1d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def report(tmp_path_factory):
         argv.append("--torch-reference=" + ",".join(REFERENCE))
     except ImportError:
         pass
-    assert _script().main(argv) == 0
+    assert reproduce_mnist1d.main(argv) == 0
     return (json.loads((tmp / "docs" / "reproduction.json").read_text()),
             (tmp / "docs" / "reproduction.md").read_text(), tmp, argv)
 
@@ -75,21 +70,21 @@ def test_markdown_has_a_row_per_model_with_the_paper_column_and_the_command(repo
 
 def test_bad_arguments_say_what_was_expected(capsys):
     with pytest.raises(SystemExit):
-        _script().main(["--models", "cnn,resnet"])
+        reproduce_mnist1d.main(["--models", "cnn,resnet"])
     assert "--models: expected names from logistic, mlp, cnn, gru, fundl_cnn, fundl_lstm" in capsys.readouterr().err
 
 
 def test_render_only_rewrites_the_markdown_from_the_json(report):
     _, md, tmp, _ = report
     (tmp / "docs" / "reproduction.md").write_text("stale")
-    assert _script().main(["--render-only", "--out-dir", str(tmp / "docs")]) == 0
+    assert reproduce_mnist1d.main(["--render-only", "--out-dir", str(tmp / "docs")]) == 0
     assert (tmp / "docs" / "reproduction.md").read_text() == md
 
 
 def test_findings_explain_a_model_below_the_paper_with_the_experiments_run():
     """The paragraph for a model below the paper names the paper's code run here, the variant and
     the paper's own logs, with their numbers."""
-    script = _script()
+    script = reproduce_mnist1d
     result = {"seeds": [0, 1], "test_accuracy": [0.90, 0.92], "best_eval_accuracy": [], "steps": 6000,
               "num_params": 5210, "wall_seconds": 1.0}
     r = script.row("cnn", result, {"seeds": [0, 1], "test_accuracy": [0.93, 0.94], "wall_seconds": 1.0})

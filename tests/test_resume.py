@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fundl import config as cfg
-from fundl import experiment
+from fundl.run import config as cfg
+from fundl.run import experiment
+from fundl.run.optimizer import schedule_from_config
+from fundl.run.resume import config_changes, describe_effects
+from fundl.run.rundir import read_metrics
 from fundl.train import checkpoint as ckpt
-from fundl.train.optim import schedule_from_config
-from fundl.train.resume import config_changes, describe_effects
-from fundl.train.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_synthetic.toml"
@@ -159,7 +159,7 @@ def test_effects_in_words():
 
 
 def test_a_dp_run_refuses_a_changed_sampling_rate_even_when_allowed():
-    from fundl.train.resume import Change, check_changes
+    from fundl.run.resume import Change, check_changes
 
     changes = [Change("training", "batch_size", 100, 200)]
     check_changes(changes, ["training"], "runs/x")  # an ordinary run: allowed when confirmed

@@ -13,10 +13,11 @@ import jax
 import optax
 import pytest
 
-from fundl import config as cfg
-from fundl import experiment, models
+from fundl import models
+from fundl.run import config as cfg
+from fundl.run import experiment
+from fundl.run.rundir import RunDir, RunDirInUse, RunDirNotEmpty, read_metrics
 from fundl.train import checkpoint as ckpt
-from fundl.train.rundir import RunDir, RunDirInUse, RunDirNotEmpty, read_metrics
 from fundl.train.state import create_train_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,9 +120,8 @@ def test_a_second_concurrent_run_exits_at_once_naming_the_holder(tmp_path):
 
 
 HOLD = """
-import sys, time
-sys.path.insert(0, {root!r})
-from fundl.train.rundir import RunDir
+import time
+from fundl.run.rundir import RunDir
 rd = RunDir({run!r})
 print("holding", flush=True)
 time.sleep(120)
@@ -131,8 +131,8 @@ time.sleep(120)
 def test_the_lock_dies_with_its_process(tmp_path):
     """SIGKILL releases the lock: a crashed run never blocks its resume."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), run=str(run))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(run=str(run))],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fundl from the checkout
     try:
         assert proc.stdout.readline().strip() == "holding"
         with pytest.raises(RunDirInUse, match=f"pid {proc.pid} on"):

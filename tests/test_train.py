@@ -250,7 +250,7 @@ def _fit(tmp_path, num_steps=20, **kw):
     loader = Loader(ds.train, 32, seed=1, drop_last=True, prefetch=0)
     eval_step = jax.jit(make_eval_step(model))
     eval_fn = lambda s: evaluate(eval_step, s.params, s.model_state, ds.test, 32)
-    from fundl.train.rundir import RunDir
+    from fundl.run.rundir import RunDir
     rd = RunDir(tmp_path)
     return fit(state, make_train_step(model, opt), loader, num_steps=num_steps, eval_fn=eval_fn,
                log_every=5, run_dir=rd, progress=False, **kw), rd, (model, opt, state, loader)

@@ -8,10 +8,12 @@
 2. **Generated sections.** In a page, the text between
    ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` is
    replaced at build time by ``GENERATORS[NAME]()``: the config reference
-   from ``fundl.config`` (``config-schema``) and the ``--help`` of the
-   scripts (``train-help``, ``evaluate-help``), so the site cannot drift
-   from the code.  The committed text is kept current for readers of the
-   Markdown too: ``python docs/hooks/fundl_docs.py`` rewrites it, and
+   from ``fundl.run.schema`` (``config-schema``) and the ``--help`` of
+   ``scripts/train.py`` and ``scripts/evaluate.py`` (``train-help``,
+   ``evaluate-help``: the parsers of ``fundl.run.cli``), so the site cannot
+   drift from the code.  The committed text is kept current for readers of
+   the Markdown too: ``python docs/hooks/fundl_docs.py`` rewrites it (with
+   fundl importable: installed, or ``PYTHONPATH=.``), and
    ``tests/test_site.py`` fails when it is stale.
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import subprocess
 import sys
 import tokenize
 from pathlib import Path
@@ -34,7 +35,7 @@ SECTION = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated:
 
 
 def _schema_comments(source: str, schema: dict) -> dict[tuple[str, str], str]:
-    """``(section, key) -> the comment on its line`` in fundl/config.py's SCHEMA literal."""
+    """``(section, key) -> the comment on its line`` in fundl/run/schema.py's SCHEMA literal."""
     comments = {tok.start[0] - 1: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     lines = source.splitlines()
@@ -56,9 +57,10 @@ def _cell(text: str) -> str:
 
 def config_schema() -> str:
     """One table per config section: key, default, allowed values, on resume, meaning."""
-    from fundl import config as cfg
+    from fundl.run import config as cfg
+    from fundl.run import schema
 
-    comments = _schema_comments(Path(cfg.__file__).read_text(), cfg.SCHEMA)
+    comments = _schema_comments(Path(schema.__file__).read_text(), cfg.SCHEMA)
     out = []
     for section, entries in cfg.SCHEMA.items():
         out += [f"### `[{section}]`", "", "| key | default | allowed | on resume | meaning |",
@@ -72,7 +74,7 @@ def config_schema() -> str:
             elif (section, key) in cfg.AUTO_OR_INT:
                 allowed = '`"auto"` or an int' + (" ≥ 0" if (section, key) in cfg.NON_NEGATIVE else " > 0")
             else:
-                kind = cfg._type_name(default)   # the name config errors use
+                kind = cfg.type_name(default)   # the name config errors use
                 bound = " > 0" if (section, key) in cfg.POSITIVE else " ≥ 0" if (section, key) in cfg.NON_NEGATIVE else ""
                 allowed = kind + bound
             try:
@@ -85,17 +87,26 @@ def config_schema() -> str:
     return "\n".join(out)
 
 
-def _help(script: str) -> str:
-    env = {**os.environ, "COLUMNS": "96", "PYTHONPATH": str(ROOT)}
-    text = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
-                          text=True, check=True, cwd=ROOT, env=env).stdout
+def _help(parser: str, script: str) -> str:
+    """``python scripts/SCRIPT --help`` in a 96-column terminal, from the parser in fundl.run.cli."""
+    from fundl.run import cli
+
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "96"  # argparse wraps the help to the terminal's width
+    try:
+        text = getattr(cli, parser)(prog=script).format_help()
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return f"```text\n{text.rstrip()}\n```\n"
 
 
 GENERATORS = {
     "config-schema": config_schema,
-    "train-help": lambda: _help("train.py"),
-    "evaluate-help": lambda: _help("evaluate.py"),
+    "train-help": lambda: _help("train_parser", "train.py"),
+    "evaluate-help": lambda: _help("evaluate_parser", "evaluate.py"),
 }
 
 
@@ -155,7 +166,6 @@ def on_serve(server, config, builder, **kwargs):
 
 if __name__ == "__main__":
     # python docs/hooks/fundl_docs.py [--check]: rewrite (or check) the generated sections of docs/*.md
-    sys.path.insert(0, str(ROOT))
     stale = []
     for page in sorted((ROOT / "docs").glob("*.md")):
         text = page.read_text()

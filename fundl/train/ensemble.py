@@ -11,7 +11,7 @@ to float32 rounding — a test, not a hope (``tests/test_ensemble.py``).
 A *sweep* is an ensemble whose members also differ in numeric optimiser or
 schedule settings.  Those are arrays in the optimiser state
 (``optax.inject_hyperparams``), one value per member, so all members still
-run as one compiled program (``fundl.train.optim.optimizer_from_config``
+run as one compiled program (``fundl.run.optimizer.optimizer_from_config``
 with ``swept=...``).
 
     members = [{"training.seed": 0}, {"training.seed": 1}]

@@ -140,7 +140,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
       run_dir: a ``RunDir`` for metrics.jsonl and checkpoints (or None).
       checkpoint_every: steps between checkpoints (0: only at the end).
       checkpoint_extras: JSON-serialisable dict stored in every checkpoint's
-        manifest (``fundl.experiment`` stores the resolved config and a run id;
+        manifest (``fundl.run.experiment`` stores the resolved config and a run id;
         a ``run_id`` limits keep-K pruning to this run's checkpoints).
       steps_per_call: K optimiser steps fused in one dispatch (``lax.scan``);
         results equal K single steps.  ``"auto"`` (the default) picks by what
@@ -153,7 +153,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         whose loss (or another metric) is NaN/Inf; metrics are checked when
         fetched (every ``log_every`` steps) and before every checkpoint, so
         no checkpoint holds a diverged state.  "skip": the optimiser must be
-        wrapped in ``optax.apply_if_finite`` (``fundl.experiment`` does it),
+        wrapped in ``optax.apply_if_finite`` (``fundl.run.experiment`` does it),
         logged means use the finite steps and records carry
         ``skipped_updates``.  "ignore" carries on.
       placement: where the step runs (``fundl.train.parallel``).

@@ -1,10 +1,11 @@
 """Optax optimisers and learning-rate schedules built from plain settings.
 
-``make_schedule`` and ``make_optimizer`` take keyword settings (as they
-appear in a config's ``[schedule]`` and ``[optimizer]`` sections) and return
+``make_schedule`` and ``make_optimizer`` take keyword settings and return
 ordinary Optax objects; anything Optax offers can also be passed directly
-to the training step instead.  ``optimizer_from_config`` accepts the names in
-``OPTIMIZERS`` (see docs/optimizers.md).
+to the training step instead.  A setting they cannot honour is an
+:class:`OptimizerError` naming the argument.  (A config's ``[optimizer]`` and
+``[schedule]`` sections reach them through ``fundl.run.optimizer``; see
+docs/optimizers.md.)
 """
 
 import inspect
@@ -13,7 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fundl.config import ConfigError
+
+class OptimizerError(ValueError):
+    """An optimiser or schedule setting that cannot work; ``argument`` names the argument at fault."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "exponential", "piecewise")
 """The schedule names ``make_schedule`` (and ``[schedule] name``) accept."""
@@ -53,28 +61,29 @@ def make_schedule(learning_rate: float, total_steps: int, *, name: str = "consta
         return optax.exponential_decay(learning_rate, transition_steps or total_steps, decay_rate, staircase=staircase)
     if name == "piecewise":
         if len(boundaries) != len(scales):
-            raise ValueError(f"piecewise schedule: {len(boundaries)} boundaries but {len(scales)} scales")
+            raise OptimizerError("boundaries", f"make_schedule(boundaries=..., scales=...): a piecewise schedule needs "
+                                               f"one scale per boundary, got {len(boundaries)} boundaries but "
+                                               f"{len(scales)} scales")
         return optax.piecewise_constant_schedule(learning_rate, dict(zip(map(int, boundaries), map(float, scales))))
-    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
-
-
-# The optimisers a config may name: each is tested against a direct optax call
-# with every [optimizer] setting (tests/test_optim.py).  make_optimizer takes
-# any optax optimiser; this list is what the config promises to get right.
-OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
-              "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
-"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
+    raise OptimizerError("name", f"make_schedule(name={name!r}): unknown schedule; choose one of {SCHEDULES}")
 
 
 def _optax_factory(name: str):
     fn = getattr(optax, name, None)
     if fn is None or not callable(fn) or name.startswith("_"):
-        raise ValueError(f"optax has no optimiser named {name!r} (e.g. sgd, adam, adamw, rmsprop, lion)")
+        raise OptimizerError("name", f"make_optimizer(name={name!r}): optax has no optimiser named {name!r} "
+                                     f"(e.g. sgd, adam, adamw, rmsprop, lion)")
     return fn
 
 
-def _takes(name: str) -> frozenset:
-    """The keyword arguments of ``optax.<name>``."""
+def accepted_options(name: str) -> frozenset:
+    """The keyword arguments of ``optax.<name>`` (e.g. whether it takes ``momentum``).
+
+    Examples:
+        >>> from fundl.train.optim import accepted_options
+        >>> "momentum" in accepted_options("sgd"), "momentum" in accepted_options("adam")
+        (True, False)
+    """
     return frozenset(inspect.signature(_optax_factory(name)).parameters)
 
 
@@ -121,14 +130,16 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
         >>> make_optimizer("adam", 1e-3, momentum=0.9)
         Traceback (most recent call last):
         ...
-        ValueError: optax.adam does not accept ['momentum']; it accepts [...]
+        fundl.train.optim.OptimizerError: make_optimizer(momentum=...): optax.adam does not accept ['momentum']; ...
     """
-    accepted = _takes(name)
+    accepted = accepted_options(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"optax.{name} does not accept {unknown}; it accepts {sorted(accepted)}")
+        raise OptimizerError(unknown[0], f"make_optimizer({unknown[0]}=...): optax.{name} does not accept {unknown}; "
+                                         f"it accepts {sorted(accepted)}")
     if options.get("nesterov") and "momentum" in accepted and not options.get("momentum"):
-        raise ValueError(f"optax.{name}: nesterov=True needs momentum > 0 (optax would ignore it)")
+        raise OptimizerError("nesterov", f"make_optimizer(nesterov=True): optax.{name}: nesterov=True needs "
+                                         f"momentum > 0 (optax would ignore it)")
     kwargs = dict(options)
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = weight_decay
@@ -139,81 +150,6 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
     opt = optax.chain(*parts) if len(parts) > 1 else parts[0]
     if accumulate_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=accumulate_steps)
-    return opt
-
-
-def _momentum_options(o: dict) -> dict:
-    """``optimizer.momentum`` / ``nesterov`` as ``optax.<name>`` keywords; set but unused is an error."""
-    name, options = o["name"], {}
-    for key in ("momentum", "nesterov"):
-        value = o[key]
-        if not value:  # 0.0 / false: not set
-            continue
-        if key not in _takes(name):
-            hint = " (it takes b1 for its first moment)" if key == "momentum" and "b1" in _takes(name) else ""
-            takers = [n for n in OPTIMIZERS if key in _takes(n)]
-            shown = str(value).lower() if isinstance(value, bool) else value
-            raise ConfigError(f"optimizer.{key}={shown} is not used by optax.{name}{hint}; "
-                              f"optimisers that take {key}: {', '.join(takers)}")
-        options[key] = value
-    if o["nesterov"] and "momentum" in _takes(name) and not o["momentum"]:
-        raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 for optax.{name} "
-                          "(with no momentum optax ignores nesterov); set e.g. optimizer.momentum=0.9")
-    return options
-
-
-def schedule_from_config(config: dict, total_steps: int, *, learning_rate=None) -> optax.Schedule:
-    """The learning-rate schedule ``step -> lr`` of a config's ``optimizer.learning_rate`` and ``[schedule]``
-    (``learning_rate``: another peak value, e.g. a traced one of a sweep)."""
-    o, s = config["optimizer"], config["schedule"]
-    learning_rate = o["learning_rate"] if learning_rate is None else learning_rate
-    if s["name"] == "warmup_cosine" and s["warmup_steps"] >= total_steps:
-        raise ConfigError(f"schedule.warmup_steps={s['warmup_steps']} must be smaller than the run's "
-                          f"{total_steps} steps (training.steps/epochs): the cosine decay would have no steps left")
-    return make_schedule(learning_rate, total_steps, name=s["name"], warmup_steps=s["warmup_steps"],
-                         end_value=s["end_value"], decay_rate=s["decay_rate"],
-                         transition_steps=s["transition_steps"], boundaries=s["boundaries"], scales=s["scales"])
-
-
-def injectable(config: dict) -> tuple[str, ...]:
-    """The ``[optimizer]`` settings that can be arrays in the optimiser state for this config
-    (``optimizer_from_config(inject=...)``): the learning rate always, the weight decay where the
-    optimiser takes it itself (adamw, lion, ...; the others add decay only when it is non-zero)."""
-    takes_decay = config["optimizer"]["name"] in OPTIMIZERS and "weight_decay" in _takes(config["optimizer"]["name"])
-    return ("learning_rate", "weight_decay") if takes_decay else ("learning_rate",)
-
-
-def optimizer_from_config(config: dict, total_steps: int, *, inject: tuple[str, ...] = ()) -> optax.GradientTransformation:
-    """The optimiser a config's ``[optimizer]``, ``[schedule]`` and ``training.nan_policy`` describe.
-
-    ``optimizer.name`` must be one of OPTIMIZERS.  Every setting reaches optax
-    or is a ConfigError naming it: momentum and nesterov go to optimisers that
-    take them (sgd, rmsprop; nesterov also to the adam family) and are errors
-    elsewhere; weight decay is as in :func:`make_optimizer`.
-
-    ``inject``: ``[optimizer]`` keys (of :func:`injectable`) kept as arrays in
-    the optimiser state (``optax.inject_hyperparams``) instead of constants,
-    so that members of a vmapped sweep can hold different values
-    (:func:`set_hyperparams`); the schedule then scales the injected rate.
-    """
-    o = config["optimizer"]
-    if o["name"] not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name={o['name']!r} is not one of fundl's optimisers {list(OPTIMIZERS)}; "
-                          "other optax optimisers can be passed to the training step directly")
-    bad = sorted(set(inject) - set(injectable(config)))
-    if bad:
-        raise ValueError(f"cannot inject {bad} for optax.{o['name']}; injectable: {list(injectable(config))}")
-
-    def build(learning_rate=o["learning_rate"], weight_decay=o["weight_decay"]):
-        return make_optimizer(o["name"], schedule_from_config(config, total_steps, learning_rate=learning_rate),
-                              clip_norm=o["clip_norm"], weight_decay=weight_decay,
-                              accumulate_steps=o["accumulate_steps"], **_momentum_options(o))
-
-    static = tuple(k for k in ("learning_rate", "weight_decay") if k not in inject)  # defaults would be injected too
-    opt = optax.inject_hyperparams(build, static_args=static)(**{k: o[k] for k in inject}) if inject else build()
-    if config["training"]["nan_policy"] == "skip":
-        # A non-finite gradient leaves params and optimiser state untouched and is counted.
-        opt = optax.apply_if_finite(opt, max_consecutive_errors=1_000_000)
     return opt
 
 
@@ -228,12 +164,14 @@ def set_hyperparams(opt_state, **values):
             return x
         missing = sorted(set(values) - set(x.hyperparams))
         if missing:
-            raise ValueError(f"set_hyperparams: {missing} are not injected (injected: {sorted(x.hyperparams)})")
+            raise OptimizerError(missing[0], f"set_hyperparams: {missing} are not injected "
+                                             f"(injected: {sorted(x.hyperparams)})")
         hp = {k: jnp.asarray(values[k], v.dtype) if k in values else v for k, v in x.hyperparams.items()}
         return x._replace(hyperparams=hp)
 
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(x)]
     if not found:
-        raise ValueError("set_hyperparams: the optimiser state has no optax.inject_hyperparams state; build the "
-                         "optimiser with optimizer_from_config(..., inject=(...)) or optax.inject_hyperparams")
+        raise OptimizerError("opt_state", "set_hyperparams: the optimiser state has no optax.inject_hyperparams "
+                                          "state; build the optimiser with optax.inject_hyperparams (a config's "
+                                          "sweep does: fundl.run.optimizer.optimizer_from_config(..., inject=...))")
     return jax.tree.map(set_, opt_state, is_leaf=is_injected)

@@ -207,7 +207,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
 class DPTraining:
     """What a DP-SGD run needs beyond a plain one: its Poisson loader, its step, and its ε.
 
-    Built by ``fundl.experiment.dp_setup`` from a config's ``[privacy]`` section, or by hand::
+    Built by ``fundl.run.privacy.dp_setup`` from a config's ``[privacy]`` section, or by hand::
 
         dp = DPTraining(PoissonLoader(data.train, 100, seed=0), clip_norm=1.0, noise_multiplier=1.0,
                         delta=1e-5)

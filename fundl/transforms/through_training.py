@@ -79,7 +79,7 @@ def unrolled_training(train_step: Callable, state: TrainState, batches, *, remat
 
 _INJECT_HINT = ("build the optimiser with optax.inject_hyperparams, e.g. "
                 "optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), or with "
-                "fundl.train.optim.optimizer_from_config(config, total_steps, inject=('learning_rate',)), "
+                "fundl.run.optimizer.optimizer_from_config(config, total_steps, inject=('learning_rate',)), "
                 "and the train state from that optimiser; a rate passed to optax.adam(lr) is a constant of "
                 "the compiled step and has no gradient")
 

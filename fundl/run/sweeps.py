@@ -1,28 +1,26 @@
-"""Ensembles and sweeps from a config: who the members are, how they run, what they report.
+"""Ensembles and sweeps from a config: who the members are and whether they share one program.
 
 ``training.ensemble = N`` trains N members, member ``i`` with seed ``seed + i``.
 ``training.sweep`` (``--sweep KEY=V1,V2,...`` on the command line, repeatable)
 trains one member per point of the cartesian product of the values.  Seeds
 and the optimiser settings the optimiser state can hold
-(``fundl.train.optim.injectable``: the learning rate, and the weight decay of
+(``fundl.run.optimizer.injectable``: the learning rate, and the weight decay of
 optimisers that take it) vary *inside one compiled program* — a vmapped train
 state (``fundl.train.ensemble``); any other swept setting (a width, the batch
 size, the model kind, a schedule) changes shapes or structure, so then every
-point runs as a separate run in ``RUN_DIR/members/<k>/``.  Either way the run
-directory gets ``sweep.csv``, ``sweep.md`` and ``sweep.png`` (every member's
-curves, the best marked), and ``summary.json`` lists the members.
+point runs as a separate run in ``RUN_DIR/members/<k>/`` (``fundl.run.experiment``
+runs them one after another).  Either way the run directory gets ``sweep.csv``,
+``sweep.md`` and ``sweep.png`` (every member's curves, the best marked), and
+``summary.json`` lists the members (``fundl.run.summary``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
-import json
 import tomllib
-from pathlib import Path
 
-from fundl import config as cfg
+from fundl.run import config as cfg
+from fundl.run.optimizer import injectable
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -81,11 +79,9 @@ def with_overrides(config: dict, overrides: dict) -> dict:
 
 
 def members(config: dict) -> list[dict]:
-    """One dict of overrides per member (``{}`` for a plain run's single member)."""
+    """One dict of overrides per member (``{}`` for a plain run's single member).  (A config
+    never has both: ``training.ensemble`` with ``training.sweep`` fails validation.)"""
     n, sweep = config["training"]["ensemble"], sweep_of(config)
-    if sweep and n > 1:
-        raise cfg.ConfigError(f"training.ensemble = {n} with training.sweep: sweep the seed instead "
-                              f"(--sweep training.seed=0,1,...)")
     if sweep:
         return [dict(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
     seed = config["training"]["seed"]
@@ -94,8 +90,6 @@ def members(config: dict) -> list[dict]:
 
 def in_one_program(config: dict) -> tuple[bool, list[str]]:
     """Whether the members can share one compiled program, and the swept keys that prevent it."""
-    from fundl.train.optim import injectable
-
     sweep = sweep_of(config)
     ok = {"training.seed"} | {f"optimizer.{k}" for k in injectable(config)}
     separate = [k for k in sweep if k not in ok]
@@ -107,56 +101,6 @@ def injected(config: dict) -> tuple[str, ...]:
     return tuple(k.split(".", 1)[1] for k in sweep_of(config) if k.startswith("optimizer."))
 
 
-# ------------------------------------------------------------------ reports
-def write_reports(run_dir: Path, rows: list[dict], histories: list[list[dict]]) -> dict:
-    """``sweep.csv``, ``sweep.md`` and ``sweep.png`` in ``run_dir`` from one row per member
-    (``overrides``, ``seed``, final metrics, ``wall_seconds``) and each member's train/eval records;
-    returns the best row (lowest final test loss)."""
-    keys = sorted({k for r in rows for k in r["overrides"]})
-    metrics = ["train_loss", "train_accuracy", "test_loss", "test_accuracy", "wall_seconds"]
-    table = [["member", "seed", *keys, *metrics]]
-    for i, r in enumerate(rows):
-        table.append([i, r["seed"], *[json.dumps(r["overrides"].get(k)) for k in keys],
-                      *[r.get(m) for m in metrics]])
-    buf = io.StringIO()
-    csv.writer(buf).writerows(table)
-    (run_dir / "sweep.csv").write_text(buf.getvalue())
-    best = min(range(len(rows)), key=lambda i: _num(rows[i].get("test_loss")))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    md = ["| " + " | ".join(map(str, table[0])) + " | best |", "|" + "---|" * (len(table[0]) + 1)]
-    md += ["| " + " | ".join(fmt(v) for v in row) + (" | ← |" if i == best else " | |")
-           for i, row in enumerate(table[1:])]
-    (run_dir / "sweep.md").write_text("\n".join(md) + "\n")
-    _plot(run_dir / "sweep.png", rows, histories, best)
-    return {"best_member": best, **rows[best]}
-
-
-def _num(v) -> float:
-    return float(v) if isinstance(v, (int, float)) else float("inf")
-
-
-def _plot(path: Path, rows, histories, best: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, (row, records) in enumerate(zip(rows, histories)):
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["overrides"].items()) or f"seed {row['seed']}"
-        style = dict(lw=2.2, zorder=3) if i == best else dict(lw=0.9, alpha=0.7)
-        for ax, split in zip(axes, ("train", "eval")):
-            pts = [(r["step"], r["loss"]) for r in records if r.get("split") == split
-                   and isinstance(r.get("loss"), (int, float))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, "-" if split == "train" else "o-", markersize=3,
-                        label=label + (" (best)" if i == best else ""), **style)
-    for ax, title in zip(axes, ("train loss", "test loss")):
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def describe_member(member: dict) -> str:
+    """``"learning_rate=0.1, seed=2"`` for a member's overrides (``"the config's"`` for none)."""
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in member.items()) or "the config's"

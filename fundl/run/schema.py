@@ -1,21 +1,12 @@
-"""Experiment configs: TOML files checked against one schema before anything runs.
+"""The config's keys: each one's default, allowed values and bounds, and how a resume may change it.
 
-A config has the sections model, data, optimizer, schedule, training,
-parallel, logging and privacy.  Every key has a default (the schema below is the
-reference for what exists); a file overrides some; ``--set section.key=value``
-overrides again.  Unknown sections or keys are errors that list the valid
-keys and the closest match; values of the wrong type are errors naming the
-key.  The resolved config is written back as TOML into the run directory.
+Pure data (and one lookup), read by the validator (``fundl.run.config``), the
+resume policy (``fundl.run.resume``) and the generated reference in
+docs/configs.md, whose "meaning" column is the comment beside each key here.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import json
-import math
-import tomllib
-from pathlib import Path
 from typing import Any
 
 # section -> key -> default value.  A default's type is the key's type
@@ -54,7 +45,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "shuffle": True,          # reshuffle the training set every epoch (false: batches in array order)
     },
     "optimizer": {
-        "name": "adam",           # one of fundl.train.optim.OPTIMIZERS (docs/optimizers.md)
+        "name": "adam",           # one of fundl.run.schema.OPTIMIZERS (docs/optimizers.md)
         "learning_rate": 1e-3,
         "momentum": 0.0,          # sgd / rmsprop (an error elsewhere: see docs/optimizers.md)
         "nesterov": False,        # sgd / rmsprop (with momentum) and the adam family
@@ -90,7 +81,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "nan_policy": "stop",     # stop | skip | ignore
         "progress": True,         # tqdm bar when stderr is a terminal
         "ensemble": 1,            # members trained together (vmap); member i uses seed + i
-        "sweep": [],              # ["section.key=v1,v2,..."]: one member per point (fundl/sweeps.py)
+        "sweep": [],              # ["section.key=v1,v2,..."]: one member per point (fundl/run/sweeps.py)
     },
     "parallel": {
         "mode": "none",           # none | pmap | sharding | fsdp (parameters and optimiser state split too)
@@ -150,174 +141,17 @@ NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eva
                 ("parallel", "fsdp_min_size"),
                 ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier")}
 
+# The optimisers a config may name: each is tested against a direct optax call
+# with every [optimizer] setting (tests/test_optim.py).  The library's
+# make_optimizer takes any optax optimiser; this list is what a config promises to get right.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
+              "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
+"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
-
-
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
-
-
-def _type_name(value) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "string", list: "list"}.get(type(value), type(value).__name__)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int_or_list(where: str, value):
-    """A positive int, or a non-empty list of positive ints (``model.kernel_size``)."""
-    ints = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not ints or not all(_is_int(v) and v > 0 for v in ints):
-        raise ConfigError(f"{where} must be a positive int or a non-empty list of positive ints (one per layer), "
-                          f"got {_type_name(value)} {value!r}")
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _check_choice_or_int(where: str, value, choices):
-    """One of ``choices`` or an int >= 0 (``model.padding``)."""
-    if _is_int(value) and value >= 0 or value in choices:
-        return value
-    raise ConfigError(f"{where} must be one of {list(choices)} or an int >= 0, got {_type_name(value)} {value!r}."
-                      f"{_closest(str(value).upper(), choices)}")
-
-
-def _check_value(section: str, key: str, value, source: str):
-    default = SCHEMA[section][key]
-    where = f"{section}.{key}" + (f" (in {source})" if source else "")
-    if (section, key) in INT_OR_INT_LIST:
-        return _check_int_or_list(where, value)
-    if (section, key) in CHOICE_OR_INT:
-        return _check_choice_or_int(where, value, CHOICES[(section, key)])
-    if (section, key) in AUTO_OR_INT:
-        if value == "auto":
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be \"auto\" or an int, got {_type_name(value)} {value!r}")
-        default = 0
-    want = type(default)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if want is list and isinstance(value, tuple):
-        value = list(value)
-    if type(value) is not want:
-        raise ConfigError(f"{where} must be of type {_type_name(default)} (like {default!r}), got {_type_name(value)} {value!r}")
-    if want is float and not math.isfinite(value):
-        raise ConfigError(f"{where} must be finite, got {value!r}")
-    choices = CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}.{_closest(str(value), choices)}")
-    if (section, key) in POSITIVE and value <= 0:
-        raise ConfigError(f"{where} must be > 0, got {value!r}")
-    if (section, key) in NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{where} must be >= 0, got {value!r}")
-    return value
-
-
-def validate(raw: dict, source: str = "") -> dict:
-    """Merge ``raw`` over the defaults, checking every section, key and value."""
-    config = copy.deepcopy(SCHEMA)
-    for section, entries in raw.items():
-        if section not in SCHEMA:
-            raise ConfigError(
-                f"unknown config section [{section}]{' in ' + source if source else ''}; "
-                f"valid sections: {sorted(SCHEMA)}.{_closest(section, SCHEMA)}"
-            )
-        if not isinstance(entries, dict):
-            raise ConfigError(f"[{section}] must be a table of keys, got {_type_name(entries)}")
-        for key, value in entries.items():
-            if key not in SCHEMA[section]:
-                raise ConfigError(
-                    f"unknown key '{section}.{key}'{' in ' + source if source else ''}; valid keys of "
-                    f"[{section}]: {sorted(SCHEMA[section])}.{_closest(key, SCHEMA[section])}"
-                )
-            config[section][key] = _check_value(section, key, value, source)
-    _check_consistency(config)
-    return config
-
-
-def _check_consistency(config: dict) -> None:
-    t = config["training"]
-    if t["epochs"] == 0 and t["steps"] == 0:
-        raise ConfigError("training.epochs and training.steps are both 0: set one of them to a positive number")
-    opt = config["optimizer"]
-    if opt["learning_rate"] <= 0:
-        raise ConfigError(f"optimizer.learning_rate must be > 0, got {opt['learning_rate']}")
-    sched = config["schedule"]
-    if len(sched["boundaries"]) != len(sched["scales"]):
-        raise ConfigError(
-            f"schedule.boundaries ({len(sched['boundaries'])} values) and schedule.scales "
-            f"({len(sched['scales'])} values) must have the same length")
-    if not config["privacy"]["delta"] < 1.0:
-        raise ConfigError(f"privacy.delta is a probability in (0, 1), got {config['privacy']['delta']}")
-    for key in ("dropout", "input_dropout"):
-        if not 0.0 <= config["model"][key] < 1.0:
-            raise ConfigError(f"model.{key} is a drop probability in [0, 1), got {config['model'][key]}")
-
-
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """``"section.key=value"`` -> (section, key, value); value parsed as TOML, else a string."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set expects section.key=value, got {text!r}")
-    path, raw = text.split("=", 1)
-    section, key = path.strip().split(".", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return section, key, value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
-    raw: dict = {}
-    source = ""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
-        source = str(path)
-    validate(raw, source)  # report file errors against the file before overrides
-    for text in overrides:
-        section, key, value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
-    if overrides:
-        source = f"{source} with --set overrides" if source else "--set overrides"
-    return validate(raw, source)
-
-
-def toml_value(value) -> str:
-    """``value`` as TOML writes it (``"cosine"``, ``[16, 8]``, ``true``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dumps(config: dict) -> str:
-    """The config as TOML text (round-trips through ``tomllib``)."""
-    lines = []
-    for section, entries in config.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in entries.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 # How a difference between a checkpoint's config and the config of the run
-# that resumes it is treated (fundl/train/resume.py):
+# that resumes it is treated (fundl/run/resume.py):
 #   "structure":  the model, the shape of the train state or the numbers it holds
 #                 mean something else -> refused;
 #   "trajectory": the rest of the run's numbers (schedule, length, data order,

@@ -1,8 +1,9 @@
-"""Resuming a run without silently changing it.
+"""Resuming a run without silently changing it: the resume policy.
 
-A checkpoint records the resolved config it was trained with.  When a run
+:func:`resume` restores the newest valid checkpoint of a run directory.  A
+checkpoint records the resolved config it was trained with.  When a run
 resumes, every difference between that config and the new one is
-classified by ``fundl.config.RESUME_KINDS``:
+classified by ``fundl.run.schema.RESUME_KINDS``:
 
 * **structure** (the model, the optimiser's kind and state, the dtype):
   refused, the message lists the keys;
@@ -21,11 +22,16 @@ saved run's is an error unless a trajectory change explains it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
-from fundl import config as cfg
-from fundl.train.optim import schedule_from_config
+from fundl.run import config as cfg
+from fundl.run import distributed
+from fundl.run.build import total_steps_of
+from fundl.run.optimizer import schedule_from_config
+from fundl.run.rundir import RunDir
+from fundl.train import checkpoint as ckpt
 
 
 # Settings whose change moves the data order (the loader's position is then recomputed from the step).
@@ -146,3 +152,72 @@ def loader_mismatch(saved: dict | None, expected: dict) -> str | None:
     diff = [f"{k}: saved {saved[k]!r}, recomputed {expected.get(k)!r}" for k in sorted(saved)
             if saved[k] != expected.get(k)]
     return "; ".join(diff) or None
+
+
+# ------------------------------------------------------------------ restore
+class Resumed(NamedTuple):
+    """What a run continues from: the restored ``state`` (or the template, with no checkpoint),
+    the run's ``run_id`` and the ``step`` it restarts at."""
+
+    state: Any
+    run_id: str
+    step: int
+
+
+def resume(rd: RunDir, state, config: dict, loader, allow_changes: Sequence[str] = (), *, verbose: bool = True,
+           new_run_id: str = "", placement=None) -> Resumed:
+    """The state to continue from: the newest valid checkpoint of ``rd``, restored into ``state``
+    (the template), after checking what the config changes (see the module doc).  With a
+    ``placement`` the leaves are restored straight onto its devices and shardings
+    (``placement.restore_target``; each process reads only its shards), else onto the default device.
+
+    Every process must find the same checkpoint step (checked through the
+    distributed runtime): a process that cannot see the run's checkpoints
+    stops the run with an error instead of silently starting at step 0.
+    """
+    path = ckpt.latest_valid(rd.checkpoint_dir)
+    step = -1 if path is None else ckpt.step_of(path)
+    steps = distributed.gather_ints(step)
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"process {i}: {'no checkpoint' if s < 0 else f'step {s}'}" for i, s in enumerate(steps))
+        raise ckpt.CheckpointError(
+            f"cannot resume {rd.path}: the processes of this run do not see the same checkpoints ({seen}). "
+            f"The run directory must be on a filesystem every process shares (or hold the same checkpoints)")
+    if path is None:
+        if verbose:
+            print(f"fundl: no checkpoint in {rd.checkpoint_dir}; starting from step 0", flush=True)
+        return Resumed(state, new_run_id, 0)
+    manifest = ckpt.read_manifest(path, verify=False)
+    extras = manifest.get("extras", {})
+    saved = extras.get("config")
+    if saved is None:  # a checkpoint from before configs were recorded in it
+        saved = cfg.load_config(rd.path / "config.toml") if (rd.path / "config.toml").is_file() else config
+    where = str(rd.path)
+    changes = config_changes(saved, config)
+    check_changes(changes, allow_changes, where, privacy=config["privacy"]["enabled"])
+    step = int(manifest["step"])
+    expected = loader.state_at_step(step)
+    mismatch = loader_mismatch(extras.get("loader"), expected)
+    if mismatch and not any(c.name in DATA_ORDER_KEYS for c in changes):
+        raise ckpt.CheckpointError(
+            f"cannot resume {where}: the data position saved in {path} does not match the one recomputed "
+            f"from step {step} with the same config ({mismatch}); the data order would differ from the "
+            f"saved run's. Was the dataset or fundl's loader changed?")
+    target = placement.restore_target(state) if placement is not None else state
+    restored, _ = ckpt.restore(path, target)
+    if verbose:
+        print(f"fundl: resuming from {path} (step {step})", flush=True)
+    new_total = total_steps_of(config, loader.steps_per_epoch)
+    if changes and rd.writer:  # said even when quiet (on stderr): the run differs from the checkpoint's
+        old_loader = extras.get("loader") or expected
+        old_total = total_steps_of(saved, max(1, old_loader["num_examples"] // old_loader["batch_size"]))
+        lines = [f"resume changes {c} ({c.kind})" for c in changes]
+        lines += describe_effects([c for c in changes if c.kind == "trajectory"], saved, config,
+                                  step=step, old_total=old_total, new_total=new_total)
+        print("\n".join(f"fundl: {line}" for line in lines), file=sys.stderr, flush=True)
+        rd.log({"step": step, "split": "resume", "changes": {c.name: [c.old, c.new] for c in changes}})
+    if step > new_total:
+        raise cfg.ConfigError(
+            f"cannot resume {rd.path}: its checkpoint is at step {step}, past the {new_total} steps "
+            f"this config asks for; raise training.steps or training.epochs")
+    return Resumed(restored, extras.get("run_id") or new_run_id, step)

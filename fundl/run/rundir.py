@@ -12,7 +12,10 @@ Opening one *claims* it for this run:
   never deletes it; ``existing="resume"`` continues the run in it.
 
 Only the writing process (process 0 in multi-host runs) claims and writes;
-others get a ``RunDir`` with ``writer=False`` whose methods do nothing.
+others get a ``RunDir`` with ``writer=False`` whose methods do nothing
+(:func:`open_run_dir` claims for a run of a config, on every process).
+The files are read back with :func:`read_metrics`, :func:`load_metrics`,
+:func:`read_summary` and drawn by :func:`plot_curves`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import socket
 import time
 import warnings
 from pathlib import Path
+
+from fundl.run import distributed
+from fundl.run.config import ConfigError
 
 LOCK_NAME = ".lock"
 EXISTING = ("refuse", "resume", "overwrite")
@@ -150,6 +156,34 @@ class RunDir:
             self._lock = None
 
 
+def open_run_dir(run_dir: str | os.PathLike, config: dict, *, overwrite: bool = False) -> RunDir:
+    """Claim ``run_dir`` for a run of ``config`` (process 0 claims, every process gets the verdict).
+
+    A fresh run refuses a directory that holds an earlier run, unless
+    ``overwrite`` (the old run is moved aside); ``training.resume`` continues it.
+    """
+    import jax
+
+    if config["logging"]["tensorboard"]:  # this machine's packages, checked before anything is written
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise ConfigError("logging.tensorboard = true needs tensorboardX, which is not installed: "
+                              "pip install tensorboardX (or fundl[dev]), or set logging.tensorboard=false") from None
+    existing = "resume" if config["training"]["resume"] else "overwrite" if overwrite else "refuse"
+    writer = jax.process_index() == 0
+    rd, error = None, None
+    if writer:
+        try:
+            rd = RunDir(run_dir, writer=True, tensorboard=config["logging"]["tensorboard"], existing=existing)
+        except RunDirError as e:
+            error = e
+    message = distributed.process_zero_error(None if error is None else str(error))
+    if message is not None:
+        raise error if error is not None else RunDirError(f"process 0 refused the run directory: {message}")
+    return rd if writer else RunDir(run_dir, writer=False)
+
+
 def previous_run(path: str | os.PathLike) -> list[str]:
     """What ``path`` holds besides the lock (empty: a fresh run may use it)."""
     path = Path(path)
@@ -244,6 +278,11 @@ def _tensorboard_writer(path: Path):
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` as a list of dicts (unreadable lines skipped with a warning)."""
     return [r for _, r in _parsed_lines(Path(run_dir) / "metrics.jsonl") if r is not None]
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict:
+    """``run_dir/summary.json`` (a finished run's final numbers) as a dict."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def load_metrics(run_dir: str | os.PathLike):

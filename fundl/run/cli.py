@@ -1,0 +1,195 @@
+"""The command line: ``fundl-train`` and ``fundl-evaluate`` (also ``scripts/train.py`` and
+``scripts/evaluate.py``, thin wrappers of :func:`train_main` and :func:`evaluate_main`).
+
+This module imports nothing heavy: a command re-executes itself for huge pages
+(``fundl.run.hugepages``), parses its flags and validates the config before
+JAX loads.  Errors become one message and an exit code in ``fundl.run.errors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fundl.run import distributed
+from fundl.run.config import ConfigError, load_config
+from fundl.run.errors import report_error
+from fundl.run.hugepages import reexec_with_huge_pages
+from fundl.run.rundir import RunDirError
+
+TRAIN_HELP = """Train a model from a TOML config.
+
+    python scripts/train.py --config configs/mnist1d_cnn.toml [--set training.epochs=3 ...]
+                            [--run-dir runs/NAME] [--overwrite]
+    python scripts/train.py --resume runs/NAME [--allow-change training.epochs --set training.epochs=6 ...]
+
+A fresh run refuses a run directory that already holds a run; ``--overwrite``
+moves that run aside (to RUN_DIR.old-<time>) first.  A run directory in use
+by another live run is refused too (a lock names its pid).
+
+``--resume RUN_DIR`` continues RUN_DIR from its newest valid checkpoint with
+the config saved there (``--config`` may still be given).  Settings that
+would change the rest of the run (schedule, learning rate, steps/epochs,
+batch size, seed, data) must be confirmed with ``--allow-change KEY``; the
+effect is printed.  Resuming is also automatic with ``training.resume =
+true``: start fresh when there is no checkpoint, continue otherwise (suits
+requeued jobs).
+
+Exit codes: 0 done; 1 an error stopped the run (message on stderr: non-finite
+loss, corrupt checkpoints, disk full, bad data or shapes, unwritable run
+directory); 2 a bad command line or config, or a run directory that is in
+use or holds another run; 130 / 143 stopped by SIGINT / SIGTERM after saving
+a checkpoint (resume with the command printed).
+Set FUNDL_TRACEBACK=1 to see the traceback of an error.
+
+Several processes form one run when started by ``srun`` (SLURM), ``mpirun``
+(Open MPI 4) or a Kubernetes indexed Job (JAX detects them; no flags
+needed), by ``scripts/launch_local.py``, or with ``--coordinator``,
+``--num-processes``, ``--process-id`` (see docs/parallel.md); process 0
+prints on stderr how the run was formed.  Installed, this is ``fundl-train``.
+"""
+
+EVALUATE_HELP = """Re-evaluate a run's latest valid checkpoint on its test split.
+
+    python scripts/evaluate.py RUN_DIR
+
+Exit codes: 0 done (one JSON line on stdout); 1 a checkpoint or data error
+(no valid checkpoint, one that does not fit the config's model, missing data
+files); 2 a bad command line or config.  Errors are one message on stderr;
+set FUNDL_TRACEBACK=1 to see the traceback.  Installed, this is ``fundl-evaluate``.
+"""
+
+
+# ----------------------------------------------------------------- train
+def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of ``fundl-train`` (``prog``: the name its usage line shows)."""
+    p = argparse.ArgumentParser(prog=prog, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config file (see configs/); default with --resume RUN_DIR: RUN_DIR/config.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable); VALUE is parsed as TOML")
+    p.add_argument("--run-dir", help="where to write the run (default runs/<config name>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue from the newest valid checkpoint of RUN_DIR (or of --run-dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run into a run directory that holds a run: move that run aside to "
+                        "RUN_DIR.old-<time> (never deleted)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="SECTION.KEY",
+                   help="on resume, accept a changed setting that alters the run's trajectory (schedule, "
+                        "learning rate, steps/epochs, batch size, seed, data); repeatable; a section allows all its keys")
+    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="train one member per value (repeatable: the cartesian product); seeds and the learning "
+                        "rate vary inside one compiled program, other settings run as separate runs "
+                        "(RUN_DIR/members/<k>/); sets training.sweep")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
+    distributed.add_arguments(p)
+    return p
+
+
+def _config_path(args, p) -> str:
+    """The config to load: --config, or RUN_DIR/config.toml for ``--resume RUN_DIR``."""
+    if args.config:
+        return args.config
+    if isinstance(args.resume, str):
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            p.error(f"--resume {args.resume}: {saved} does not exist (not a fundl run directory?); "
+                    f"give --config FILE as well")
+        return str(saved)
+    p.error("the following arguments are required: --config (or --resume RUN_DIR)")
+
+
+def train_main(argv=None) -> int:
+    """``fundl-train``: parse ``argv``, validate the config, start the processes, run; the exit code."""
+    p = train_parser()
+    args = p.parse_args(argv)
+    if isinstance(args.resume, str) and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
+        p.error(f"--resume {args.resume} and --run-dir {args.run_dir} name different run directories")
+    config_path = _config_path(args, p)
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts afresh and --resume continues the run: choose one")
+    if args.allow_change and not args.resume:
+        p.error("--allow-change applies to a resumed run: add --resume")
+
+    overrides = list(args.set) + (["training.resume=true"] if args.resume else [])
+    overrides += [f"training.sweep={json.dumps(args.sweep)}"] if args.sweep else []
+    overrides += ["training.progress=false"] if args.quiet else []
+    run_dir = args.run_dir or (args.resume if isinstance(args.resume, str) else None) \
+        or str(Path("runs") / Path(config_path).stem)
+    try:
+        config = load_config(config_path, overrides)
+        # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
+        # before anything touches JAX devices
+        settings = distributed.initialize(distributed.settings_from(args))
+    except (ConfigError, distributed.DistributedError) as e:
+        return report_error(e, at_start_up=True)
+    launcher = distributed.describe_launcher(settings)
+    if launcher and settings.process_id == 0:
+        print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...
+    from fundl.run.experiment import run  # heavy imports after validation
+    from fundl.run.summary import published_reference
+
+    t0 = time.perf_counter()
+    try:
+        summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet,
+                      overwrite=args.overwrite, allow_changes=args.allow_change)
+    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
+        code = report_error(e)
+        if code is None:
+            raise
+        return code
+    wall = time.perf_counter() - t0
+    acc = summary["test_accuracy"]
+    line = f"test accuracy {acc:.4f}, test loss {summary['test_loss']:.4f} after {summary['final_step']} steps"
+    ref = published_reference(config)
+    if ref:
+        line += f" (published: {ref[1]:.2f}, {ref[0]})"
+    print(line)
+    if summary.get("skipped_updates"):
+        print(f"{summary['skipped_updates']} updates skipped for non-finite gradients (training.nan_policy='skip')")
+    print(f"{summary['examples_per_second']:.0f} train examples/s; {wall:.1f} s in all; run dir {run_dir}")
+    return 0
+
+
+# -------------------------------------------------------------- evaluate
+def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The arguments of ``fundl-evaluate`` (``prog``: the name its usage line shows)."""
+    p = argparse.ArgumentParser(prog=prog, description=EVALUATE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    return p
+
+
+def evaluate_main(argv=None) -> int:
+    """``fundl-evaluate``: one JSON line of a run's test metrics on stdout; the exit code."""
+    args = evaluate_parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        return report_error(RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?"),
+                            at_start_up=True)
+    from fundl.run.evaluator import evaluate_run  # heavy imports after the check
+
+    try:
+        result = evaluate_run(run_dir)
+    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
+        code = report_error(e)
+        if code is None:
+            raise
+        return code
+    print(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------- console scripts
+def fundl_train() -> None:
+    """The ``fundl-train`` console script: huge pages first (before JAX), then :func:`train_main`."""
+    reexec_with_huge_pages()
+    sys.exit(train_main())
+
+
+def fundl_evaluate() -> None:
+    """The ``fundl-evaluate`` console script: huge pages first (before JAX), then :func:`evaluate_main`."""
+    reexec_with_huge_pages()
+    sys.exit(evaluate_main())
