@@ -294,13 +294,20 @@ def _run(config, rd, placement, config_path, verbose, allow_changes) -> dict:
         print(f"fundl: {data.name} ({len(data.train['y'])} train / {len(data.test['y'])} test), "
               f"{who}model {config['model']['kind']} with {num_params:,} params, {total} steps of batch "
               f"{t['batch_size']} from step {_step_of(state)}; run dir {rd.path}", flush=True)
-    result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
-                 log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
-                 keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config": config, "run_id": run_id},
-                 steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
-                 progress=t["progress"], placement=placement,
-                 resume_hint=f"resume with: python scripts/train.py --resume {rd.path}",
-                 async_checkpoints=t["async_checkpoints"])
+    from fundl.train.fusion import Fusion  # (the loop branch's bridge: the run layer's own version replaces it)
+    from fundl.train.loop import Every
+    from fundl.train.signals import TrainingInterrupted
+
+    with ckpt.Checkpointer(rd.checkpoint_dir, keep=t["keep_checkpoints"], async_save=t["async_checkpoints"],
+                           extras={"config": config, "run_id": run_id}) as checkpoints:
+        try:
+            result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn,
+                         every=Every(log=t["log_every"], eval=t["eval_every"], checkpoint=t["checkpoint_every"]),
+                         checkpoints=checkpoints, fusion=Fusion(t["steps_per_call"], t["unroll"]),
+                         nan_policy=t["nan_policy"], placement=placement, on_log=rd.log, progress=t["progress"])
+        except TrainingInterrupted as e:
+            e.resume_hint = f"resume with: python scripts/train.py --resume {rd.path}"
+            raise
     final = result.final_eval
     summary = {
         "final_step": total,
