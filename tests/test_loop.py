@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -50,9 +51,9 @@ def test_evaluate_weights_every_example_once_with_unequal_batches():
     model, _, state = setup()
     eval_step = jax.jit(make_eval_step(model))
     test = {"x": ds.test["x"][:50], "y": ds.test["y"][:50]}
-    logits, _ = model.apply(state.params, state.model_state, jax.numpy.asarray(test["x"]))
-    want_loss = float(jax.numpy.mean(softmax_cross_entropy(logits, jax.numpy.asarray(test["y"]))))
-    want_acc = float(jax.numpy.mean(accuracy(logits, jax.numpy.asarray(test["y"]))))
+    logits, _ = model.apply(state.params, state.model_state, jnp.asarray(test["x"]))
+    want_loss = float(jnp.mean(softmax_cross_entropy(logits, jnp.asarray(test["y"]))))
+    want_acc = float(jnp.mean(accuracy(logits, jnp.asarray(test["y"]))))
     for bs in (7, 16, 50, 64):  # 50 = 7*7+1: last batch of one, padded and masked
         got = evaluate(eval_step, state.params, state.model_state, test, bs)
         assert got["loss"] == pytest.approx(want_loss, rel=1e-5)

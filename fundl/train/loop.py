@@ -172,12 +172,12 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
         whose loss (or another metric) is NaN/Inf; metrics are checked when
         fetched (every ``every.log`` steps) and before every checkpoint, so
         no checkpoint holds a diverged state.  "skip": the optimiser must be
-        wrapped in ``optax.apply_if_finite`` (``fundl.experiment`` does it),
+        wrapped in ``optax.apply_if_finite`` (the run layer does it),
         logged means use the finite steps and records carry
         ``skipped_updates``.  "ignore" carries on.
       placement: where the step runs (``fundl.train.parallel``); one device by default.
       on_log: called with every record (train and eval) as it is logged;
-        ``fundl.experiment`` passes its run directory's ``log`` (metrics.jsonl).
+        the run layer passes its run directory's ``log`` (metrics.jsonl).
       progress: a progress bar on a terminal (stderr).
 
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
@@ -224,7 +224,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
         compiled[steps_per_call] = placement.compile_train(packed_step, steps_per_call, unroll)
     plan = _dispatch_plan(start, num_steps, steps_per_call, every)
 
-    # ----------------------------------------------------- events (at step boundaries)
+    # ------------------------------------------------ events (at step boundaries)
     bar = _progress_bar(progress, num_steps, start)
     records = _Records(loader.steps_per_epoch, on_log, bar)
     metrics = _TrainMetrics(placement, nan_policy, names)
