@@ -147,7 +147,8 @@ def build_fundl(spec, fused=0, unroll=1, **step_options):
     import jax.numpy as jnp
     import optax
     from fundl.train.state import create_train_state
-    from fundl.train.step import make_multi_step, make_train_step
+    from fundl.train.fusion import make_multi_step
+    from fundl.train.step import make_train_step
 
     x, y = synthetic_batch(spec)
     model = fundl_model(spec)

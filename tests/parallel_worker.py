@@ -42,7 +42,8 @@ import optax  # noqa: E402
 from fundl import models, nn  # noqa: E402
 from fundl.data import Loader  # noqa: E402
 from fundl.train.checkpoint import flatten_state  # noqa: E402
-from fundl.train.loop import evaluate, fit  # noqa: E402
+from fundl.train.fusion import Fusion  # noqa: E402
+from fundl.train.loop import Every, evaluate, fit  # noqa: E402
 from fundl.train import parallel  # noqa: E402
 from fundl.train.parallel import make_placement  # noqa: E402
 from fundl.train.state import create_train_state  # noqa: E402
@@ -103,8 +104,9 @@ def train(kind: str, mode: str, devices: int, k: int) -> dict:
         return ev
 
     with counting_host_placements(placed):
-        result = fit(state, make_train_step(model, opt, axis_name=axis), loader, num_steps=STEPS, log_every=5,
-                     eval_fn=eval_fn, eval_every=10, steps_per_call=k, progress=False, placement=placement)
+        result = fit(state, make_train_step(model, opt, axis_name=axis), loader, num_steps=STEPS,
+                     every=Every(log=5, eval=10), eval_fn=eval_fn, fusion=Fusion(steps_per_call=k), progress=False,
+                     placement=placement)
     fit_evals = [r for r in result.history if r["split"] == "eval"]
     assert [r["step"] for r in fit_evals] == [10, 20], fit_evals
     # the returned plain state: eval_params places it from the host

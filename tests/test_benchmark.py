@@ -46,35 +46,6 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
     assert result["command"].startswith("python -m benchmarks.benchmark --quick")
 
 
-def test_multi_step_auto_unroll_unrolls_only_convolutional_steps():
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from fundl import models
-    from fundl.train.state import create_train_state
-    from fundl.train.step import _has_convolution, make_multi_step, make_train_step
-
-    for model, shape, conv in [(models.mlp([8], 3), (2, 5), False),
-                               (models.cnn([2], [4], 3), (2, 6, 6, 1), True),
-                               (models.rnn_classifier("gru", 4, 3), (2, 3, 2), False)]:
-        opt = optax.sgd(0.1)
-        state = create_train_state(model, opt, 0, shape)
-        step = make_train_step(model, opt)
-        batch = {"x": jnp.ones(shape), "y": jnp.zeros(shape[0], jnp.int32)}
-        assert _has_convolution(jax.make_jaxpr(step)(state, batch).jaxpr) is conv
-        stacked = jax.tree.map(lambda b: jnp.stack([b, b]), batch)
-        auto, _ = jax.jit(make_multi_step(step, unroll="auto"))(state, stacked)
-        ref = state
-        for _ in range(2):
-            ref, _ = jax.jit(step)(ref, batch)
-        for a, b in zip(jax.tree.leaves(auto.params), jax.tree.leaves(ref.params)):
-            if conv:  # fully unrolled: equal to float32 rounding
-                assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
-            else:  # rolled: bit-identical
-                assert jnp.array_equal(a, b)
-
-
 def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
     """benchmarks/bench_end_to_end.py: the fit/bare/hand table, and --ab's one-key comparison through fit."""
     common = ["--configs", "tiny_synthetic", "--steps", "24", "--seconds", "1"]

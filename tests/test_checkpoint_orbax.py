@@ -24,7 +24,7 @@ import pytest
 from fundl import models
 from fundl.data import Loader, load_dataset
 from fundl.train import checkpoint as ckpt
-from fundl.train.loop import fit
+from fundl.train.loop import Every, fit
 from fundl.run.rundir import RunDir
 from fundl.train.signals import TrainingInterrupted
 from fundl.train.state import create_train_state, is_prng_key
@@ -436,8 +436,9 @@ def test_fit_with_async_checkpoints_writes_what_sync_checkpoints_write(tmp_path)
     fresh, step, loader = _tiny()
     for mode in (True, False):
         rd = RunDir(tmp_path / str(mode))
-        fit(fresh(), step, loader, num_steps=12, log_every=4, checkpoint_every=4, keep_checkpoints=5,
-            run_dir=rd, progress=False, async_checkpoints=mode)
+        with ckpt.Checkpointer(rd.checkpoint_dir, keep=5, async_save=mode) as saver:
+            fit(fresh(), step, loader, num_steps=12, every=Every(log=4, checkpoint=4), checkpoints=saver,
+                on_log=rd.log, progress=False)
     a, b = (ckpt.list_checkpoints(tmp_path / str(m) / "checkpoints") for m in (True, False))
     assert [p.name for p in a] == [p.name for p in b] == ["step_00000004", "step_00000008", "step_00000012"]
     for x, y in zip(a, b):
@@ -457,9 +458,9 @@ def test_a_stop_signal_names_a_committed_checkpoint_while_saves_are_slow(tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)
 
     rd = RunDir(tmp_path)
-    with pytest.raises(TrainingInterrupted) as info:
-        fit(fresh(), step, loader, num_steps=20, log_every=2, checkpoint_every=2, run_dir=rd, progress=False,
-            on_log=stop)
+    with pytest.raises(TrainingInterrupted) as info, ckpt.Checkpointer(rd.checkpoint_dir, keep=3) as saver:
+        fit(fresh(), step, loader, num_steps=20, every=Every(log=2, checkpoint=2), checkpoints=saver,
+            progress=False, on_log=stop)
     e = info.value
     assert e.step == 6 and e.checkpoint == rd.checkpoint_dir / "step_00000006"
     with warnings.catch_warnings():
@@ -479,7 +480,9 @@ def test_a_failed_background_save_stops_fit_with_the_write_error(tmp_path, monke
 
     monkeypatch.setattr(ckpt.Checkpointer, "_wait_for_orbax", full_disk)
     rd = RunDir(tmp_path)
-    with pytest.raises(ckpt.CheckpointWriteError, match="could not write checkpoint .*step_00000008: No space left"):
-        fit(fresh(), step, loader, num_steps=20, log_every=4, checkpoint_every=4, run_dir=rd, progress=False)
+    with pytest.raises(ckpt.CheckpointWriteError, match="could not write checkpoint .*step_00000008: No space left"), \
+            ckpt.Checkpointer(rd.checkpoint_dir, keep=3) as saver:
+        fit(fresh(), step, loader, num_steps=20, every=Every(log=4, checkpoint=4), checkpoints=saver,
+            on_log=rd.log, progress=False)
     assert [p.name for p in ckpt.list_checkpoints(rd.checkpoint_dir)] == ["step_00000004"]
     assert [p.name for p in rd.checkpoint_dir.iterdir() if p.name.startswith(".")] == []

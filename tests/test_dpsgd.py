@@ -18,7 +18,7 @@ from fundl import models
 from fundl.data import load_dataset
 from fundl.data.poisson import PoissonLoader
 from fundl.losses import softmax_cross_entropy
-from fundl.train.loop import evaluate, fit
+from fundl.train.loop import Every, evaluate, fit
 from fundl.train.state import create_train_state
 from fundl.train.step import make_eval_step, make_train_step
 from fundl.transforms import DPTraining, ExampleCouplingError, epsilon, make_dp_train_step, privatize
@@ -224,9 +224,9 @@ def test_fit_with_the_poisson_loader_resumes_identically_and_reports_epsilon():
     eval_step = jax.jit(make_eval_step(MODEL))
     eval_fn = dp.with_epsilon(lambda s: evaluate(eval_step, s.params, s.model_state, ds.test, 64))
     state = create_train_state(MODEL, opt, jax.random.key(0), (1, 6))
-    full = fit(state, step, dp.loader, num_steps=20, eval_fn=eval_fn, eval_every=10, log_every=5, progress=False)
-    half = fit(state, step, dp.loader, num_steps=10, log_every=5, progress=False)
-    rest = fit(half.state, step, dp.loader, num_steps=20, log_every=5, progress=False)
+    full = fit(state, step, dp.loader, num_steps=20, eval_fn=eval_fn, every=Every(log=5, eval=10), progress=False)
+    half = fit(state, step, dp.loader, num_steps=10, every=Every(log=5), progress=False)
+    rest = fit(half.state, step, dp.loader, num_steps=20, every=Every(log=5), progress=False)
     close(rest.state.params, full.state.params, rtol=0, atol=0)
     evals = [r for r in full.history if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [10, 20]

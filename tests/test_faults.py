@@ -26,7 +26,8 @@ from fundl.run import config as cfg
 from fundl.run import experiment
 from fundl.data import Loader, load_dataset
 from fundl.train import checkpoint as ckpt
-from fundl.train.loop import NonFiniteLossError, fit
+from fundl.train.fusion import Fusion
+from fundl.train.loop import Every, NonFiniteLossError, fit
 from fundl.run.rundir import RunDir, read_metrics
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.state import create_train_state
@@ -190,7 +191,7 @@ def test_sigint_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path):
     model, opt, state, loader = _tiny_fit_setup()
     fresh = lambda: create_train_state(model, opt, jax.random.key(0), (1, 8))  # fit donates its input
     step = make_train_step(model, opt)
-    full = fit(fresh(), step, loader, num_steps=20, log_every=3, progress=False)
+    full = fit(fresh(), step, loader, num_steps=20, every=Every(log=3), progress=False)
 
     def interrupt(record):
         if record["step"] == 9:
@@ -198,15 +199,20 @@ def test_sigint_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path):
 
     rd = RunDir(tmp_path)
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 9") as info:
-        fit(fresh(), step, loader, num_steps=20, log_every=3, checkpoint_every=4, run_dir=rd,
-            progress=False, on_log=interrupt, resume_hint="resume with: --resume X")
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 9") as info, \
+            ckpt.Checkpointer(rd.checkpoint_dir, keep=3) as saver:
+        try:
+            fit(fresh(), step, loader, num_steps=20, every=Every(log=3, checkpoint=4), checkpoints=saver,
+                progress=False, on_log=interrupt)
+        except TrainingInterrupted as stopped:  # as the run layer does: it knows how to resume
+            stopped.resume_hint = "resume with: --resume X"
+            raise
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     e = info.value
     assert (e.step, e.exit_code, e.signal_name) == (9, 130, "SIGINT")
     assert e.checkpoint == rd.checkpoint_dir / "step_00000009" and "resume with" in str(e)
     restored, _ = ckpt.restore(ckpt.latest_valid(rd.checkpoint_dir), fresh())
-    resumed = fit(restored, step, loader, num_steps=20, log_every=3, progress=False)
+    resumed = fit(restored, step, loader, num_steps=20, every=Every(log=3), progress=False)
     for x, y in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
         x, y = (jax.random.key_data(v) if jnp_is_key(v) else v for v in (x, y))
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
@@ -217,8 +223,8 @@ def test_stop_at_an_eval_resumes_exactly_with_fused_steps(tmp_path):
     model, opt, _, loader = _tiny_fit_setup()
     fresh = lambda: create_train_state(model, opt, jax.random.key(0), (1, 8))
     step = make_train_step(model, opt)
-    kw = dict(num_steps=21, log_every=8, steps_per_call=4, progress=False)
-    full = fit(fresh(), step, loader, **kw)
+    kw = dict(num_steps=21, fusion=Fusion(steps_per_call=4), progress=False)
+    full = fit(fresh(), step, loader, every=Every(log=8), **kw)
 
     def eval_fn(s):
         if int(s.step) == 5:
@@ -226,11 +232,13 @@ def test_stop_at_an_eval_resumes_exactly_with_fused_steps(tmp_path):
         return {}
 
     rd = RunDir(tmp_path)
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 5") as info:
-        fit(fresh(), step, loader, eval_fn=eval_fn, eval_every=5, run_dir=rd, **kw)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 5") as info, \
+            ckpt.Checkpointer(rd.checkpoint_dir, keep=3) as saver:
+        fit(fresh(), step, loader, eval_fn=eval_fn, every=Every(log=8, eval=5), checkpoints=saver,
+            on_log=rd.log, **kw)
     assert info.value.exit_code == 143
     restored, _ = ckpt.restore(ckpt.latest_valid(rd.checkpoint_dir), fresh())
-    resumed = fit(restored, step, loader, **kw)
+    resumed = fit(restored, step, loader, every=Every(log=8), **kw)
     leaves_a = jax.tree.leaves(jax.tree.map(lambda x: x, full.state.params))
     for x, y in zip(leaves_a, jax.tree.leaves(resumed.state.params)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
@@ -283,9 +291,9 @@ def test_nan_stop_names_the_first_bad_step_metric_and_last_good_checkpoint(tmp_p
     model, opt, state, loader = _tiny_fit_setup(_diverging())
     first = _first_non_finite_step(model, opt, state, loader)
     rd = RunDir(tmp_path)
-    with pytest.raises(NonFiniteLossError) as info:
-        fit(create_train_state(model, opt, jax.random.key(0), (1, 8)), make_train_step(model, opt), loader, num_steps=30, log_every=20, checkpoint_every=2,
-            run_dir=rd, progress=False, nan_policy="stop")
+    with pytest.raises(NonFiniteLossError) as info, ckpt.Checkpointer(rd.checkpoint_dir, keep=3) as saver:
+        fit(create_train_state(model, opt, jax.random.key(0), (1, 8)), make_train_step(model, opt), loader, num_steps=30,
+            every=Every(log=20, checkpoint=2), checkpoints=saver, on_log=rd.log, progress=False, nan_policy="stop")
     e = info.value
     saved = ckpt.list_checkpoints(rd.checkpoint_dir)
     assert saved and e.checkpoint == saved[-1]

@@ -10,9 +10,10 @@ from fundl import models, nn
 from fundl.data import load_dataset
 from fundl.losses import mse
 from fundl.train import checkpoint as ckpt
+from fundl.train.fusion import make_multi_step
 from fundl.train.loss_scale import LossScale, update
 from fundl.train.state import create_train_state, is_prng_key
-from fundl.train.step import make_multi_step, make_train_step
+from fundl.train.step import make_train_step
 
 NO_METRICS = lambda out, y: {}
 X = jax.random.normal(jax.random.key(1), (8, 4))

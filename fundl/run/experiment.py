@@ -33,7 +33,9 @@ from fundl.run.resume import check_allowed_names, resume
 from fundl.run.rundir import RunDir, open_run_dir, plot_curves, read_metrics
 from fundl.run.summary import member_row, members_summary, one_program_rows, separate_runs_summary
 from fundl.train.ensemble import MemberLoaders
-from fundl.train.loop import fit
+from fundl.train.checkpoint import Checkpointer
+from fundl.train.fusion import Fusion
+from fundl.train.loop import Every, fit
 from fundl.train.signals import TrainingInterrupted
 from fundl.train.state import count_params
 
@@ -104,14 +106,15 @@ def train(config: dict, rd: RunDir, placement, *, config_path: str = "", verbose
     # ------------------------------------------------------------------- fit
     if say:
         _announce(config, data, members, num_params, total, start, rd, placement, layout)
-    try:
-        result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, eval_every=t["eval_every"],
-                     log_every=t["log_every"], run_dir=rd, checkpoint_every=t["checkpoint_every"],
-                     keep_checkpoints=t["keep_checkpoints"], checkpoint_extras={"config": config, "run_id": run_id},
-                     steps_per_call=t["steps_per_call"], unroll=t["unroll"], nan_policy=t["nan_policy"],
-                     progress=t["progress"], placement=placement, async_checkpoints=t["async_checkpoints"])
-    except TrainingInterrupted as e:
-        raise with_resume_hint(e, rd.path) from None
+    every = Every(log=t["log_every"], eval=t["eval_every"], checkpoint=t["checkpoint_every"])
+    with Checkpointer(rd.checkpoint_dir, keep=t["keep_checkpoints"], async_save=t["async_checkpoints"],
+                      extras={"config": config, "run_id": run_id}) as checkpoints:
+        try:
+            result = fit(state, train_step, loader, num_steps=total, eval_fn=eval_fn, every=every,
+                         checkpoints=checkpoints, fusion=Fusion(t["steps_per_call"], t["unroll"]),
+                         nan_policy=t["nan_policy"], placement=placement, on_log=rd.log, progress=t["progress"])
+        except TrainingInterrupted as e:
+            raise with_resume_hint(e, rd.path) from None
 
     # --------------------------------------------------------------- summary
     final = result.final_eval

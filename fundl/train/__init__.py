@@ -2,7 +2,8 @@
 
 - :mod:`fundl.train.state` -- :class:`~fundl.train.state.TrainState` (a pytree) and
   :func:`~fundl.train.state.create_train_state`.
-- :mod:`fundl.train.step` -- ``make_train_step``/``make_eval_step`` (pure; jit them), fused steps.
+- :mod:`fundl.train.step` -- ``make_train_step``/``make_eval_step`` (pure; jit them).
+- :mod:`fundl.train.fusion` -- fused steps: the one rule for optimiser steps per dispatch, ``make_multi_step``.
 - :mod:`fundl.train.loop` -- ``fit`` and ``evaluate``.
 - :mod:`fundl.train.optim` -- Optax optimisers and schedules by name.
 - :mod:`fundl.train.loss_scale` -- dynamic loss scaling for float16.

@@ -326,9 +326,11 @@ class Checkpointer:
         True
     """
 
-    def __init__(self, directory: str | Path, *, keep: int | None = None, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int | None = None, async_save: bool = True,
+                 extras: dict | None = None):
         self.directory = Path(directory)
         self.keep, self.async_save = keep, async_save
+        self.extras = dict(extras or {})  # in every manifest, under each save's own extras
         self.primary = jax.process_index() == 0
         self._tag = _process_zero_pid()  # the same temporary folder name on every process
         self._orbax, self._owns_orbax = None, True
@@ -356,7 +358,7 @@ class Checkpointer:
         manifest = {"format": FORMAT_VERSION, "step": step,
                     "leaves": {p: {"shape": list(s), "dtype": d} for p, (s, d) in
                                ((p, _shape_dtype(x)) for p, x in leaves)},
-                    "extras": extras or {}}
+                    "extras": {**self.extras, **(extras or {})}}
         json.dumps(manifest)  # not serialisable: fail here, before anything is written
         seq = _SAVES[str(final)] = _SAVES.get(str(final), 0) + 1  # the same on every process
         _IN_FLIGHT.add(_key(tmp))

@@ -1,12 +1,16 @@
 """The small training loop: ``fit`` and ``evaluate``.
 
-``fit`` runs a compiled step over a :class:`fundl.data.Loader` for a number
-of steps, evaluating, logging and checkpointing at chosen intervals.  The
-hot loop only dispatches: metrics stay on device and are fetched to the host
-once per logging interval (or when a sync is forced for multi-device runs).
-Everything about devices goes through a *placement* (see
-``fundl.train.parallel``), so the same loop serves one device, ``pmap`` and
-sharded ``jit``.
+``fit`` runs a compiled step over a :class:`fundl.data.Loader` up to a step
+number, logging, evaluating and checkpointing at the intervals of
+:class:`Every`.  It reads top to bottom in sections (setup, data, compile,
+the loop with its events, finish); each domain rule lives elsewhere, in one
+place: how many steps a dispatch runs (``fundl.train.fusion``), where arrays
+live (a *placement*, ``fundl.train.parallel``: one device, ``pmap`` and
+sharded ``jit`` run the same loop), how checkpoints are written (the
+caller's ``fundl.train.checkpoint.Checkpointer``), where records go (the
+caller's ``on_log``).  The hot loop only dispatches: metrics stay on the
+device and are fetched once per logging interval (or when a multi-device
+placement forces a sync).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -23,10 +28,14 @@ import optax
 
 from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
-from fundl.train import checkpoint as ckpt
+from fundl.train.checkpoint import Checkpointer
+from fundl.train.fusion import Fusion, resolve
 from fundl.train.parallel import SingleDevice
 from fundl.train.signals import StopSignals, TrainingInterrupted
-from fundl.train.step import resolve_fusion, step_family
+from fundl.train.state import current_step
+
+NAN_POLICIES = ("stop", "skip", "ignore")
+"""What ``fit`` does when training goes non-finite (see :func:`fit`)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,6 +48,26 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, *, step: int | None = None, metric: str | None = None, checkpoint=None):
         super().__init__(message)
         self.step, self.metric, self.checkpoint = step, metric, checkpoint
+
+
+@dataclass(frozen=True)
+class Every:
+    """Intervals of ``fit``'s events, in optimiser steps; 0: only at the end of ``fit``.
+
+    ``log``: train metrics fetched, averaged and logged; ``eval``: ``eval_fn`` run;
+    ``checkpoint``: the state saved.  Each also happens at the last step.  A fused call
+    (``fundl.train.fusion``) never runs across one of these steps.
+    """
+
+    log: int = 50
+    eval: int = 0
+    checkpoint: int = 0
+
+    def __post_init__(self):
+        for name in ("log", "eval", "checkpoint"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Every.{name} must be an int >= 0 (0: only at the end), got {value!r}")
 
 
 def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: int, *,
@@ -86,10 +115,10 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
 class FitResult:
     """What :func:`fit` returns: the trained state, every logged record and the timings.
 
-    ``history`` holds the records also written to ``metrics.jsonl`` (dicts with
-    ``step``, ``epoch``, ``split`` and the metrics); ``final_eval`` is the last
+    ``history`` holds the records ``on_log`` received (dicts with ``step``,
+    ``epoch``, ``split`` and the metrics); ``final_eval`` is the last
     ``"eval"`` record (``{}`` without ``eval_fn``); ``steps_per_call`` and
-    ``unroll`` are what ``"auto"`` resolved to.
+    ``unroll`` are what the fusion resolved to.
     """
 
     state: object
@@ -103,20 +132,10 @@ class FitResult:
     compile_seconds: float = 0.0  # of train_seconds: the first call of each compiled step (trace + compile)
 
 
-def _progress_bar(enabled, total, initial):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
-
-
-def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
-        eval_fn: Callable | None = None, eval_every: int = 0,
-        log_every: int = 50, run_dir=None, checkpoint_every: int = 0, keep_checkpoints: int = 3,
-        checkpoint_extras: dict | None = None, steps_per_call: int | str = "auto", unroll="auto",
-        nan_policy: str = "stop", progress: bool = True, placement=None,
-        on_log: Callable | None = None, resume_hint: str = "", async_checkpoints: bool = True) -> FitResult:
+def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn: Callable | None = None,
+        every: Every = Every(), checkpoints: Checkpointer | None = None, fusion: Fusion | str = "auto",
+        nan_policy: str = "stop", placement=None, on_log: Callable | None = None,
+        progress: bool = True) -> FitResult:
     """Train ``state`` with ``train_step`` until ``state.step == num_steps``.
 
     Args:
@@ -127,8 +146,9 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
       train_step: the pure step from ``make_train_step``; compiled here.
       loader: a training Loader with ``drop_last=True``; its order depends
         only on (seed, epoch), so step ``t`` always sees the same batch.
+      num_steps: the step to train up to (not a count from ``state.step``).
       eval_fn: ``eval_fn(state) -> dict`` of eval metrics (e.g. a closure over
-        ``evaluate``), run every ``eval_every`` steps and at the end.  It gets
+        ``evaluate``), run every ``every.eval`` steps and at the end.  It gets
         the state as the placement holds it on the devices, not a host copy:
         the ordinary state with one device; under pmap the broadcast state
         (leading device axis), under sharding the replicated one.
@@ -136,44 +156,39 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         that ``placement.compile_eval``'s function takes, with no copy;
         ``placement.get_state(state)`` gives a plain copy.  The state is valid
         only during the call: the next step donates its buffers.
-      log_every: steps between host transfers of the train metrics.
-      run_dir: a ``RunDir`` for metrics.jsonl and checkpoints (or None).
-      checkpoint_every: steps between checkpoints (0: only at the end).
-      checkpoint_extras: JSON-serialisable dict stored in every checkpoint's
-        manifest (``fundl.run.experiment`` stores the resolved config and a run id;
-        a ``run_id`` limits keep-K pruning to this run's checkpoints).
-      steps_per_call: K optimiser steps fused in one dispatch (``lax.scan``);
-        results equal K single steps.  ``"auto"`` (the default) picks by what
-        the step computes (``fundl.train.step.AUTO_STEPS_PER_CALL``: one step
-        per dispatch for convolutions on XLA:CPU, fused otherwise), as
-        measured through ``fit`` by ``scripts/benchmark.py --end-to-end``.
-      unroll: ``lax.scan`` unroll of fused steps; ``"auto"``: fully for
-        convolutions, rolled otherwise (``make_multi_step``).
+      every: the intervals of logging, evaluation and checkpoints (:class:`Every`).
+      checkpoints: a ``fundl.train.checkpoint.Checkpointer`` the caller made
+        (directory, keep-K, async, the extras every manifest holds) and
+        closes; ``fit`` saves through it every ``every.checkpoint`` steps and
+        at the end, adding the loader position (``{"loader": ...}``) to each
+        save's extras.  Every checkpoint ``fit`` reports is committed: it
+        waits for the pending save at its end and on a stop signal; on an
+        error it closes the Checkpointer (bounded in multi-process runs, where
+        a dead peer may never finish its part).  None: no checkpoints.
+      fusion: ``"auto"`` or a ``fundl.train.fusion.Fusion``: optimiser steps
+        fused per dispatch (``lax.scan``; results equal single steps) and the
+        scan's unroll, resolved once by ``fundl.train.fusion.resolve``.
       nan_policy: "stop" raises NonFiniteLossError naming the first step
         whose loss (or another metric) is NaN/Inf; metrics are checked when
-        fetched (every ``log_every`` steps) and before every checkpoint, so
+        fetched (every ``every.log`` steps) and before every checkpoint, so
         no checkpoint holds a diverged state.  "skip": the optimiser must be
-        wrapped in ``optax.apply_if_finite`` (``fundl.run.experiment`` does it),
+        wrapped in ``optax.apply_if_finite`` (the run layer does it),
         logged means use the finite steps and records carry
         ``skipped_updates``.  "ignore" carries on.
-      placement: where the step runs (``fundl.train.parallel``).
-      on_log: called with every record (train and eval) as it is logged.
-      resume_hint: appended to the message of TrainingInterrupted.
-      async_checkpoints: write checkpoints in the background while training
-        continues (``fundl.train.checkpoint.Checkpointer``); the next save, the
-        end of ``fit``, a stop signal and an error wait for the pending one, so
-        every checkpoint ``fit`` reports is committed.  False: each save
-        blocks until committed.
+      placement: where the step runs (``fundl.train.parallel``); one device by default.
+      on_log: called with every record (train and eval) as it is logged;
+        the run layer passes its run directory's ``log`` (metrics.jsonl).
+      progress: a progress bar on a terminal (stderr).
 
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
-    step boundary and raise :class:`TrainingInterrupted`.
+    step boundary and raise :class:`~fundl.train.signals.TrainingInterrupted`.
 
     Returns a :class:`FitResult`.  The guide docs/training.md shows ``fit`` with
-    evaluation, a run directory and checkpoints.
+    evaluation, logging and checkpoints.
 
     Examples:
         >>> from fundl.data import Loader
-        >>> from fundl.train.loop import fit
+        >>> from fundl.train.loop import Every, fit
         >>> from fundl.train.optim import make_optimizer
         >>> from fundl.train.state import create_train_state
         >>> from fundl.train.step import make_train_step
@@ -182,34 +197,159 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         >>> rng = np.random.default_rng(0)
         >>> train = {"x": rng.normal(size=(256, 4)).astype(np.float32), "y": rng.integers(0, 3, 256).astype(np.int32)}
         >>> loader = Loader(train, batch_size=32, drop_last=True)
-        >>> result = fit(state, make_train_step(model, opt), loader, num_steps=20, log_every=10, progress=False)
+        >>> result = fit(state, make_train_step(model, opt), loader, num_steps=20, every=Every(log=10), progress=False)
         >>> int(result.state.step), [r["step"] for r in result.history]
         (20, [10, 20])
     """
-    if nan_policy not in ("stop", "skip", "ignore"):
+    # ------------------------------------------------------------------ setup
+    if nan_policy not in NAN_POLICIES:
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")
+    if not isinstance(every, Every):
+        raise TypeError(f"fit: every must be a fundl.train.loop.Every, got {every!r}")
     placement = placement or SingleDevice()
-    start_step = int(np.asarray(jax.device_get(placement.get_state(state).step)).reshape(-1)[0])  # ensembles: (members,)
-    if start_step > num_steps:
-        raise ValueError(f"fit: the state is at step {start_step}, past num_steps={num_steps}; a resumed run "
+    start = current_step(state)
+    if start > num_steps:
+        raise ValueError(f"fit: the state is at step {start}, past num_steps={num_steps}; a resumed run "
                          f"cannot end before its checkpoint: raise training.steps/epochs or use a new run dir")
-    loop = _Loop(placement, loader, num_steps=num_steps, start_step=start_step, eval_fn=eval_fn,
-                 intervals=(log_every, eval_every, checkpoint_every), run_dir=run_dir,
-                 keep_checkpoints=keep_checkpoints, checkpoint_extras=checkpoint_extras or {},
-                 nan_policy=nan_policy, on_log=on_log, resume_hint=resume_hint,
-                 async_checkpoints=async_checkpoints)
-    return loop.run(state, train_step, steps_per_call, unroll, progress)
+
+    # ------------------------------------------------------------------- data
+    first_batch = loader.batch(0, 0)  # shapes for the fusion rule
+    loader.restore(loader.state_at_step(start))  # step t always sees the same batch
+
+    # ---------------------------------------------------------------- compile
+    steps_per_call, unroll = resolve(fusion, train_step, state, first_batch, axis_name=placement.axis_name)
+    packed_step, names = _packed_metrics(train_step)
+    compiled = {1: placement.compile_train(packed_step, 1)}
+    if steps_per_call > 1:
+        compiled[steps_per_call] = placement.compile_train(packed_step, steps_per_call, unroll)
+    plan = _dispatch_plan(start, num_steps, steps_per_call, every)
+
+    # ------------------------------------------------ events (at step boundaries)
+    bar = _progress_bar(progress, num_steps, start)
+    records = _Records(loader.steps_per_epoch, on_log, bar)
+    metrics = _TrainMetrics(placement, nan_policy, names)
+    saved = _Saved()
+
+    def log_train(step, state) -> None:
+        """Log the train metrics averaged since the last log (checked as they are fetched)."""
+        means = metrics.means(loader.batch_size, saved.path)
+        if means is None:
+            return
+        if nan_policy == "skip":
+            skipped = skipped_updates(placement.get_state(state.opt_state))  # a few counters
+            if skipped is not None:
+                means["skipped_updates"] = skipped
+        records.send(step, "train", means)
+
+    def save(step, state) -> None:
+        """Checkpoint ``state`` at ``step`` (once a step), never a diverged state."""
+        if checkpoints is None or saved.step == step:
+            return
+        metrics.fetch(saved.path)  # a non-finite loss since the last log raises here, before the save
+        if nan_policy == "stop" and not bool(_all_finite(state)):  # on the devices, as placed
+            raise _non_finite_error("parameters or optimiser state", None, step, "params", saved.path,
+                                    "the training loss was still finite")
+        # Every process passes the global state (each writes its shards); this returns once the
+        # device buffers are copied, and waits for the previous save's commit first.
+        saved.path = checkpoints.save(placement.saveable(state), step=step,
+                                      extras={"loader": loader.state_at_step(step)})
+        saved.step = step
+
+    # --------------------------------------------------------------- the loop
+    batches = loader.stream_groups(plan)  # the K batches of a fused call gathered at once
+    state = placement.put_state(state)  # a copy: the caller's arrays survive donation
+    step, dispatches, compile_seconds, uncompiled = start, 0, 0.0, set(compiled.values())
+    t0 = time.perf_counter()
+    try:
+        with StopSignals() as stop:
+            for n in plan:
+                fn, before = compiled[n], step
+                batch = placement.put_batch(next(batches), stacked=n > 1)
+                t_call = time.perf_counter()
+                state, step_metrics = fn(state, batch)
+                if fn in uncompiled:  # the first call traces and compiles (later ones only dispatch)
+                    compile_seconds += time.perf_counter() - t_call
+                    uncompiled.discard(fn)
+                metrics.add(step_metrics, n, before)
+                step, dispatches = step + n, dispatches + 1
+                if placement.sync_every and dispatches % placement.sync_every == 0:
+                    jax.block_until_ready(step_metrics)
+                if bar is not None:
+                    bar.update(n)
+
+                last = step == num_steps
+                if _due(every.log, step, last):
+                    log_train(step, state)
+                if eval_fn is not None and _due(every.eval, step, last):
+                    records.send(step, "eval", eval_fn(state))  # on the devices as it is: no host copy
+                if _due(every.checkpoint, step, last):
+                    save(step, state)
+                if not last and stop.should_stop(dispatches):  # a stop signal: save this step, then stop
+                    log_train(step, state)
+                    save(step, state)
+                    if checkpoints is not None:
+                        checkpoints.wait()  # the checkpoint the exception names is committed
+                    raise TrainingInterrupted(stop.received, step, saved.path,
+                                              "resume from this checkpoint" if saved.path else "")
+            if eval_fn is not None and start == num_steps:
+                records.send(step, "eval", eval_fn(state))  # resumed a finished run: report its evaluation
+        jax.block_until_ready(state)
+        if checkpoints is not None:
+            checkpoints.wait()  # the last checkpoint committed (or its error raised)
+    except BaseException as e:
+        if checkpoints is not None:  # errors, too, leave no save half done
+            _close_after_error(checkpoints, e)
+        raise
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+
+    # ----------------------------------------------------------------- finish
+    seconds = time.perf_counter() - t0
+    final_state = placement.get_state(state)
+    final_eval = next((r for r in reversed(records.history) if r["split"] == "eval"), {})
+    skipped = skipped_updates(final_state.opt_state) if hasattr(final_state, "opt_state") else None
+    return FitResult(final_state, records.history, final_eval, seconds,
+                     (num_steps - start) * loader.batch_size / seconds if seconds > 0 else 0.0, skipped,
+                     steps_per_call, unroll, compile_seconds)
+
+
+# ------------------------------------------------------------------ fit's helpers, one job each
+def _due(interval: int, step: int, last: bool) -> bool:
+    """An event every ``interval`` steps (0: never) falls at ``step``; every event falls at the last step."""
+    return last or bool(interval and step % interval == 0)
+
+
+def _dispatch_plan(start: int, num_steps: int, steps_per_call: int, every: Every) -> list[int]:
+    """Optimiser steps per dispatch from ``start`` to ``num_steps``: K where K fit before the next
+    event (log, eval, checkpoint: fused calls end there), else single steps."""
+    intervals = [i for i in (every.log, every.eval, every.checkpoint) if i]
+    plan, s = [], start
+    while s < num_steps:
+        next_event = min([num_steps] + [(s // i + 1) * i for i in intervals])
+        n = steps_per_call if next_event - s >= steps_per_call else 1
+        plan.append(n)
+        s += n
+    return plan
+
+
+def _progress_bar(enabled, total, initial):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
 def _packed_metrics(train_step):
     """The step with its metrics packed into one float32 array (metrics on the last axis), and
     their names.
 
-    Fetching metrics costs ~30 us of host time per array, per step: one array
-    instead of one per metric halves that for the usual loss + accuracy.  The
-    names are filled in when the step is first traced; metrics of different
-    shapes are left as they are (``names`` stays empty).  An ensemble's
-    metrics have a member axis: shape (members,) each.
+    Host time to fetch metrics grows with the number of arrays (docs/benchmarks.md, "Host work
+    per step"), so the usual loss + accuracy come back as one.  The names are filled in when the
+    step is first traced; metrics of different shapes are left as they are (``names`` stays
+    empty).  An ensemble's metrics have a member axis: shape (members,) each.
     """
     names: list[str] = []
 
@@ -221,6 +361,46 @@ def _packed_metrics(train_step):
         return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names], axis=-1)
 
     return step, names
+
+
+class _Records:
+    """Builds and sends every record ``fit`` logs, in one place: history, progress bar, ``on_log``."""
+
+    def __init__(self, steps_per_epoch: int, on_log: Callable | None, bar):
+        self.steps_per_epoch, self.on_log, self.bar = steps_per_epoch, on_log, bar
+        self.history: list[dict] = []
+
+    def send(self, step: int, split: str, values: dict) -> None:
+        record = {"step": step, "epoch": (step - 1) // self.steps_per_epoch if step else 0, "split": split, **values}
+        self.history.append(record)
+        if self.bar is not None and split == "train":
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values.get('accuracy', float('nan')):.3f}",
+                                 ex_s=f"{values['examples_per_second']:.0f}")
+        if self.on_log is not None:
+            self.on_log(record)
+
+
+@dataclass
+class _Saved:
+    """The newest checkpoint one ``fit`` call wrote: its path and step (None before the first)."""
+
+    path: Path | None = None
+    step: int | None = None
+
+
+_PENDING_SAVE_ON_ERROR_S = 10.0  # multi-process runs: how long an error waits for a pending checkpoint
+
+
+def _close_after_error(checkpoints: Checkpointer, error: BaseException) -> None:
+    """After ``error``: finish the pending save, its own failure noted on ``error``.  Bounded with
+    several processes, where a dead peer may never finish its part; ``close`` rather than ``wait``,
+    so that a save abandoned at the bound cannot hang the caller's own ``close``."""
+    pending = checkpoints.pending
+    try:
+        checkpoints.close(None if jax.process_count() == 1 else _PENDING_SAVE_ON_ERROR_S)
+    except BaseException as late:  # noqa: BLE001 - reported on the error on its way out
+        if late is not error:
+            error.add_note(f"(the pending checkpoint {pending} failed too: {late})")
 
 
 class _TrainMetrics:
@@ -266,174 +446,6 @@ class _TrainMetrics:
         self.rows, self.steps, self.since = [], 0, now
         return means
 
-
-class _Loop:
-    """One ``fit`` call: the dispatch loop and the events at step boundaries (log, eval, checkpoint, stop)."""
-
-    def __init__(self, placement, loader, *, num_steps, start_step, eval_fn, intervals, run_dir,
-                 keep_checkpoints, checkpoint_extras, nan_policy, on_log, resume_hint, async_checkpoints=True):
-        self.placement, self.loader = placement, loader
-        self.num_steps, self.start_step, self.step = num_steps, start_step, start_step
-        self.eval_fn = eval_fn
-        self.log_every, self.eval_every, self.checkpoint_every = intervals
-        self.run_dir, self.keep, self.extras = run_dir, keep_checkpoints, checkpoint_extras
-        self.nan_policy, self.on_log, self.resume_hint = nan_policy, on_log, resume_hint
-        self.metrics = None  # set by run, once the metric names are known
-        self.history: list[dict] = []
-        self.last_ckpt, self.last_ckpt_step = None, None
-        self.async_checkpoints = async_checkpoints
-        self.saver = None  # a ckpt.Checkpointer while run() runs with a run directory
-        self.bar = None
-        self.state = None
-
-    # ------------------------------------------------------------- driver
-    def run(self, state, train_step, steps_per_call, unroll, progress) -> FitResult:
-        p = self.placement
-        if "auto" in (steps_per_call, unroll):
-            first = self.loader.batch(0, 0)
-            family = step_family(train_step, state, first, axis_name=p.axis_name)
-            steps_per_call, unroll = resolve_fusion(steps_per_call, unroll, family)
-        else:
-            steps_per_call, unroll = resolve_fusion(steps_per_call, unroll, "dense")
-        train_step, names = _packed_metrics(train_step)
-        self.metrics = _TrainMetrics(p, self.nan_policy, names)
-        step_fn = p.compile_train(train_step, 1)
-        multi_fn = p.compile_train(train_step, steps_per_call, unroll) if steps_per_call > 1 else None
-        self.loader.restore(self.loader.state_at_step(self.start_step))
-        plan = self._dispatch_plan(steps_per_call)
-        batches = self.loader.stream_groups(plan)  # K batches of a fused call gathered at once
-        self.state = p.put_state(state)  # a copy: the caller's arrays survive donation
-        self.bar = _progress_bar(progress, self.num_steps, self.start_step)
-        if self.run_dir is not None:  # every process: each writes its own shards
-            self.saver = ckpt.Checkpointer(self.run_dir.checkpoint_dir, keep=self.keep,
-                                           async_save=self.async_checkpoints)
-        stop = StopSignals()
-        dispatches, compile_seconds, uncompiled = 0, 0.0, {step_fn, multi_fn}
-        t0 = time.perf_counter()
-        try:
-            with stop:
-                for n in plan:
-                    before = self.step
-                    fn = multi_fn if n > 1 else step_fn
-                    batch = p.put_batch(next(batches), stacked=n > 1)
-                    t_call = time.perf_counter()
-                    self.state, metrics = fn(self.state, batch)
-                    if fn in uncompiled:  # the first call traces and compiles (later ones only dispatch)
-                        compile_seconds += time.perf_counter() - t_call
-                        uncompiled.discard(fn)
-                    self.metrics.add(metrics, n, before)
-                    self.step += n
-                    dispatches += 1
-                    if p.sync_every and dispatches % p.sync_every == 0:
-                        jax.block_until_ready(metrics)
-                    if self.bar is not None:
-                        self.bar.update(n)
-                    self._events()
-                    if self.step < self.num_steps and stop.should_stop(dispatches):
-                        self._interrupted(stop.received)
-                if self.eval_fn is not None and self.start_step == self.num_steps:
-                    self._evaluate()  # resumed a finished run: report its evaluation
-            jax.block_until_ready(self.state)
-            if self.saver is not None:
-                self.saver.close()  # the last checkpoint committed (or its error raised)
-        except BaseException as e:
-            if self.saver is not None:  # errors, too, leave no save half done
-                pending = self.saver.pending
-                try:  # several processes: bounded, a dead peer may never finish its part of the save
-                    self.saver.close(None if jax.process_count() == 1 else _PENDING_SAVE_ON_ERROR_S)
-                except BaseException as late:  # noqa: BLE001 - reported on the error on its way out
-                    if late is not e:
-                        e.add_note(f"(the pending checkpoint {pending} failed too: {late})")
-            raise
-        finally:
-            batches.close()
-            if self.bar is not None:
-                self.bar.close()
-        seconds = time.perf_counter() - t0
-        final_state = p.get_state(self.state)
-        final_eval = next((r for r in reversed(self.history) if r["split"] == "eval"), {})
-        done = self.num_steps - self.start_step
-        skipped = skipped_updates(final_state.opt_state) if hasattr(final_state, "opt_state") else None
-        return FitResult(final_state, self.history, final_eval, seconds,
-                         done * self.loader.batch_size / seconds if seconds > 0 else 0.0, skipped,
-                         steps_per_call, unroll, compile_seconds)
-
-    def _dispatch_plan(self, steps_per_call: int) -> list[int]:
-        """Optimiser steps per dispatch until ``num_steps``: K where K fit before the next event
-        (log, eval, checkpoint: fused calls end there), else single steps."""
-        plan, s = [], self.start_step
-        while s < self.num_steps:
-            nxt = [self.num_steps] + [(s // every + 1) * every for every in
-                                      (self.log_every, self.eval_every, self.checkpoint_every) if every]
-            n = steps_per_call if min(nxt) - s >= steps_per_call else 1
-            plan.append(n)
-            s += n
-        return plan
-
-    # ------------------------------------------------------------- events
-    def _events(self) -> None:
-        s, last = self.step, self.step == self.num_steps
-        if (self.log_every and s % self.log_every == 0) or last:
-            self._log_train()
-        if self.eval_fn is not None and ((self.eval_every and s % self.eval_every == 0) or last):
-            self._evaluate()
-        if (self.checkpoint_every and s % self.checkpoint_every == 0) or last:
-            self._save()
-
-    def _record(self, split: str, values: dict) -> dict:
-        """The one place a record is built and sent: history, metrics.jsonl, progress bar, ``on_log``."""
-        record = {"step": self.step, "epoch": (self.step - 1) // self.loader.steps_per_epoch if self.step else 0,
-                  "split": split, **values}
-        self.history.append(record)
-        if self.run_dir is not None:
-            self.run_dir.log(record)
-        if self.bar is not None and split == "train":
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values.get('accuracy', float('nan')):.3f}",
-                                 ex_s=f"{values['examples_per_second']:.0f}")
-        if self.on_log is not None:
-            self.on_log(record)
-        return record
-
-    def _log_train(self) -> None:
-        means = self.metrics.means(self.loader.batch_size, self.last_ckpt)
-        if means is None:
-            return
-        if self.nan_policy == "skip":
-            skipped = skipped_updates(self.placement.get_state(self.state.opt_state))  # a few counters
-            if skipped is not None:
-                means["skipped_updates"] = skipped
-        self._record("train", means)
-
-    def _evaluate(self) -> None:
-        self._record("eval", self.eval_fn(self.state))  # on the devices as it is: no host round trip
-
-    def _save(self) -> None:
-        s = self.step
-        if self.run_dir is None or self.last_ckpt_step == s:
-            return
-        self.metrics.fetch(self.last_ckpt)  # never checkpoint a state that already went non-finite
-        if self.nan_policy == "stop" and not bool(_all_finite(self.state)):  # on the devices, as placed
-            raise _non_finite_error("parameters or optimiser state", None, s, "params", self.last_ckpt,
-                                    "the training loss was still finite")
-        extras = {"loader": self.loader.state_at_step(s), **self.extras}
-        saveable = self.placement.saveable(self.state)
-        # Every process passes the global state (Orbax writes each one's shards); this returns once
-        # the device buffers are copied, and waits for the previous save's commit first.
-        self.last_ckpt = self.saver.save(saveable, step=s, extras=extras)
-        self.last_ckpt_step = s
-
-    def _interrupted(self, signum) -> None:
-        """A stop signal arrived: log, save at this step boundary and raise TrainingInterrupted."""
-        self._log_train()
-        self._save()
-        saved = self.run_dir is not None
-        if saved:
-            self.saver.wait()  # the checkpoint it names is committed
-        hint = self.resume_hint or ("resume from this checkpoint" if saved else "")
-        raise TrainingInterrupted(signum, self.step, self.last_ckpt if saved else None, hint)
-
-
-_PENDING_SAVE_ON_ERROR_S = 10.0  # multi-process runs: how long an error waits for a pending checkpoint
 
 
 def _mean(values: np.ndarray, finite_only: bool) -> float:

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fundl.train.state import is_prng_key
-from fundl.train.step import make_multi_step
+from fundl.train.fusion import make_multi_step
 
 
 class SingleDevice:

@@ -32,19 +32,24 @@ class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving a checkpoint.
 
     Attributes: ``signal_name``, ``step`` (the step saved), ``checkpoint``
-    (its path, or None without a run directory) and ``exit_code`` (128 +
-    signal number).
+    (its path, or None when nothing was saved), ``exit_code`` (128 + signal
+    number) and ``resume_hint``, which ends the message: whoever knows how
+    this run resumes (the command line, for one) sets it before re-raising.
     """
 
     def __init__(self, signum: int, step: int, checkpoint=None, resume_hint: str = ""):
+        super().__init__(signum, step, checkpoint, resume_hint)
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         self.step = step
         self.checkpoint = checkpoint
         self.exit_code = 128 + int(signum)
-        where = f"saved checkpoint {checkpoint}" if checkpoint else "no run directory, so nothing was saved"
-        hint = f"; {resume_hint}" if resume_hint else ""
-        super().__init__(f"training stopped by {self.signal_name} at step {step}; {where}{hint}")
+        self.resume_hint = resume_hint
+
+    def __str__(self) -> str:
+        where = f"saved checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoints, so nothing was saved"
+        hint = f"; {self.resume_hint}" if self.resume_hint else ""
+        return f"training stopped by {self.signal_name} at step {self.step}; {where}{hint}"
 
 
 class StopSignals:

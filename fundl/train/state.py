@@ -1,9 +1,11 @@
 """The train state: everything a training run needs, as one pytree."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -21,9 +23,9 @@ class TrainState:
 
     ``key`` is the run's base PRNG key as raw key data (``uint32``, e.g.
     shape (2,) for the default threefry implementation); the step wraps it
-    (``jax.random.wrap_key_data``).  A typed key array as a jitted argument
-    costs ~4% of a small step's time in argument handling, every dispatch
-    (docs/benchmarks.md); a typed key put here by hand still works.
+    (``jax.random.wrap_key_data``), since jit's argument handling of a typed
+    key array costs a small step measurable time at every dispatch
+    (docs/benchmarks.md, "MLP per step"); a typed key put here by hand still works.
 
     Examples:
         >>> from fundl.train.state import create_train_state
@@ -41,6 +43,22 @@ class TrainState:
     opt_state: Any
     key: jax.Array
     loss_scale: LossScale | None = None
+
+
+def current_step(state) -> int:
+    """The step of ``state`` as a Python int: a ``TrainState`` (or a dict with a ``"step"``), plain
+    or placed on devices by any placement, one process's view in a multi-process run.  An ensemble's
+    members (and pmap's device copies) share the step: the first element is read.
+
+    Examples:
+        >>> from fundl.train.state import current_step
+        >>> current_step({"step": jnp.int32(7)}), current_step({"step": jnp.full((3,), 7)})  # plain, 3 members
+        (7, 7)
+    """
+    step = state["step"] if isinstance(state, Mapping) else state.step
+    if isinstance(step, jax.Array) and not step.is_fully_addressable:
+        step = step.addressable_data(0)  # a global array: this process's first copy
+    return int(np.asarray(jax.device_get(step)).reshape(-1)[0])
 
 
 def is_prng_key(x) -> bool:
@@ -70,8 +88,8 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
         return params, model_state, optimizer.init(params), base_key
 
     # One compiled program (run eagerly, every initialiser op compiles on its own), and on
-    # XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves:
-    # 2.5 s eager, 2.1 s jitted, 0.8 s at level 0 for the MNIST-1D CNN on 2 cores.
+    # XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves
+    # (docs/benchmarks.md, "Start-up").
     # Under an outer transform (jit, vmap, grad) the key is a tracer: build inline, since
     # compiler_options are accepted only by a top-level jit.
     if isinstance(key, jax.core.Tracer):

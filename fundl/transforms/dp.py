@@ -247,10 +247,10 @@ class DPTraining:
             return None
 
         def wrapped(state):
-            import numpy as np
+            from fundl.train.state import current_step
 
             out = dict(eval_fn(state))
-            step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+            step = current_step(state)
             eps = self.epsilon(step)
             out.update(epsilon=None if math.isinf(eps) else eps, delta=self.delta)
             return out
