@@ -16,7 +16,8 @@ import optax
 import pytest
 
 from fundl.run import config as cfg
-from fundl import experiment, models
+from fundl import models
+from fundl.run import experiment
 from fundl.data import Dataset, Loader, load_dataset
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import accuracy
