@@ -379,6 +379,20 @@ def test_a_failed_save_of_a_checkpointer_does_not_fail_its_next_save(tmp_path, m
     assert not_checkpoints(tmp_path) == []
 
 
+def test_a_second_writer_into_the_same_folder_is_refused_until_the_first_closes(tmp_path):
+    """Orbax's manager removes every temporary folder when it starts: a second writer must not start
+    while the first may have a save in progress (tests/test_rundir.py: the same across processes)."""
+    state = cnn_state(steps=0)
+    first = ckpt.Checkpointer(tmp_path)
+    first.save(state, step=1)
+    with pytest.raises(ckpt.CheckpointError, match=f"another writer is saving checkpoints into {tmp_path}"):
+        ckpt.save(tmp_path, state, step=2)
+    assert first.wait() == tmp_path / "step_00000001"  # undisturbed
+    first.close()
+    ckpt.save(tmp_path, state, step=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+
+
 def test_resaving_a_step_replaces_it(tmp_path):
     paths, state = save_steps(tmp_path, steps=(1,))
     ckpt.save(tmp_path, bump(state, 5), step=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from fundl.train.checkpoint.errors import CheckpointWriteError
+from fundl.train.checkpoint.errors import CheckpointError, CheckpointWriteError
 from fundl.train.checkpoint.manifest import (
     FORMAT_VERSION, PREFIX, checkpoint_name, fsync_dir, list_checkpoints, write_manifest,
 )
@@ -73,8 +74,11 @@ class Checkpointer:
         extras: a JSON-serialisable dict stored in every manifest (the config,
             the run id), under each save's own ``extras``.
 
-    Only one job may write into a directory at a time (as for Orbax's
-    CheckpointManager); a run directory's lock sees to that.
+    One writer per directory: from its first save until :meth:`close`, a
+    checkpointer holds a lock on the directory (process 0; the kernel drops it
+    when the process ends, however it ends), and a second writer's first save
+    raises :class:`CheckpointError` instead of deleting the first one's save
+    in progress (Orbax's manager removes every temporary folder it finds).
 
     Examples:
         >>> import tempfile
@@ -97,6 +101,7 @@ class Checkpointer:
         self.primary = jax.process_index() == 0
         self.last_committed: Path | None = None
         self._manager = None  # Orbax's CheckpointManager, made by the first save
+        self._lock: int | None = None  # process 0: the directory, locked from the first save to close()
         self._pending: _Pending | None = None
         self._quiet = _QuietOrbaxErrors()
         _import_orbax_in_background()
@@ -114,9 +119,12 @@ class Checkpointer:
                     "extras": {**self.extras, **(extras or {})}}
         json.dumps(manifest)  # not serialisable: fail here, before anything is written
         pending = _Pending(self.directory / checkpoint_name(step), manifest)
-        logging.getLogger("absl").addFilter(self._quiet)
         try:
             manager = self._open()
+        except OSError as e:  # the directory cannot be made or read: nothing was written
+            raise write_error(e, pending.final, self.directory) from e
+        logging.getLogger("absl").addFilter(self._quiet)
+        try:
             from fundl.train.checkpoint import orbax_manager
 
             pending.aside = self._set_aside(manager, pending)
@@ -164,8 +172,12 @@ class Checkpointer:
             return self.wait(timeout)
         finally:
             manager, self._manager = self._manager, None
-            if manager is not None and self._pending is None:
-                manager.close()
+            if self._pending is None:  # (an abandoned save keeps the lock: Orbax may still write)
+                if manager is not None:
+                    manager.close()
+                if self._lock is not None:
+                    os.close(self._lock)
+                    self._lock = None
             self._pending = None
             logging.getLogger("absl").removeFilter(self._quiet)
 
@@ -187,7 +199,10 @@ class Checkpointer:
         if self._manager is None:
             from fundl.train.checkpoint import orbax_manager
 
-            if self.primary and self.directory.is_dir():
+            if self.primary:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if self._lock is None:
+                    self._lock = _lock(self.directory)
                 _tidy(self.directory)
             self._manager = orbax_manager.make_manager(
                 self.directory, keep=self.keep, commit=lambda: self._commit(),
@@ -263,6 +278,22 @@ def save(directory: str | Path, state, *, step: int, extras: dict | None = None,
     """
     with Checkpointer(directory, keep=keep, async_save=False) as saver:
         return saver.save(state, step=step, extras=extras)
+
+
+def _lock(directory: Path) -> int | None:
+    """An exclusive lock on ``directory`` (its file descriptor), or CheckpointError naming it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(
+            f"another writer is saving checkpoints into {directory} (another process, or another "
+            f"Checkpointer not closed yet); one writer per folder: close it or choose another folder") from None
+    except OSError:  # a filesystem without locks on directories: go on unguarded
+        os.close(fd)
+        return None
+    return fd
 
 
 def _tidy(directory: Path) -> None:
