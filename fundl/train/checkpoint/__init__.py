@@ -36,14 +36,12 @@ prunes keep-K; fundl adds what Orbax does not promise:
 A SIGKILL anywhere (inside a save too) leaves every committed checkpoint
 intact and at worst a temporary folder, which the next save's manager
 removes.  Format 1 (``arrays.npz`` + manifest, fundl before Orbax) still
-restores (:mod:`fundl.train.checkpoint.format1`).
+restores (``format1.py``).
 
-Modules: :mod:`~fundl.train.checkpoint.saver` (:class:`Checkpointer`,
-:func:`save`), :mod:`~fundl.train.checkpoint.orbax_manager` (the Orbax
-manager and its keep-K policy), :mod:`~fundl.train.checkpoint.manifest`
-(names, manifest, verification), :mod:`~fundl.train.checkpoint.restore`,
-:mod:`~fundl.train.checkpoint.tree` (a state as Orbax stores it),
-:mod:`~fundl.train.checkpoint.format1`, :mod:`~fundl.train.checkpoint.errors`.
+Modules of this package: ``saver`` (:class:`Checkpointer`, :func:`save`),
+``orbax_manager`` (the Orbax manager's configuration and its keep-K policy),
+``manifest`` (names, manifests, verification), ``restore``, ``tree`` (a
+state as Orbax stores it), ``format1`` and ``errors``.
 """
 
 from fundl.train.checkpoint.errors import CheckpointError, CheckpointWriteError

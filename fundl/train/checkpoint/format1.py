@@ -25,7 +25,7 @@ def manifest_files(path: Path, manifest: dict) -> dict[str, str]:
 
 def read_leaves(path: Path, leaves) -> list:
     """The template's ``(tree path, leaf)`` list filled from ``arrays.npz``, each placed where its
-    template leaf says (:func:`~fundl.train.checkpoint.tree.target_sharding`)."""
+    template leaf says (``tree.target_sharding``)."""
     try:
         with np.load(path / ARRAYS, allow_pickle=False) as data:
             return [_place(data[p], target_sharding(leaf)) for p, leaf in leaves]

@@ -1,6 +1,6 @@
 """Saving train states: :class:`Checkpointer` (asynchronous, keep-K) and :func:`save` (one synchronous save).
 
-Orbax's CheckpointManager writes (see :mod:`fundl.train.checkpoint.orbax_manager`);
+Orbax's CheckpointManager writes (configured in ``orbax_manager``);
 this module is what fundl promises on top: the manifest and its extras, one
 pending save at a time, errors that name the checkpoint and the newest intact
 one, and leftovers of killed saves put right before the next save.
@@ -68,7 +68,7 @@ class Checkpointer:
     Args:
         directory: the run's ``checkpoints/`` folder (created on the first save).
         keep: K: after each save, delete all but the K newest of this run's
-            checkpoints (see :class:`~fundl.train.checkpoint.orbax_manager.KeepThisRunsNewest`);
+            checkpoints (other runs' and newer ones are kept);
             None or 0 keeps all.
         async_save: False makes :meth:`save` return only once committed.
         extras: a JSON-serialisable dict stored in every manifest (the config,
