@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -244,6 +245,17 @@ def test_wait_with_a_timeout_leaves_a_slow_save_pending(tmp_path, monkeypatch):
         release.set()
         assert saver.wait(timeout=60) == first and saver.pending is None
     assert ckpt.latest_valid(tmp_path) == first
+    # close(timeout) abandons a save still pending (an error is on its way out); Orbax may still commit it
+    release.clear()
+    saver = ckpt.Checkpointer(tmp_path)
+    second = saver.save(cnn_state(steps=0), step=2)
+    assert saver.close(timeout=0.2) is None  # nothing committed by this checkpointer yet
+    assert saver.pending == second and not second.exists()
+    release.set()
+    deadline = time.monotonic() + 60
+    while not second.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ckpt.read_manifest(second)["step"] == 2
 
 
 def test_orbax_never_calls_jaxs_preemption_sync_point(tmp_path, monkeypatch):

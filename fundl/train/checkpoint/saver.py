@@ -171,14 +171,13 @@ class Checkpointer:
         try:
             return self.wait(timeout)
         finally:
-            manager, self._manager = self._manager, None
-            if self._pending is None:  # (an abandoned save keeps the lock: Orbax may still write)
+            if self._pending is None:  # else abandoned: Orbax may still commit it, under the lock
+                manager, self._manager = self._manager, None
                 if manager is not None:
                     manager.close()
                 if self._lock is not None:
                     os.close(self._lock)
                     self._lock = None
-            self._pending = None
             logging.getLogger("absl").removeFilter(self._quiet)
 
     def __enter__(self):
