@@ -40,7 +40,7 @@ restores (``format1.py``).
 
 Modules of this package: ``saver`` (:class:`Checkpointer`, :func:`save`),
 ``orbax_manager`` (the Orbax manager's configuration and its keep-K policy),
-``manifest`` (names, manifests, verification), ``restore``, ``tree`` (a
+``manifest`` (names, manifests, verification), ``reader`` (restore), ``tree`` (a
 state as Orbax stores it), ``format1`` and ``errors``.
 """
 
@@ -48,7 +48,7 @@ from fundl.train.checkpoint.errors import CheckpointError, CheckpointWriteError
 from fundl.train.checkpoint.manifest import (
     FORMAT_VERSION, checkpoint_name, latest_valid, list_checkpoints, read_manifest, step_of,
 )
-from fundl.train.checkpoint.restore import load_arrays, restore
+from fundl.train.checkpoint.reader import load_arrays, restore
 from fundl.train.checkpoint.saver import Checkpointer, save
 from fundl.train.checkpoint.tree import flatten_state
 
