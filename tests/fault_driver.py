@@ -1,18 +1,21 @@
-"""Run ``scripts/train.py`` with a fault injected; used by tests/test_faults.py.
+"""Run ``scripts/train.py``'s main (``fundl.run.cli.train_main``) with a fault injected; used by tests/test_faults.py.
 
     FUNDL_FAULT=SPEC python tests/fault_driver.py <train.py arguments>
 
 SPEC (the process SIGKILLs itself, as a crash or the OOM killer would):
 
 * ``step=N``          just before the dispatch that takes the state from step N to N + 1;
-* ``save=N:write``    while Orbax writes checkpoint N (its background write under way, nothing committed);
-* ``save=N:rename``   checkpoint N complete in its temporary folder, before the rename;
-* ``save=N:prune``    while deleting checkpoints beyond keep-K after saving N;
+* ``save=N:write``    while Orbax writes checkpoint N (save() returned, its background write under way);
+* ``save=N:rename``   checkpoint N complete in its temporary folder, manifest written, before Orbax's rename;
+* ``save=N:renamed``  checkpoint N renamed into place, before keep-K prunes older ones;
+* ``save=N:prune``    half-way through deleting a checkpoint keep-K pruned after saving N;
 * ``enospc=N``        writing checkpoint N fails as TensorStore reports a full disk (ENOSPC; no kill).
 
 ``FUNDL_SLOW=SECONDS`` prints ``fault_driver: step N`` to stderr and sleeps
 that long before every step, so that a signal sent from outside at a random
 time lands at a random, known step.
+
+fundl must be importable (installed, or ``PYTHONPATH`` naming the checkout).
 """
 
 import os
@@ -22,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from fundl.train import parallel
+from fundl.train.checkpoint import Checkpointer, checkpoint_name
+from fundl.train.checkpoint import orbax_manager
 
-from fundl.train import checkpoint as ckpt  # noqa: E402
-from fundl.train import parallel  # noqa: E402
+TRAIN = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
 
 
 def die():
@@ -45,7 +48,7 @@ def install(spec: str, slow: float) -> None:
         kill_step = int(arg)
     elif kind in ("save", "enospc"):
         n, _, phase = arg.partition(":")
-        name = ckpt.checkpoint_name(int(n))
+        name = checkpoint_name(int(n))
     elif kind:
         raise SystemExit(f"fault_driver: unknown FUNDL_FAULT {spec!r}")
 
@@ -73,49 +76,57 @@ def install(spec: str, slow: float) -> None:
             if isinstance(cls, type) and hasattr(cls, "compile_train") and hasattr(cls, "get_state"):
                 patch(cls)
 
-    real_wait = ckpt.Checkpointer._wait_for_orbax
+    real_commit = Checkpointer._commit  # fundl's commit: Orbax has written every file, not yet renamed
     if kind == "enospc":
-        def wait(self):  # Orbax's write of checkpoint N fails the way TensorStore reports a full disk
-            real_wait(self)
-            if self.pending is not None and self.pending.name == name:
-                raise ValueError(f'DATA_LOSS: Error writing "params/w/0" in OCDBT database: Failed to write '
-                                 f"4096 bytes to file 11: No space left on device [os_error_code='28']")
+        def commit(self):  # Orbax's write of checkpoint N fails the way TensorStore reports a full disk
+            if self.pending.name == name:
+                raise ValueError('DATA_LOSS: Error writing "params/w/0" in OCDBT database: Failed to write '
+                                 "4096 bytes to file 11: No space left on device [os_error_code='28']")
+            real_commit(self)
 
-        ckpt.Checkpointer._wait_for_orbax = wait
+        Checkpointer._commit = commit
     elif phase == "write":
-        def wait(self):  # called while Orbax's threads write (async: training goes on meanwhile)
-            if self.pending is not None and self.pending.name == name:
-                die()
-            real_wait(self)
+        real_save = Checkpointer.save
 
-        ckpt.Checkpointer._wait_for_orbax = wait
+        def save(self, state, **kw):
+            path = real_save(self, state, **kw)
+            if path.name == name:
+                die()  # Orbax's threads are writing (async: save() has returned)
+            return path
+
+        Checkpointer.save = save
     elif phase == "rename":
-        real_replace = os.replace
-
-        def replace(src, dst, *a, **kw):
-            if Path(src).name.startswith(f".{name}.tmp-") and Path(dst).name == name:
+        def commit(self):
+            real_commit(self)
+            if self.pending.name == name:
                 die()
-            return real_replace(src, dst, *a, **kw)
 
-        ckpt.os.replace = replace
+        Checkpointer._commit = commit
+    elif phase == "renamed":
+        real_reached = orbax_manager.Manager.reached_preemption
+
+        def reached_preemption(self, step):  # Orbax asks this between its rename and its pruning
+            if step == int(n) and (Path(self.directory) / name).exists():
+                die()
+            return real_reached(self, step)
+
+        orbax_manager.Manager.reached_preemption = reached_preemption
     elif phase == "prune":
-        real_delete = ckpt._delete
+        real_empty = Checkpointer._empty_trash
 
-        def delete(path):
-            path = Path(path)
-            if (path.parent / name).exists():  # crash half-way through deleting an old checkpoint
-                trash = path.with_name(f".{path.name}.del-{os.getpid()}")
-                os.replace(path, trash)
-                shutil.rmtree(trash / "state")
+        def empty_trash(self):
+            trash = self.directory / orbax_manager.TRASH
+            if (self.directory / name).exists() and trash.is_dir() and any(trash.iterdir()):
+                shutil.rmtree(next(trash.iterdir()) / "state")  # crash half-way through a deletion
                 die()
-            return real_delete(path)
+            real_empty(self)
 
-        ckpt._delete = delete
+        Checkpointer._empty_trash = empty_trash
 
 
 if __name__ == "__main__":
     install(os.environ.get("FUNDL_FAULT", ""), float(os.environ.get("FUNDL_SLOW", "0") or 0))
     from fundl.run.cli import train_main
 
-    sys.argv[0] = str(ROOT / "scripts" / "train.py")
+    sys.argv[0] = str(TRAIN)
     sys.exit(train_main(sys.argv[1:]))

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,7 +90,7 @@ def reference(tmp_path_factory):
 KILL_CHAIN = ["step=3",            # before the first checkpoint: resume starts from step 0
               "save=10:write",     # while Orbax writes (in the background: training goes on)
               "save=15:rename",    # checkpoint complete in its temp folder, not yet renamed
-              "save=25:prune",     # renamed, before the old checkpoints are pruned
+              "save=25:renamed",   # renamed, before the old checkpoints are pruned
               "save=30:prune",     # half-way through deleting an old checkpoint (keep-K)
               "step=43",           # between checkpoints
               "save=50:write"]
@@ -109,6 +110,7 @@ def test_sigkill_at_steps_and_inside_saves_resumes_bit_identically(tmp_path, ref
     assert_bit_identical(run_dir, reference)
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".step_")]
     assert leftovers == []  # temp folders of the crashed saves were cleaned up
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000055", "step_00000060"]
     assert [p.name for p in assert_checkpoints_intact(run_dir)] == ["step_00000055", "step_00000060"]
 
 
@@ -332,8 +334,7 @@ def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path):
 # ------------------------------------------------- multi-process SIGTERM
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """JAX's preemption service catches SIGTERM; the sync point makes both processes save one step."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_multihost as multihost
+    import test_multihost as multihost  # a test module beside this one (pytest puts tests/ on the path)
 
     from fundl.run import launch_local
 
@@ -341,7 +342,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     args = [sys.executable, DRIVER, "--config", "configs/tiny_synthetic.toml", "--quiet",
             "--set", 'parallel.mode="sharding"', "--set", "training.steps=200", "--set", "training.checkpoint_every=100",
             "--set", "logging.plots=false", "--run-dir", str(run_dir)]
-    port = launch_local.free_port()
+    port = free_port()
     procs = [multihost.start(args, multihost.mp_env(port, i, FUNDL_SLOW="0.03")) for i in range(2)]
     try:
         for line in procs[1].stdout:
@@ -362,3 +363,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert 20 < step < 200
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == [ckpt.checkpoint_name(step)]
     assert f"resume with: python scripts/train.py --resume {run_dir}" in stops[0]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for the coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -173,19 +173,30 @@ def test_keep_k_prunes_only_this_runs_checkpoints(tmp_path):
 
 
 def test_a_live_processes_temp_folder_is_left_alone(tmp_path):
-    """Two writers in one folder must not delete each other's saves in progress."""
+    """Two writers in one folder must not delete each other's saves in progress: the second is refused."""
     state = _state()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time, numpy as np
+from fundl.train import checkpoint as ckpt
+saver = ckpt.Checkpointer({str(tmp_path)!r})
+saver._commit = lambda: time.sleep(60)  # a slow save, in progress
+saver.save({{"w": np.ones(3, np.float32)}}, step=9)
+print("saving", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
     try:
-        live = tmp_path / f".step_00000009.tmp-{sleeper.pid}"
-        live.mkdir()
+        assert writer.stdout.readline().strip() == "saving"
+        live = tmp_path / "step_00000009.orbax-checkpoint-tmp"
         dead = tmp_path / ".step_00000008.tmp-999999999"
         dead.mkdir()
-        ckpt.save(tmp_path, state, step=1)
-        assert live.is_dir() and not dead.exists()
+        with pytest.raises(ckpt.CheckpointError, match=f"another writer is saving checkpoints into {tmp_path}"):
+            ckpt.save(tmp_path, state, step=1)
+        assert live.is_dir() and dead.is_dir()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        writer.kill()
+        writer.wait()
+    ckpt.save(tmp_path, state, step=1)  # its writer died: the leftovers go
+    assert not live.exists() and not dead.exists()
 
 
 # ------------------------------------------------------ metrics.jsonl
