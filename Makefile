@@ -1,11 +1,11 @@
-# Two commands matter: `make train` (the main job) and `make test`.
+# Two commands matter: `make train` (the main job) and `make test`; `make test-fast` is the inner loop.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/mnist1d_cnn.toml
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test train bench docs clean
+.PHONY: venv test test-fast train bench docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,9 +17,14 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-# -n auto: one pytest worker per core (pytest-xdist): 18 min -> 11 min on 2 cores.
+# -n auto: one pytest worker per core (pytest-xdist); tests/conftest.py shares one JAX compilation
+# cache between the workers and the processes they start. Durations: docs/benchmarks.md, "Test suite".
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto
+
+# The tests not marked slow: the inner loop while you work.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 # --overwrite: running the main job again moves the previous run aside (runs/NAME.old-<time>), never deletes it.
 train: $(STAMP)

@@ -2,9 +2,8 @@
 
 import subprocess
 import sys
-from pathlib import Path
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_forward_timing_and_hlo_counts_run_for_each_layout():

@@ -10,9 +10,8 @@ must not leak into the test process).
 import json
 import subprocess
 import sys
-from pathlib import Path
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(module, *args, timeout=300) -> subprocess.CompletedProcess:

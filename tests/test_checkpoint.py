@@ -36,8 +36,8 @@ from fundl.train.loop import Every, fit
 from fundl.train.signals import TrainingInterrupted
 from fundl.train.state import create_train_state, is_prng_key
 from fundl.train.step import make_train_step
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 FORMAT1 = ROOT / "tests" / "data" / "checkpoint_format1"  # written by fundl's format-1 save (commit 344f934)
 FORMAT2 = ROOT / "tests" / "data" / "checkpoint_format2"  # format 2 before Orbax's manager (commit 4d9dde7)
 TMP = ".orbax-checkpoint-tmp"  # the suffix of Orbax's temporary folder of a save in flight

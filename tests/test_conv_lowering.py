@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,8 @@ from jax import lax
 from fundl import nn
 from fundl.nn import conv_lowering
 from fundl.nn.conv_lowering import convolve, cpu_chunks
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
 ARGS_2D = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 

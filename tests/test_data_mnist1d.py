@@ -2,7 +2,6 @@
 
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
@@ -12,13 +11,8 @@ from fundl.data import mnist1d as m1d
 
 
 @pytest.fixture(autouse=True)
-def offline_and_isolated(monkeypatch, tmp_path):
+def offline_and_isolated(monkeypatch, tmp_path, no_network):
     """No network (any connect fails loudly), a throwaway working dir and cache."""
-    def no_network(*args, **kwargs):
-        raise AssertionError("MNIST-1D must not touch the network")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FUNDL_CACHE_DIR", str(tmp_path / "cache"))
 

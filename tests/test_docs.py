@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SKIP = re.compile(r"<!--\s*(skip|needs data):\s*(.*?)\s*-->")
 
 

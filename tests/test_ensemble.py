@@ -16,8 +16,8 @@ from fundl.run.build import placement_from_config
 from fundl.run.rundir import read_metrics
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import NonFiniteLossError
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_synthetic.toml"
 BASE = ["logging.plots=false", "training.steps=20", "training.eval_every=10", "training.checkpoint_every=10",
         "model.dropout=0.2"]  # dropout: the member's step keys matter too

@@ -8,7 +8,6 @@ the message comes without a traceback.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +28,8 @@ from fundl.train.parallel import local_batches_divisible
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
 from test_checkpoint import data_file  # the biggest array-data file under state/
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_synthetic.toml"
 
 

@@ -3,13 +3,12 @@ message and an exit code (2: config, 1: checkpoint or data), not a traceback; FU
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from fundl.run.cli import evaluate_main, train_main
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ from fundl.run.rundir import RunDir, read_metrics
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
 STEPS = 60
 BASE = ["--config", "configs/tiny_synthetic.toml", "--quiet", "--set", "logging.plots=false",

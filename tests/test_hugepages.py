@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 from fundl.run import hugepages as hp
+from conftest import ROOT
 
 GLIBC = ("glibc", "2.36")
 # Every program that imports JAX and is started by hand: the scripts, the example, every benchmark

@@ -48,8 +48,8 @@ from test_multihost import TIMEOUTS, finish, start
 from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
 
 from fundl.run import distributed, launch_local
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 TRAIN = ROOT / "scripts" / "train.py"
 TINY = ROOT / "configs" / "tiny_synthetic.toml"

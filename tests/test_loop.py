@@ -30,8 +30,8 @@ from fundl.train.parallel import make_placement
 from fundl.run.rundir import RunDir, read_metrics
 from fundl.train.state import create_train_state
 from fundl.train.step import make_eval_step, make_train_step
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_synthetic.toml"
 KEY = jax.random.key(0)
 

@@ -28,8 +28,8 @@ import pytest
 from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
 
 from fundl.run import distributed, launch_local
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 TIMEOUTS = {"FUNDL_INIT_TIMEOUT": 5, "FUNDL_HEARTBEAT_TIMEOUT": 5, "FUNDL_SHUTDOWN_TIMEOUT": 5}
 

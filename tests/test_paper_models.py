@@ -4,7 +4,6 @@ PyTorch-default initialisation (model.init = "torch")."""
 
 import math
 import tomllib
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,8 @@ from fundl.run import config as cfg
 from fundl import models, nn
 from fundl.run.build import build_model
 from fundl.interop import gru_params_from_torch
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(1), (4, 40, 1))
 PAPER = {  # config -> the parameter count of the paper's PyTorch model (notebooks/models.py)

@@ -3,13 +3,12 @@ paper column and statistics."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from fundl.run import reproduce_mnist1d
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"logistic": 32, "gru": 91, "fundl_cnn": 94}  # a paper model, a recurrent one, one of fundl's own
 REFERENCE = ("logistic", "gru")
 PAPER_LOGS = ("logistic", "gru")  # the paper's models among them

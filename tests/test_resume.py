@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,8 @@ from fundl.run.optimizer import schedule_from_config
 from fundl.run.resume import config_changes, describe_effects
 from fundl.run.rundir import read_metrics
 from fundl.train import checkpoint as ckpt
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_synthetic.toml"
 
 

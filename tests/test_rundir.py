@@ -19,8 +19,8 @@ from fundl.run import experiment
 from fundl.run.rundir import RunDir, RunDirInUse, RunDirNotEmpty, read_metrics
 from fundl.train import checkpoint as ckpt
 from fundl.train.state import create_train_state
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny_synthetic.toml"
 
 

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 pytest.importorskip("mkdocs")
 pytest.importorskip("mkdocstrings_handlers.python")
 pytest.importorskip("mkdocs_jupyter")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(project: Path, site: Path) -> subprocess.CompletedProcess:

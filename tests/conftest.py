@@ -1,0 +1,53 @@
+"""What the whole test suite shares: the repository root, a no-network fixture, the ``slow``
+marker and one JAX compilation cache per test session.
+
+- ``ROOT``: the repository root (tests import it: ``from conftest import ROOT``).
+- ``no_network``: any connection attempt fails the test (local data must never download).
+- ``@pytest.mark.slow`` (registered in pyproject.toml): tests of several seconds, such as whole
+  runs through the command line, several processes, notebooks or the site build.
+  ``make test-fast`` deselects them; ``make test`` runs everything.
+- The session's JAX compilation cache: one temporary directory, set through
+  ``JAX_COMPILATION_CACHE_DIR`` before JAX is imported, so the xdist workers and every process
+  the tests start (the command line, multi-process runs, notebooks) reuse each other's compiled
+  programs instead of compiling them again. It is removed at the end of the session; a cache
+  directory already set in the environment is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CACHE_OWNER = "FUNDL_TEST_COMPILATION_CACHE_OWNER"  # the pid of the process that made the cache
+
+
+def pytest_configure(config):
+    """Before any test module (and so JAX) is imported; inherited by xdist workers and subprocesses."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fundl-tests-jax-cache-")
+        os.environ[_CACHE_OWNER] = str(os.getpid())
+    # Cache every program, however quick to compile: the suite compiles thousands of small ones.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("this test must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
