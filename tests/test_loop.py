@@ -271,7 +271,8 @@ def test_no_evaluation_inside_fit_compiles_on_two_devices(tmp_path, mode):
             f"t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
             f"from pathlib import Path\n"
             f"print(t.eval_compiles(t.tiny('parallel.mode=\"{mode}\"'), Path({str(tmp_path / 'run')!r})))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT / "tests")  # -c puts the working directory first on the path: conftest
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[0, 0]"
 
