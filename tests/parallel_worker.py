@@ -16,7 +16,7 @@ MODE is none | pmap | sharding | fsdp | fsdp_tp (fsdp on a 2 x 2 data x model me
 partition rules), DEVICES the local devices (0: all), K the
 fused steps per call, MODELS e.g. ``mlp+lstm`` (default: mlp, cnn_bn, lstm;
 ``mlp_dropout`` on request).  Device counts and multi-process settings come from
-the environment (FUNDL_* variables, see fundl/distributed.py).  ``bn`` as a
+the environment (FUNDL_* variables, see fundl/run/distributed.py).  ``bn`` as a
 MODE instead compares a pmapped batch-norm layer with one call on the global
 batch; ``fsdp_memory`` reports XLA's memory analysis of a replicated and an FSDP step.
 """

@@ -171,5 +171,5 @@ def test_xla_cpu_undoes_jax_checkpoint_outside_loops():
     """Recorded so that docs/transforms.md stays true: XLA:CPU removes the optimization barriers
     jax.checkpoint relies on before a CSE pass that merges the recomputation with the forward
     pass, so the compiled program, and its memory, are the plain one.  If this fails, XLA now
-    keeps jax.checkpoint: re-measure (scripts/bench_remat.py) and update the docs."""
+    keeps jax.checkpoint: re-measure (benchmarks/bench_remat.py) and update the docs."""
     assert _grad_memory(_mlp("checkpoint"), (1, 64), 512) == _grad_memory(_mlp(None), (1, 64), 512)

@@ -13,7 +13,7 @@ Equations, gate order and default initialisation follow PyTorch's
 ``nn.LSTM``/``nn.GRU``, so weights port over (``fundl.interop.torch``) and
 results agree to float32 precision.
 
-**Matmul layout, chosen by measurement** (``scripts/bench_rnn_layouts.py``;
+**Matmul layout, chosen by measurement** (``benchmarks/bench_rnn_layouts.py``;
 figures in docs/benchmarks.md, "LSTM"): the LSTM computes one fused
 ``concat([x_t, h]) @ w`` per step (hoisting ``x @ W_ih`` out of the scan
 measured slower); the GRU computes ``x_t @ w_ih`` and ``h @ w_hh`` separately

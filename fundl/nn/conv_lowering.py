@@ -6,7 +6,7 @@ chunks of 8 examples, each convolved on its own, than as one convolution,
 mostly from the weight gradient.  Small 1D convolutions (MNIST-1D's) get
 slower in chunks, and a long 1D one gained only with larger chunks, so 1D
 convolutions stay whole.  Measured per layer shape by
-``scripts/bench_conv_chunks.py``; the table is in docs/benchmarks.md, "CNN".
+``benchmarks/bench_conv_chunks.py``; the table is in docs/benchmarks.md, "CNN".
 
 The split is exact per example (only the weight gradient sums the chunks in
 another order, ~1e-7 relative); it composes with every transform (``grad``,

@@ -56,7 +56,7 @@ def unrolled_training(train_step: Callable, state: TrainState, batches, *, remat
     """Run ``train_step`` over ``batches`` (every leaf with a leading axis K) in ``lax.scan``.
 
     Returns ``(final_state, metrics)`` with the metrics stacked (K, ...), exactly
-    as K calls of ``train_step`` (``fundl.train.step.make_multi_step`` is this scan
+    as K calls of ``train_step`` (``fundl.train.fusion.make_multi_step`` is this scan
     without ``jax.checkpoint``).  Differentiable end to end in everything the
     state and the batches hold.
 
