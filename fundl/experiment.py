@@ -152,15 +152,15 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
 
 # ------------------------------------------------------------- the run
 def placement_from_config(config: dict):
-    """The placement ``[parallel]`` asks for (see ``fundl.train.parallel.make_placement``)."""
-    from fundl.train import parallel
+    """The placement ``[parallel]`` asks for (see ``fundl.train.placement.make_placement``)."""
+    from fundl.train.placement import make_placement
 
     p, n = config["parallel"], len(sweeps.members(config))
     one_program, _ = sweeps.in_one_program(config)
     try:
-        return parallel.make_placement(p["mode"], p["devices"], members=n if n > 1 and one_program else 0,
-                                       member_devices=p["member_devices"], model_devices=p["model_devices"],
-                                       rules=p["rules"], min_size=p["fsdp_min_size"])
+        return make_placement(p["mode"], p["devices"], members=n if n > 1 and one_program else 0,
+                              member_devices=p["member_devices"], model_devices=p["model_devices"],
+                              rules=p["rules"], min_size=p["fsdp_min_size"])
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
 
@@ -168,15 +168,15 @@ def placement_from_config(config: dict):
 def sharded_layout(placement, state) -> dict:
     """For a placement that splits the state (fsdp): the bytes of the train state on one device
     and in all (``{}`` otherwise).  A partition rule that does not fit a leaf is a ConfigError."""
-    from fundl.train import parallel
+    from fundl.train.placement import state_bytes
 
-    if not hasattr(placement, "shardings"):
+    if not placement.splits_state:
         return {}
     try:
         shardings = placement.shardings(state)
     except ValueError as e:
         raise cfg.ConfigError(str(e)) from None
-    per_device, total = parallel.state_bytes(state, shardings)
+    per_device, total = state_bytes(state, shardings)
     return {"state_bytes_per_device": per_device, "state_bytes": total}
 
 

@@ -30,7 +30,7 @@ def evaluate_run(run_dir: Path) -> dict:
     from fundl import sweeps
     from fundl.experiment import initial_state, load_data, make_evaluator
     from fundl.train import checkpoint as ckpt
-    from fundl.train.parallel import SingleDevice
+    from fundl.train.placement import single_device
 
     config = cfg.load_config(run_dir / "config.toml")
     t = config["training"]
@@ -49,7 +49,7 @@ def evaluate_run(run_dir: Path) -> dict:
         raise ckpt.CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
     state, manifest = ckpt.restore(path, template)
     num_members = len(sweeps.members(config))
-    results = make_evaluator(config, model, data, SingleDevice(), num_members)(state)
+    results = make_evaluator(config, model, data, single_device(), num_members)(state)
     out = {"checkpoint": str(path), "step": manifest["step"],
            "test_accuracy": results["accuracy"], "test_loss": results["loss"]}
     if num_members > 1:  # the ensemble's prediction above; each member here

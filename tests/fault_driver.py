@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fundl.train import checkpoint as ckpt  # noqa: E402
-from fundl.train import parallel  # noqa: E402
+from fundl.train import placement  # noqa: E402
 
 
 def die():
@@ -69,7 +69,7 @@ def install(spec: str, slow: float) -> None:
         cls.compile_train = compile_train
 
     if kill_step is not None or slow:
-        for cls in vars(parallel).values():  # every placement: one device, pmap, sharding
+        for cls in vars(placement).values():  # every placement: one device, pmap, sharding
             if isinstance(cls, type) and hasattr(cls, "compile_train") and hasattr(cls, "get_state"):
                 patch(cls)
 

@@ -9,7 +9,7 @@ from fundl import models
 from fundl.data import Loader, load_dataset
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import evaluate, fit
-from fundl.train.parallel import make_placement
+from fundl.train.placement import make_placement
 from fundl.train.rundir import RunDir, read_metrics
 from fundl.train.state import create_train_state
 from fundl.train.step import make_eval_step, make_train_step

@@ -8,8 +8,9 @@ with each placement.
 
 Tolerance: every float leaf of the final train state (params, batch-norm
 running statistics, optimiser state) must satisfy
-``max|a - b| <= RTOL * max|a|`` with RTOL = 1e-5; measured on 4 fake
-devices: at most ~1.2e-6 (CNN with batch norm), ~2e-7 (MLP, LSTM).
+``max|a - b| <= RTOL * max|a|`` with RTOL = 1e-5: reductions ordered
+differently per device count differ in the last bits (the measured
+differences are in docs/parallel.md).
 """
 
 from __future__ import annotations
@@ -156,15 +157,16 @@ def test_indivisible_global_batch_is_a_clear_error_before_training(tmp_path):
 def test_divisibility_message_and_placement_errors_in_process():
     import jax
 
-    from fundl.train import parallel
+    from fundl.train import placement
 
     with pytest.raises(ValueError, match=r"global batch size 30 must be divisible by the number of devices 4.*28 or 32"):
-        parallel.local_batches_divisible(30, 4)
-    assert isinstance(parallel.make_placement("none"), parallel.SingleDevice)
+        placement.local_batches_divisible(30, 4)
+    one = placement.make_placement("none")  # one device is a 1-device mesh
+    assert isinstance(one, placement.MeshPlacement) and one.num_devices == 1 and one.mesh.devices.size == 1
     with pytest.raises(ValueError, match="parallel.mode must be"):
-        parallel.make_placement("dp")
+        placement.make_placement("dp")
     with pytest.raises(ValueError, match=r"parallel.devices=9 but this process has 1 local device"):
-        parallel.make_placement("sharding", jax.local_device_count() + 8)
+        placement.make_placement("sharding", jax.local_device_count() + 8)
 
 
 @pytest.mark.parametrize("mode", ["pmap", "sharding"])
@@ -174,7 +176,7 @@ def test_one_device_placements_round_trip_the_state(mode):
     import optax
 
     from fundl import models
-    from fundl.train.parallel import make_placement
+    from fundl.train.placement import make_placement
     from fundl.train.state import create_train_state
 
     placement = make_placement(mode)

@@ -5,7 +5,7 @@ of steps, evaluating, logging and checkpointing at chosen intervals.  The
 hot loop only dispatches: metrics stay on device and are fetched to the host
 once per logging interval (or when a sync is forced for multi-device runs).
 Everything about devices goes through a *placement* (see
-``fundl.train.parallel``), so the same loop serves one device, ``pmap`` and
+``fundl.train.placement``), so the same loop serves one device, ``pmap`` and
 sharded ``jit``.
 """
 
@@ -24,7 +24,7 @@ import optax
 from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
 from fundl.train import checkpoint as ckpt
-from fundl.train.parallel import SingleDevice
+from fundl.train.placement import single_device
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.step import resolve_fusion, step_family
 
@@ -61,7 +61,7 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
         >>> sorted(means)                                   # over 100 + 100 + 50 (padded) examples
         ['accuracy', 'loss']
     """
-    placement = placement or SingleDevice()
+    placement = placement or single_device()
     n = len(arrays["y"])
     if n == 0:
         raise ValueError("evaluate: the evaluation set is empty")
@@ -156,7 +156,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
         wrapped in ``optax.apply_if_finite`` (``fundl.experiment`` does it),
         logged means use the finite steps and records carry
         ``skipped_updates``.  "ignore" carries on.
-      placement: where the step runs (``fundl.train.parallel``).
+      placement: where the step runs (``fundl.train.placement``).
       on_log: called with every record (train and eval) as it is logged.
       resume_hint: appended to the message of TrainingInterrupted.
       async_checkpoints: write checkpoints in the background while training
@@ -188,7 +188,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int,
     """
     if nan_policy not in ("stop", "skip", "ignore"):
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")
-    placement = placement or SingleDevice()
+    placement = placement or single_device()
     start_step = int(np.asarray(jax.device_get(placement.get_state(state).step)).reshape(-1)[0])  # ensembles: (members,)
     if start_step > num_steps:
         raise ValueError(f"fit: the state is at step {start_step}, past num_steps={num_steps}; a resumed run "
