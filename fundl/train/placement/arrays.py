@@ -47,8 +47,9 @@ def to_host(x):
 
 
 def placed_as(x, sharding) -> bool:
-    """True when ``x`` is an array laid out as ``sharding`` (then it is used without a copy)."""
-    return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+    """True when ``x`` is an array with exactly ``sharding`` (then it is used without a copy).  Not
+    merely an equivalent one: ``jit`` compiles again for an argument whose sharding differs in type."""
+    return isinstance(x, jax.Array) and x.sharding == sharding
 
 
 def abstract(x, sharding) -> jax.ShapeDtypeStruct:

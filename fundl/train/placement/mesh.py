@@ -63,7 +63,7 @@ class MeshPlacement:
         self.devices = list(devices)
         self.num_devices = len(self.devices)
         self.num_local = sum(d.process_index == jax.process_index() for d in self.devices)
-        self.members, self.member_devices = members, member_devices
+        self.members = members
         if member_devices < 1 or self.num_devices % member_devices or (members and members % member_devices):
             raise ValueError(f"parallel.member_devices={member_devices} must divide both the {self.num_devices} "
                              f"devices and the {members} ensemble members")
