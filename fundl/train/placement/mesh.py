@@ -180,7 +180,7 @@ class MeshPlacement:
         axis = int(stacked) + (1 if self.members else 0)
         return self._global(batch, sharding, axis)
 
-    def put_eval_batch(self, batch):
+    def _put_eval_batch(self, batch):
         """An evaluation batch (this process's part, shared by an ensemble's members) as the eval step takes it."""
         return batch if self.num_devices == 1 else self._global(batch, self.eval_batch_sharding, 0)
 
@@ -193,7 +193,7 @@ class MeshPlacement:
         return jax.device_get(jax.tree.map(_one_copy, metrics))
 
     def for_eval(self) -> EvalView:
-        return EvalView(self.num_devices, lambda batch, stacked=False: self.put_eval_batch(arrays.process_slice(batch)),
+        return EvalView(self.num_devices, lambda batch, stacked=False: self._put_eval_batch(arrays.process_slice(batch)),
                         self.host_metrics)
 
 

@@ -32,9 +32,9 @@ class PartitionRules:
     Examples:
         >>> rules = PartitionRules({"data": 4}, split=True, min_size=1024)
         >>> rules.spec("params/w", (256, 512), floating=True)
-        PartitionSpec(None, 'data')
+        P(None, 'data')
         >>> rules.spec("params/b", (512,), floating=True)        # below min_size: whole
-        PartitionSpec()
+        P()
     """
 
     def __init__(self, axes: dict[str, int], rules=(), *, split: bool = False, min_size: int = 1024,
