@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from fundl.train.placement import arrays
 from fundl.train.placement.contract import EvalView
@@ -90,29 +90,39 @@ class MeshPlacement:
         self.splits_state = split_state
         self.sync_every = sync_steps
         lead = (MEMBERS if MEMBERS in self.axes else None,) if members else ()  # batches lead with the members
-        self.replicated = NamedSharding(self.mesh, P())
+        # On one device every leaf is whole there: the plain single-device sharding, so that jit traces
+        # the step as a plain jax.jit does (a mesh in the argument types misses the trace caches a plain
+        # trace, e.g. fit's fusion probe, filled: docs/parallel.md).
+        self.replicated = NamedSharding(self.mesh, P()) if self.num_devices > 1 else \
+            SingleDeviceSharding(self.devices[0])
         self.eval_batch_sharding = NamedSharding(self.mesh, P(DATA))  # evaluation: one batch for all members
         self.batch_sharding = NamedSharding(self.mesh, P(*lead, DATA))
         self.stacked_sharding = NamedSharding(self.mesh, P(None, *lead, DATA))
 
     # ------------------------------------------------------------ layout
     def shardings(self, tree, prefix: str = ""):
-        """The ``NamedSharding`` of every leaf of ``tree`` (a state, or its ``prefix`` subtree,
-        e.g. ``"params"``), from the partition rules."""
+        """The sharding of every leaf of ``tree`` (a state, or its ``prefix`` subtree, e.g.
+        ``"params"``): a ``NamedSharding`` from the partition rules (on one device, where every
+        leaf is whole, ``replicated``)."""
         def one(path, x):
-            name = "/".join(filter(None, [prefix, jax.tree_util.keystr(path, simple=True, separator="/")]))
-            floating = not is_prng_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-            return NamedSharding(self.mesh, self.rules.spec(name, tuple(np.shape(x)), floating))
+            spec = self._spec(prefix, path, x)  # on one device too: a rule that does not fit is an error
+            return NamedSharding(self.mesh, spec) if self.num_devices > 1 else self.replicated
         return jax.tree_util.tree_map_with_path(one, tree)
 
     def describe(self, state, limit: int = 0) -> list[str]:
         """``path: shape -> spec`` of each split leaf (the first ``limit``; 0: all)."""
         rows = []
-        for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(self.shardings(state))):
-            if any(s.spec):
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+            spec = self._spec("", path, x)
+            if any(spec):
                 rows.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')}: {tuple(np.shape(x))} -> "
-                            f"{tuple(s.spec)}")
+                            f"{tuple(spec)}")
         return rows[:limit or None]
+
+    def _spec(self, prefix: str, path, x) -> P:
+        name = "/".join(filter(None, [prefix, jax.tree_util.keystr(path, simple=True, separator="/")]))
+        floating = not is_prng_key(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        return self.rules.spec(name, tuple(np.shape(x)), floating)
 
     # ----------------------------------------------------------- compile
     def compile_train(self, step, steps_per_call: int = 1, unroll=1):
