@@ -203,8 +203,8 @@ class MeshPlacement:
         return jax.device_get(jax.tree.map(_one_copy, metrics))
 
     def for_eval(self) -> EvalView:
-        return EvalView(self.num_devices, lambda batch, stacked=False: self._put_eval_batch(arrays.process_slice(batch)),
-                        self.host_metrics)
+        put = lambda batch, stacked=False: self._put_eval_batch(arrays.process_slice(batch))  # noqa: E731
+        return EvalView(self.num_devices, put, self.host_metrics)
 
 
 def _one_copy(x):
