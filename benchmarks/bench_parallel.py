@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import optax
 
     from fundl import models
-    from fundl.train.parallel import SingleDevice, make_placement
+    from fundl.train.placement import make_placement, single_device
     from fundl.train.state import create_train_state
     from fundl.train.step import make_train_step
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             return models.mlp([512, 512], 10)
         return models.cnn([32, 64], [256], 10, batch_norm=True, axis_name=axis)
 
-    setups = [("single device (jit)", SingleDevice())]
+    setups = [("single device (jit)", single_device())]
     setups += [(f"pmap, {c} device{'s' * (c > 1)}", make_placement("pmap", c)) for c in counts]
     setups += [(f"sharding, {c} device{'s' * (c > 1)}", make_placement("sharding", c)) for c in counts]
     runners = []

@@ -196,7 +196,7 @@ def build_fundl_sharded(spec, fused=0, unroll=1):
     import jax
     import numpy as np
     import optax
-    from fundl.train.parallel import make_placement
+    from fundl.train.placement import make_placement
     from fundl.train.state import create_train_state
     from fundl.train.step import make_train_step
 

@@ -43,20 +43,23 @@ def timed(name: str, fn):
 
 
 def instrument() -> None:
-    """Wrap the loop's parts (class attributes: every fit from now on is timed)."""
+    """Wrap the loop's parts (class and module attributes: every run from now on is timed)."""
     from fundl.data import loader
-    from fundl.train import loop, parallel
+    from fundl.run import experiment
+    from fundl.train import loop, placement
+    from fundl.train.checkpoint import Checkpointer
 
-    compile_train = parallel.SingleDevice.compile_train
+    compile_train = placement.MeshPlacement.compile_train
 
     def timed_compile(self, step, steps_per_call=1, unroll=1):
         return timed(f"step call ({steps_per_call} per dispatch)", compile_train(self, step, steps_per_call, unroll))
 
-    parallel.SingleDevice.compile_train = timed_compile
+    placement.MeshPlacement.compile_train = timed_compile
     loader.BatchIterator.__next__ = timed("next batch", loader.BatchIterator.__next__)
-    for name, part in (("_log_train", "log (waits for the device)"), ("_evaluate", "evaluation"),
-                       ("_save", "checkpoint")):
-        setattr(loop._Loop, name, timed(part, getattr(loop._Loop, name)))
+    loop._TrainMetrics.fetch = timed("log (waits for the device)", loop._TrainMetrics.fetch)
+    Checkpointer.save = timed("checkpoint", Checkpointer.save)
+    make_evaluator = experiment.make_evaluator
+    experiment.make_evaluator = lambda *args, **kwargs: timed("evaluation", make_evaluator(*args, **kwargs))
 
 
 def main(argv=None) -> int:

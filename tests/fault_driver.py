@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fundl.train import parallel
+from fundl.train import placement
 from fundl.train.checkpoint import Checkpointer, checkpoint_name
 from fundl.train.checkpoint import orbax_manager
 
@@ -72,7 +72,7 @@ def install(spec: str, slow: float) -> None:
         cls.compile_train = compile_train
 
     if kill_step is not None or slow:
-        for cls in vars(parallel).values():  # every placement: one device, pmap, sharding
+        for cls in vars(placement).values():  # every placement: one device, pmap, sharding
             if isinstance(cls, type) and hasattr(cls, "compile_train") and hasattr(cls, "get_state"):
                 patch(cls)
 

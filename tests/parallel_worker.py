@@ -26,9 +26,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fundl.run import distributed  # noqa: E402
 
@@ -44,8 +41,7 @@ from fundl.data import Loader  # noqa: E402
 from fundl.train.checkpoint import flatten_state  # noqa: E402
 from fundl.train.fusion import Fusion  # noqa: E402
 from fundl.train.loop import Every, evaluate, fit  # noqa: E402
-from fundl.train import parallel  # noqa: E402
-from fundl.train.parallel import make_placement  # noqa: E402
+from fundl.train.placement import arrays, make_placement, state_bytes  # noqa: E402
 from fundl.train.state import create_train_state  # noqa: E402
 from fundl.train.step import make_eval_step, make_train_step  # noqa: E402
 
@@ -120,8 +116,8 @@ def train(kind: str, mode: str, devices: int, k: int) -> dict:
     out["num_devices"] = np.array(placement.num_devices)
     # params + optimiser + model state: bytes on one device, bytes of one whole copy
     placed = placement.put_state(state)
-    out["state_bytes"] = np.array(parallel.state_bytes(placed))
-    if hasattr(placement, "shardings"):  # the spec of each leaf, as "path=spec" lines
+    out["state_bytes"] = np.array(state_bytes(placed))
+    if placement.splits_state:  # the spec of each leaf, as "path=spec" lines
         out["specs"] = np.array([f"{jax.tree_util.keystr(p, simple=True, separator='/')}={tuple(x.sharding.spec)}"
                                  for p, x in jax.tree_util.tree_flatten_with_path(placed)[0]])
     return out
@@ -141,26 +137,26 @@ def fsdp_memory() -> dict:
         m = fn.lower(placed, placement.put_batch(batch)).compile().memory_analysis()
         out[f"{mode}/argument_bytes"] = np.array(m.argument_size_in_bytes)
         out[f"{mode}/output_bytes"] = np.array(m.output_size_in_bytes)
-        out[f"{mode}/state_bytes"] = np.array(parallel.state_bytes(placed))
+        out[f"{mode}/state_bytes"] = np.array(state_bytes(placed))
     out["batch_bytes"] = np.array(64 * 256 * 4 // jax.device_count() + 64 * 4 // jax.device_count())
     return out
 
 
 @contextlib.contextmanager
 def counting_host_placements(counter: dict):
-    """Counts calls of ``fundl.train.parallel._place`` (every copy of a host value onto the devices)
-    in ``counter["calls"]``."""
-    real = parallel._place
+    """Counts calls of ``fundl.train.placement.arrays.put`` (every copy of a state leaf onto the
+    devices) in ``counter["calls"]``."""
+    real = arrays.put
 
     def counted(*args, **kw):
         counter["calls"] += 1
         return real(*args, **kw)
 
-    parallel._place = counted
+    arrays.put = counted
     try:
         yield
     finally:
-        parallel._place = real
+        arrays.put = real
 
 
 def batch_norm_check() -> dict:

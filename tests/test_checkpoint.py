@@ -793,7 +793,7 @@ import sys, jax, jax.numpy as jnp, numpy as np, optax
 jax.config.update("jax_num_cpu_devices", 4)
 from fundl import models
 from fundl.train import checkpoint as ckpt
-from fundl.train.parallel import make_placement
+from fundl.train.placement import make_placement
 from fundl.train.state import create_train_state
 d = sys.argv[1]
 state = create_train_state(models.mlp([64], 8), optax.adam(1e-3), jax.random.key(0), (1, 32))

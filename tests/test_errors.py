@@ -24,7 +24,7 @@ from fundl.data.errors import DataError
 from fundl.nn.core import ShapeError
 from fundl.train import checkpoint as ckpt
 from fundl.train.loop import fit
-from fundl.train.parallel import local_batches_divisible
+from fundl.train.placement import local_batches_divisible
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
 from test_checkpoint import data_file  # the biggest array-data file under state/

@@ -196,7 +196,7 @@ def test_train_script_refuses_a_partial_launcher_environment(tmp_path):
 
 
 # ------------------------------------------------ listening sockets
-def _descendants(roots) -> set[int]:
+def descendants(roots) -> set[int]:
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -247,7 +247,7 @@ class Listeners:
 
     def _watch(self):
         while not self._stop.is_set():
-            self.seen |= _listening(_descendants(self.roots))
+            self.seen |= _listening(descendants(self.roots))
             time.sleep(0.1)
 
     def __enter__(self):

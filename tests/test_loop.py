@@ -26,7 +26,7 @@ from fundl.train import checkpoint as ckpt
 from fundl.train import loop
 from fundl.train.fusion import Fusion
 from fundl.train.loop import Every, NonFiniteLossError, evaluate, fit
-from fundl.train.parallel import make_placement
+from fundl.train.placement import make_placement
 from fundl.run.rundir import RunDir, read_metrics
 from fundl.train.state import create_train_state
 from fundl.train.step import make_eval_step, make_train_step

@@ -12,7 +12,7 @@ from fundl.losses import softmax_cross_entropy
 from fundl.train.ensemble import stack_states
 from fundl.train.fusion import AUTO_STEPS_PER_CALL, AUTO_UNROLL, Fusion, make_multi_step, resolve, step_family
 from fundl.train.optim import make_optimizer, make_schedule
-from fundl.train.parallel import make_placement
+from fundl.train.placement import make_placement
 from fundl.train.state import create_train_state, current_step
 from fundl.train.step import make_train_step
 

@@ -22,7 +22,7 @@ from fundl.nn import Layer
 from fundl.run import sweeps
 from fundl.run.config import CHOICES, ConfigError
 from fundl.run.optimizer import optimizer_from_config
-from fundl.train import parallel
+from fundl.train.placement import make_placement, state_bytes
 from fundl.train.ensemble import stack_states
 from fundl.train.optim import set_hyperparams
 from fundl.train.state import TrainState, create_train_state
@@ -142,31 +142,31 @@ def train_step_for(config: dict, model: Layer, optimizer, *, dp=None, axis_name:
 
 # ------------------------------------------------------------ placement
 def placement_from_config(config: dict):
-    """The placement ``[parallel]`` asks for (see ``fundl.train.parallel.make_placement``); a setting
+    """The placement ``[parallel]`` asks for (see ``fundl.train.placement.make_placement``); a setting
     the placement refuses (for this machine's devices, say) is a ConfigError."""
     p, n = config["parallel"], len(sweeps.members(config))
     one_program, _ = sweeps.in_one_program(config)
     try:
-        return parallel.make_placement(p["mode"], p["devices"], members=n if n > 1 and one_program else 0,
-                                       member_devices=p["member_devices"], model_devices=p["model_devices"],
-                                       rules=p["rules"], min_size=p["fsdp_min_size"])
+        return make_placement(p["mode"], p["devices"], members=n if n > 1 and one_program else 0,
+                              member_devices=p["member_devices"], model_devices=p["model_devices"],
+                              rules=p["rules"], min_size=p["fsdp_min_size"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
 def single_device():
     """The placement of one device, whatever a config's ``[parallel]`` says (for re-evaluation)."""
-    return parallel.make_placement("none")
+    return make_placement("none")
 
 
 def sharded_layout(placement, state) -> dict:
     """For a placement that splits the state (fsdp): the bytes of the train state on one device
     and in all (``{}`` otherwise).  A partition rule that does not fit a leaf is a ConfigError."""
-    if not hasattr(placement, "shardings"):
+    if not placement.splits_state:
         return {}
     try:
         shardings = placement.shardings(state)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    per_device, total = parallel.state_bytes(state, shardings)
+    per_device, total = state_bytes(state, shardings)
     return {"state_bytes_per_device": per_device, "state_bytes": total}

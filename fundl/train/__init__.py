@@ -8,7 +8,7 @@
 - :mod:`fundl.train.optim` -- Optax optimisers and schedules by name.
 - :mod:`fundl.train.loss_scale` -- dynamic loss scaling for float16.
 - :mod:`fundl.train.checkpoint`, :mod:`fundl.train.signals` -- atomic verified checkpoints, SIGTERM.
-- :mod:`fundl.train.parallel`, :mod:`fundl.train.ensemble` -- placements on devices, vmapped ensembles.
+- :mod:`fundl.train.placement`, :mod:`fundl.train.ensemble` -- placements on devices, vmapped ensembles.
 
 Importing this package imports none of them (``fundl.train.<module>`` does).
 """

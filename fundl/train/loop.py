@@ -5,7 +5,7 @@ number, logging, evaluating and checkpointing at the intervals of
 :class:`Every`.  It reads top to bottom in sections (setup, data, compile,
 the loop with its events, finish); each domain rule lives elsewhere, in one
 place: how many steps a dispatch runs (``fundl.train.fusion``), where arrays
-live (a *placement*, ``fundl.train.parallel``: one device, ``pmap`` and
+live (a *placement*, ``fundl.train.placement``: one device, ``pmap`` and
 sharded ``jit`` run the same loop), how checkpoints are written (the
 caller's ``fundl.train.checkpoint.Checkpointer``), where records go (the
 caller's ``on_log``).  The hot loop only dispatches: metrics stay on the
@@ -30,7 +30,7 @@ from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
 from fundl.train.checkpoint import Checkpointer
 from fundl.train.fusion import Fusion, resolve
-from fundl.train.parallel import SingleDevice
+from fundl.train.placement import single_device
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.state import current_step
 
@@ -90,7 +90,7 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
         >>> sorted(means)                                   # over 100 + 100 + 50 (padded) examples
         ['accuracy', 'loss']
     """
-    placement = placement or SingleDevice()
+    placement = placement or single_device()
     n = len(arrays["y"])
     if n == 0:
         raise ValueError("evaluate: the evaluation set is empty")
@@ -175,7 +175,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
         wrapped in ``optax.apply_if_finite`` (the run layer does it),
         logged means use the finite steps and records carry
         ``skipped_updates``.  "ignore" carries on.
-      placement: where the step runs (``fundl.train.parallel``); one device by default.
+      placement: where the step runs (``fundl.train.placement``); one device by default.
       on_log: called with every record (train and eval) as it is logged;
         the run layer passes its run directory's ``log`` (metrics.jsonl).
       progress: a progress bar on a terminal (stderr).
@@ -206,7 +206,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")
     if not isinstance(every, Every):
         raise TypeError(f"fit: every must be a fundl.train.loop.Every, got {every!r}")
-    placement = placement or SingleDevice()
+    placement = placement or single_device()
     start = current_step(state)
     if start > num_steps:
         raise ValueError(f"fit: the state is at step {start}, past num_steps={num_steps}; a resumed run "
