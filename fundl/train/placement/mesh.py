@@ -22,7 +22,7 @@ from fundl.train.placement import arrays
 from fundl.train.placement.contract import EvalView
 from fundl.train.placement.rules import DATA, MEMBERS, MODEL, PartitionRules
 from fundl.train.state import is_prng_key
-from fundl.train.step import make_multi_step
+from fundl.train.fusion import make_multi_step
 
 # Optimiser steps between forced host syncs on several devices: queueing many collective steps
 # without one deadlocked on CPU (docs/parallel.md).

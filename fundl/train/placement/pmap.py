@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fundl.train.placement import arrays
 from fundl.train.placement.contract import EvalView
 from fundl.train.placement.mesh import SYNC_STEPS
-from fundl.train.step import make_multi_step
+from fundl.train.fusion import make_multi_step
 
 
 class PmapPlacement:
