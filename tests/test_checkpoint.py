@@ -548,6 +548,9 @@ from fundl.train import checkpoint as ckpt
 d = {str(tmp_path)!r}
 ckpt.save(d, {{"step": np.int32(1), "w": np.ones(3, np.float32)}}, step=1)
 ckpt.save(d, {{"step": np.int32(2), "w": np.ones(3, np.float32)}}, step=2)
+import threading
+from fundl.train.checkpoint.saver import Checkpointer
+Checkpointer._commit = lambda self: threading.Event().wait()  # the kill lands inside the save, whatever the load
 saver = ckpt.Checkpointer(d, keep=1)
 state = {{"step": jnp.int32(3), "w": jax.random.normal(jax.random.key(0), (4096, 2048))}}
 saver.save(state, step=3)
