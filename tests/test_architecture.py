@@ -42,6 +42,7 @@ def test_no_module_imports_another_modules_private_names():
     assert not bad, f"private names imported across modules: {bad}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["fundl", "tests", "scripts", "benchmarks", "examples"])
 def test_nothing_edits_sys_path(folder):
     bad = []

@@ -2,10 +2,13 @@
 
 import subprocess
 import sys
+
+import pytest
 from conftest import ROOT
 
 
 
+@pytest.mark.slow
 def test_forward_timing_and_hlo_counts_run_for_each_layout():
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_rnn_layouts", "--cells", "lstm", "--layouts",

@@ -10,6 +10,8 @@ must not leak into the test process).
 import json
 import subprocess
 import sys
+
+import pytest
 from conftest import ROOT
 
 
@@ -25,6 +27,7 @@ def _run_ok(module, *args) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_quick_writes_json_and_markdown(tmp_path):
     proc = _run("benchmark", "--quick", "--models", "mlp,lstm1d", "--impls", "fundl,fundl_fused,stax",
                 "--steps-per-call", "2", "--out", tmp_path)
@@ -45,6 +48,7 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
     assert result["command"].startswith("python -m benchmarks.benchmark --quick")
 
 
+@pytest.mark.slow
 def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
     """benchmarks/bench_end_to_end.py: the fit/bare/hand table, and --ab's one-key comparison through fit."""
     common = ["--configs", "tiny_synthetic", "--steps", "24", "--seconds", "1"]
@@ -67,6 +71,7 @@ def test_end_to_end_and_ab_runs_write_their_tables(tmp_path):
     assert proc.returncode != 0 and "prefetchh" in proc.stderr  # a bad key is named, not ignored
 
 
+@pytest.mark.slow
 def test_profile_fit_times_every_part_of_the_loop():
     out = _run_ok("profile_fit", "--config", ROOT / "configs" / "tiny_synthetic.toml", "--steps", "24",
                   "--set", "logging.plots=false")
@@ -78,12 +83,14 @@ def test_profile_fit_times_every_part_of_the_loop():
     assert all(float(v[1]) >= 0 for v in rows.values())
 
 
+@pytest.mark.slow
 def test_device_data_ab_reports_its_ratio():
     """Device-resident data against NumPy batches (``bench_end_to_end --device-data``; once a probe of its own)."""
     out = _run_ok("bench_end_to_end", "--device-data", "--configs", "tiny_synthetic", "--steps", "20", "--rounds", "2")
     assert out.startswith("tiny_synthetic: host ") and float(out.split("host time / device time")[1]) > 0
 
 
+@pytest.mark.slow
 def test_mlp_step_variants_report_their_ratios(tmp_path):
     """The parts of fundl's MLP step beside stax's (``benchmark``'s fundl_loss_only and fundl_tuple rows;
     once a probe of its own)."""
@@ -95,6 +102,7 @@ def test_mlp_step_variants_report_their_ratios(tmp_path):
     assert all(r > 0 for r in ratios.values())
 
 
+@pytest.mark.slow
 def test_conv_chunk_table_reports_speedups_and_the_rules_pick():
     out = _run_ok("bench_conv_chunks", "--only", "7x7", "--rounds", "1", "--slot", "0.01", "--chunk-sizes", "64,8")
     row = [line for line in out.splitlines() if line.startswith("| 2d 7x7x64")]

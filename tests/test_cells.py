@@ -17,6 +17,7 @@ KEY = jax.random.key(0)
 B, T, F, H = 3, 5, 4, 6
 
 
+@pytest.mark.slow
 def test_default_init_matches_torch_distribution():
     h, f = 64, 10
     k = 1 / math.sqrt(h)
@@ -38,6 +39,7 @@ def test_default_init_matches_torch_distribution():
         assert a.shape == shape and np.abs(a).max() <= k and np.abs(a).max() > 0.95 * k
 
 
+@pytest.mark.slow
 def test_params_errors_are_clear():
     layer = nn.lstm(H)
     with pytest.raises(nn.ParamsError, match="missing params entry 'w'"):

@@ -122,6 +122,7 @@ def _run(code, timeout=120, **env):
 
 
 # ---------------------------------------------------------------- content
+@pytest.mark.slow
 def test_round_trip_is_exact_with_typed_keys_optax_state_and_extras(tmp_path):
     state = bump(make_state(), 7)
     path = ckpt.save(tmp_path, state, step=7, extras={"loader": {"epoch": 1, "index": 3}, "config_hash": "abc"})
@@ -135,6 +136,7 @@ def test_round_trip_is_exact_with_typed_keys_optax_state_and_extras(tmp_path):
     assert any(p.startswith("opt_state/") for p in manifest["leaves"])
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_and_state_is_a_plain_orbax_checkpoint(tmp_path):
     state = cnn_state()
     with ckpt.Checkpointer(tmp_path) as saver:
@@ -177,6 +179,7 @@ def test_constant_extras_are_stored_under_each_saves_extras(tmp_path):
         ckpt.Checkpointer(tmp_path, extras={"bad": object()})  # not JSON: refused at once
 
 
+@pytest.mark.slow
 def test_restore_into_a_different_structure_lists_the_mismatching_paths(tmp_path):
     path = ckpt.save(tmp_path, make_state(), step=1)
     with pytest.raises(ckpt.CheckpointError) as info:
@@ -446,6 +449,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_earlier_checkpoints(
     leaves_equal(ckpt.restore(paths[-1], state)[0], bump(state, 2))
 
 
+@pytest.mark.slow
 def test_a_real_write_error_from_tensorstore_is_a_checkpoint_write_error(tmp_path):
     """The file size limit (RLIMIT_FSIZE) makes the kernel fail Orbax's write with EFBIG, as a
     full disk fails it with ENOSPC: the error reaches wait() with its errno and a clear message."""
@@ -493,6 +497,7 @@ def test_a_crashed_save_leaves_only_a_temp_folder_that_the_next_save_removes(tmp
     assert not_checkpoints(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["write", "commit", "resave"])
 def test_sigkill_while_saving_never_damages_earlier_checkpoints(tmp_path, when):
     """A real SIGKILL in a child process while Orbax writes a 64 MB state, half-way through
@@ -541,6 +546,7 @@ ckpt.save({str(tmp_path)!r}, {{"step": np.int32({step}), "w": w}}, step={step}, 
     assert {p: state_bytes(p) for p in paths} == before
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_while_training_leaves_older_checkpoints_intact(tmp_path):
     code = f"""
 import os, signal, sys, jax, jax.numpy as jnp, numpy as np
@@ -716,6 +722,7 @@ def test_a_format_1_checkpoint_still_restores_verifies_and_mixes_with_format_2(t
         ckpt.restore(old, template)
 
 
+@pytest.mark.slow
 def test_a_format_2_checkpoint_from_before_orbaxs_manager_restores_and_mixes_with_new_ones(tmp_path):
     """Written by fundl's own commit on Orbax's Checkpointer (no step files of Orbax's manager):
     it verifies, restores bit for bit, counts for keep-K of its run, and catches corruption."""
@@ -835,6 +842,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_restore_onto_other_shardings_and_device_counts(tmp_path):
     """Saved with a leaf split over 4 devices, restored split over 2 and onto 1; saved on 2,
     restored on 4 (Orbax reshards); a plain template restores onto the default device."""
@@ -843,6 +851,7 @@ def test_restore_onto_other_shardings_and_device_counts(tmp_path):
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moves_between_placements_and_device_counts(tmp_path):
     """fsdp on 4 devices -> fsdp on 2 (still split) and on 1, sharding on 2, pmap on 4, one device;
     pmap on 4 -> fsdp on 4; format 1 -> fsdp on 2: through each placement's saveable /
@@ -852,6 +861,7 @@ def test_a_checkpoint_moves_between_placements_and_device_counts(tmp_path):
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_write_their_own_shards_and_one_process_resumes(tmp_path, capsys):
     """fsdp over 2 processes x 2 devices: each process writes its own shards into one checkpoint
     (per-process OCDBT files, all checksummed in the manifest); a single process on 4 devices
@@ -886,6 +896,7 @@ def _tiny():
     return fresh, make_train_step(model, opt), Loader(ds.train, 32, seed=1, drop_last=True, prefetch=0)
 
 
+@pytest.mark.slow
 def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
            "--quiet", "--set", "logging.plots=false", "--run-dir", "runs/tiny"]
@@ -898,6 +909,7 @@ def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path):
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000036" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_fit_with_async_checkpoints_writes_what_sync_checkpoints_write(tmp_path):
     fresh, step, loader = _tiny()
     for mode in (True, False):
@@ -912,6 +924,7 @@ def test_fit_with_async_checkpoints_writes_what_sync_checkpoints_write(tmp_path)
         assert all(ax[k].tobytes() == by[k].tobytes() for k in ax)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_names_a_committed_checkpoint_while_saves_are_slow(tmp_path, monkeypatch):
     """Saves that take longer than steps: the SIGTERM path waits for the pending one, so the
     checkpoint TrainingInterrupted names exists and verifies when the exception is raised."""
@@ -935,6 +948,7 @@ def test_a_stop_signal_names_a_committed_checkpoint_while_saves_are_slow(tmp_pat
         assert ckpt.latest_valid(rd.checkpoint_dir) == e.checkpoint
 
 
+@pytest.mark.slow
 def test_a_failed_background_save_stops_fit_with_the_write_error(tmp_path, monkeypatch):
     fresh, step, loader = _tiny()
     real = Checkpointer._commit

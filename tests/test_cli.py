@@ -23,6 +23,7 @@ def tiny_run(tmp_path_factory):
     return run_dir, r.stdout
 
 
+@pytest.mark.slow
 def test_train_writes_the_whole_run_directory(tiny_run):
     run_dir, stdout = tiny_run
     assert "test accuracy" in stdout
@@ -44,6 +45,7 @@ def test_train_writes_the_whole_run_directory(tiny_run):
     assert evals[-1]["accuracy"] == summary["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_summary_accuracy(tiny_run):
     run_dir, _ = tiny_run
     r = run("scripts/evaluate.py", str(run_dir))
@@ -55,6 +57,7 @@ def test_evaluate_reproduces_summary_accuracy(tiny_run):
     assert out["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_metrics_load_into_pandas_when_installed(tiny_run):
     pd = pytest.importorskip("pandas")
     from fundl.run.rundir import load_metrics
@@ -71,6 +74,7 @@ def test_bad_config_key_exits_2_with_suggestion(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing heavy ran, nothing written
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_when_asked(tmp_path):
     pytest.importorskip("tensorboardX")
     run_dir = tmp_path / "tb"

@@ -89,6 +89,7 @@ def test_every_setting_says_how_a_resume_may_change_it():
         assert isinstance(kind, str) or set(kind) == set(cfg.SCHEMA[section]), section
 
 
+@pytest.mark.slow
 def test_input_dropout_is_a_probability_and_only_for_the_mlp():
     from fundl.run.build import build_model
 
@@ -107,6 +108,7 @@ def test_input_dropout_is_a_probability_and_only_for_the_mlp():
     assert not np.allclose(train, test)  # model.dropout is 0: only the inputs were dropped
 
 
+@pytest.mark.slow
 def test_model_remat_is_wired_and_changes_no_value():
     import jax
     import numpy as np

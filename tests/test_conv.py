@@ -187,6 +187,7 @@ POOL_CASES = [
 POOL_CONTRACT = {"max1d_explicit", "avg1d_same", "max2d_same", "avg2d_valid_stride"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cid,make,kw,shape", POOL_CASES, ids=[c[0] for c in POOL_CASES])
 def test_pool_contract_and_numpy_reference(cid, make, kw, shape):
     layer = make(**kw)
@@ -235,6 +236,7 @@ def test_global_pools(make, shape):
     np.testing.assert_allclose(y_keep.reshape(y.shape), y)
 
 
+@pytest.mark.slow
 def test_small_cnn_composes_with_serial():
     model = nn.serial(
         conv2d(4, 3, w_init=cheap_init), nn.relu, max_pool2d(2),
@@ -252,6 +254,7 @@ def test_small_cnn_composes_with_serial():
 # Gradients by finite differences (float64).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer,shape", [
     (conv1d(3, 3, stride=2, padding=[(1, 2)], dilation=1, feature_group_count=1), (2, 7, 2)),
     (conv2d(4, (2, 3), stride=(2, 1), dilation=(1, 2), feature_group_count=2), (1, 5, 6, 2)),
@@ -289,6 +292,7 @@ TORCH_CONV = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TORCH_CONV)
 def test_conv_matches_torch(case):
     torch = pytest.importorskip("torch")
@@ -399,6 +403,7 @@ def _reduce_window_max(x, window):
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, shape, window", [
     (max_pool2d, (3, 6, 8, 4), (2, 2)),
     (max_pool2d, (2, 6, 6, 3), (3, 2)),

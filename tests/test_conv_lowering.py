@@ -54,6 +54,7 @@ def test_small_1d_and_indivisible_convolutions_stay_whole(batch, out_bytes, dims
     assert cpu_chunks(batch, out_bytes, dims) == 1
 
 
+@pytest.mark.slow
 def test_chunks_that_do_not_divide_the_batch_are_refused():
     x, w = _data(batch=10)
     with pytest.raises(ValueError, match="chunks=4 does not divide the batch of 10"):
@@ -62,6 +63,7 @@ def test_chunks_that_do_not_divide_the_batch_are_refused():
 
 # ---------------------------------------------------------------- numerics
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ARGS_2D,
     dict(window_strides=(2, 2), padding=((1, 2), (0, 1)), rhs_dilation=(2, 1),
@@ -77,6 +79,7 @@ def test_chunks_equal_one_convolution_forward_and_gradients(args):
         _close(got, want)
 
 
+@pytest.mark.slow
 def test_the_bias_is_added_to_every_chunk():
     x, w = _data()
     b = jnp.arange(6.0)
@@ -84,6 +87,7 @@ def test_the_bias_is_added_to_every_chunk():
     _close(convolve(x, w, b, chunks=1, **ARGS_2D), _whole(x, w) + b)
 
 
+@pytest.mark.slow
 def test_grouped_convolution_in_chunks():
     x, _ = _data(cin=4)
     w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
@@ -91,6 +95,7 @@ def test_grouped_convolution_in_chunks():
     np.testing.assert_allclose(convolve(x, w, chunks=8, **args), _whole(x, w, **args), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunk_i_holds_examples_i_plus_multiples_of_the_chunk_count():
     """Interleaved, so that a batch split over devices in blocks splits every chunk evenly;
     the output comes back in the input's order (each example is convolved on its own)."""
@@ -108,6 +113,7 @@ def _convolutions_in(fn, *args) -> int:
     return jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")
 
 
+@pytest.mark.slow
 def test_on_cpu_the_lowered_program_has_one_convolution_per_chunk():
     x = jnp.zeros((32, 28, 28, 1))
     layer = nn.conv2d(32, 3)
@@ -145,6 +151,7 @@ def test_other_platforms_get_the_whole_convolution(monkeypatch):
 
 # ---------------------------------------------------------------- transforms
 
+@pytest.mark.slow
 def test_jit_vmap_grad_jvp_and_hessian_vector_compose_with_chunks():
     x, w = _data(batch=16, size=8, cin=2, cout=3)
     whole = lambda b, a: jnp.sum(jnp.tanh(_whole(a, b)) ** 2)
@@ -163,6 +170,7 @@ def test_jit_vmap_grad_jvp_and_hessian_vector_compose_with_chunks():
     _close(per_group.sum(0), jax.grad(whole)(w, x))
 
 
+@pytest.mark.slow
 def test_a_batch_sharded_over_two_devices_stays_local_in_chunks():
     """Under ``jit`` with the batch split over 2 (fake CPU) devices, the chunked convolution
     equals one convolution and the compiled program moves no activations between devices

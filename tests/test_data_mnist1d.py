@@ -25,6 +25,7 @@ def _reference(**overrides):
     return make_dataset(args)
 
 
+@pytest.mark.slow
 def test_paper_defaults_match_make_dataset_exactly_and_leave_rng_alone(tmp_path):
     random.seed(123)
     np.random.seed(456)

@@ -52,6 +52,7 @@ def test_mnist_files_shapes_counts_md5():
     assert np.bincount(yte, minlength=10).sum() == 10000 and yte.max() == 9
 
 
+@pytest.mark.slow
 def test_mnist_dataset_normalised():
     _mnist_dir()
     ds = load_dataset("mnist")
@@ -63,6 +64,7 @@ def test_mnist_dataset_normalised():
     assert float(raw.test["x"].min()) == 0.0 and float(raw.test["x"].max()) == 1.0
 
 
+@pytest.mark.slow
 def test_fashion_mnist():
     _fashion_dir()
     ds = load_dataset("fashion_mnist")

@@ -101,6 +101,7 @@ def test_later_needs_data_blocks_of_a_file_skip_when_its_data_is_missing():
         _run(Block(file, 13, "mnist", "", ""))                                    # and fail if they use its names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.file}:{b.line}" for b in BLOCKS])
 def test_code_block_runs(block, monkeypatch):
     if block.skip:

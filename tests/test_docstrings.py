@@ -18,6 +18,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(fundl.__path__, "fundl.")
                  if ">>>" in Path(importlib.util.find_spec(m.name).origin).read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name, monkeypatch, tmp_path):
     import jax

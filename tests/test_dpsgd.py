@@ -51,6 +51,7 @@ def close(a, b, rtol=1e-5, atol=1e-6):
 
 
 # ------------------------------------------------------------------ the step
+@pytest.mark.slow
 def test_huge_clip_and_no_noise_equal_plain_sgd_on_the_mean_gradient():
     state, batches = state_and_batches()
     opt = optax.sgd(LR)
@@ -67,6 +68,7 @@ def test_huge_clip_and_no_noise_equal_plain_sgd_on_the_mean_gradient():
     assert int(s_dp.step) == 3
 
 
+@pytest.mark.slow
 def test_clipping_noise_and_divisor_equal_a_hand_computation():
     state, (batch, _, _) = state_and_batches()
     mask = np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)  # two padding rows
@@ -102,6 +104,7 @@ def test_clipping_noise_and_divisor_equal_a_hand_computation():
     np.testing.assert_allclose(metrics["loss"], losses[real].mean(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_rows_contribute_nothing():
     state, (batch, _, _) = state_and_batches()
     mask = jnp.asarray([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
@@ -115,6 +118,7 @@ def test_padding_rows_contribute_nothing():
     assert float(ma["loss"]) == float(mb["loss"])
 
 
+@pytest.mark.slow
 def test_matches_optax_contrib_dp_aggregate_where_they_overlap():
     """optax.contrib.differentially_private_aggregate (the core of optax.contrib.dpsgd): clip each
     example to the global norm, sum, add N(0, (sigma C)^2), divide by the batch's leading size.
@@ -135,6 +139,7 @@ def test_matches_optax_contrib_dp_aggregate_where_they_overlap():
         np.testing.assert_allclose(np.std(np.asarray(got)), 1.5 * 2.0 / 4, rtol=0.03)
 
 
+@pytest.mark.slow
 def test_named_device_axis_equals_one_device():
     """Under a named axis (pmap's contract) each shard clips its own examples, the sums are
     psum-ed and the same noise is added once: equal to one device on the global batch."""
@@ -152,6 +157,7 @@ def test_named_device_axis_equals_one_device():
             np.testing.assert_allclose(m_two[k][d], m_one[k], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_norm_model_is_refused():
     model = models.cnn1d([4], [8], 4, batch_norm=True)
     state = create_train_state(model, optax.sgd(LR), jax.random.key(0), (1, 10, 1))
@@ -188,6 +194,7 @@ def classical_rdp_epsilon(q, sigma, steps, delta, orders=range(2, 64)):
 PUBLISHED = [(1.12, 60, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)]
 
 
+@pytest.mark.slow
 @needs_accounting
 @pytest.mark.parametrize("sigma,epochs,published", PUBLISHED)
 def test_epsilon_against_published_values(sigma, epochs, published):
@@ -214,6 +221,7 @@ def test_epsilon_edge_cases_and_monotonicity():
 
 
 # ------------------------------------------------- a run: loader, fit, summary
+@pytest.mark.slow
 @needs_accounting
 def test_fit_with_the_poisson_loader_resumes_identically_and_reports_epsilon():
     ds = load_dataset("synthetic", num_train=400, num_test=64, input_shape=(6,), num_classes=4, seed=0)
@@ -267,6 +275,7 @@ def test_privacy_config_section_and_dp_setup_refusals():
         dp_setup(cfg.validate({**base, "privacy": {"enabled": True}, "parallel": {"mode": "sharding"}}), ds, four)
 
 
+@pytest.mark.slow
 @needs_accounting
 def test_a_dp_run_writes_epsilon_and_delta_to_its_summary(tmp_path):
     """Through fundl.run.experiment.run (what scripts/train.py runs): [privacy] enabled trains with the

@@ -43,6 +43,7 @@ def assert_member_equals(ensemble: dict, i: int, single: dict, rtol=1e-5):
             np.testing.assert_array_equal(got, want, err_msg=k)
 
 
+@pytest.mark.slow
 def test_ensemble_member_i_equals_a_separate_run_with_seed_plus_i(tmp_path):
     summary = experiment.run(tiny("training.ensemble=3", "training.seed=5"), tmp_path / "ens", verbose=False)
     ens = final_arrays(tmp_path / "ens")
@@ -64,6 +65,7 @@ def test_ensemble_member_i_equals_a_separate_run_with_seed_plus_i(tmp_path):
     assert [m["accuracy"] for m in final_eval["members"]] == [m["test_accuracy"] for m in summary["members"]]
 
 
+@pytest.mark.slow
 def test_the_ensemble_prediction_is_the_mean_of_member_probabilities(tmp_path):
     import jax
     import jax.numpy as jnp
@@ -89,6 +91,7 @@ def test_the_ensemble_prediction_is_the_mean_of_member_probabilities(tmp_path):
                                    rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sweep_member_j_equals_a_separate_run_with_its_values(tmp_path):
     sweep = ['training.sweep=["optimizer.learning_rate=0.003,0.03", "training.seed=0,1"]']
     summary = experiment.run(tiny(*sweep), tmp_path / "sweep", verbose=False)
@@ -112,6 +115,7 @@ def test_sweep_member_j_equals_a_separate_run_with_its_values(tmp_path):
     assert "← |" in (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[2 + best]
 
 
+@pytest.mark.slow
 def test_a_sweep_over_shapes_runs_each_point_separately(tmp_path):
     r = subprocess.run([sys.executable, "scripts/train.py", "--config", str(TINY), "--run-dir", str(tmp_path / "run"),
                         "--quiet", "--set", "logging.plots=false", "--set", "training.steps=8",
@@ -129,6 +133,7 @@ def test_a_sweep_over_shapes_runs_each_point_separately(tmp_path):
     assert (tmp_path / "run" / "sweep.png").is_file()
 
 
+@pytest.mark.slow
 def test_fused_ensemble_steps_equal_single_ones(tmp_path):
     a = experiment.run(tiny("training.ensemble=2", "training.steps_per_call=1"), tmp_path / "a", verbose=False)
     b = experiment.run(tiny("training.ensemble=2", "training.steps_per_call=5"), tmp_path / "b", verbose=False)
@@ -138,6 +143,7 @@ def test_fused_ensemble_steps_equal_single_ones(tmp_path):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)  # a rolled scan: bit-identical
 
 
+@pytest.mark.slow
 def test_a_diverging_member_is_named(tmp_path):
     config = tiny('training.sweep=["optimizer.learning_rate=0.01,1e6"]', 'optimizer.name="sgd"',
                   "training.log_every=2", "model.dropout=0.0")
@@ -145,6 +151,7 @@ def test_a_diverging_member_is_named(tmp_path):
         experiment.run(config, tmp_path, verbose=False)
 
 
+@pytest.mark.slow
 def test_skipped_updates_count_every_member(tmp_path):
     """nan_policy="skip": the summary counts the skipped updates of all members, not member 0's."""
     skip = ['optimizer.name="sgd"', "model.dropout=0.0", 'training.nan_policy="skip"']
@@ -156,6 +163,7 @@ def test_skipped_updates_count_every_member(tmp_path):
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["skipped_updates"] == 2 * alone
 
 
+@pytest.mark.slow
 def test_a_killed_ensemble_resumes_bit_identically(tmp_path):
     args = ["--config", str(TINY), "--quiet", "--set", "logging.plots=false", "--set", "training.steps=20",
             "--set", "training.checkpoint_every=5", "--set", "training.ensemble=2", "--set", "model.dropout=0.2"]
@@ -187,6 +195,7 @@ def test_sweep_parsing_and_errors():
     assert sweeps.in_one_program(tiny('training.sweep=["optimizer.learning_rate=0.1,0.2"]')) == (True, [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("member_devices", [1, 2])
 def test_a_sharded_ensemble_on_four_devices_equals_one_device(tmp_path, member_devices):
     """Members replicated with each member's batch split over 4 devices (member_devices = 1), or a

@@ -58,6 +58,7 @@ def test_wrong_input_rank_at_init_names_the_layer():
         models.cnn([4], [8], 3, nd=2).init(jax.random.key(0), (1, 8))
 
 
+@pytest.mark.slow
 def test_float_token_ids_are_rejected_by_the_embedding():
     model = models.char_lm(10, embed_dim=4, hidden=8)
     params, state, _ = model.init(jax.random.key(0), (1, 5))
@@ -72,6 +73,7 @@ def test_integer_inputs_to_a_dense_model_are_rejected():
         model.apply(params, state, jnp.ones((4, 8), jnp.int32))
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_fit_the_data_fails_readably_in_the_cli(tmp_path):
     r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "model.kind='cnn'")
     assert r.returncode == 1
@@ -107,6 +109,7 @@ def test_global_batch_not_divisible_by_the_device_count():
         local_batches_divisible(30, 4)
 
 
+@pytest.mark.slow
 def test_global_batch_not_divisible_in_the_cli_exits_2(tmp_path):
     r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "parallel.mode='pmap'",
             "--set", "training.batch_size=30", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -163,6 +166,7 @@ def test_a_read_only_run_directory_is_reported_cleanly(tmp_path):
     assert r.returncode == 1 and f"run directory {ro} is not writable" in r.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_in_the_cli(tmp_path):
     run = tmp_path / "run"
     r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.checkpoint_every=4",
@@ -177,6 +181,7 @@ def test_disk_full_during_a_save_in_the_cli(tmp_path):
 
 
 # ---------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_resume_refuses_a_changed_structure_with_the_keys_and_allows_more_steps(tmp_path):
     experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
     with pytest.raises(cfg.ConfigError) as info:
@@ -203,6 +208,7 @@ def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_p
     assert summary["final_step"] == 8 and ckpt.latest_valid(tmp_path / "checkpoints") == newest  # rewritten
 
 
+@pytest.mark.slow
 def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(tmp_path):
     experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
     for p in ckpt.list_checkpoints(tmp_path / "checkpoints"):

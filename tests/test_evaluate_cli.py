@@ -36,12 +36,14 @@ def _edit_config(run, old, new):
     config.write_text(text.replace(old, new, 1))
 
 
+@pytest.mark.slow
 def test_evaluates_the_latest_checkpoint(copy, capsys):
     assert evaluate_main([str(copy)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 4 and 0.0 <= out["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_a_config_error_exit_2(copy, capsys):
     _edit_config(copy, "[training]\n", "[training]\nstepz = 3\n")
     assert evaluate_main([str(copy)]) == 2
@@ -57,6 +59,7 @@ def _corrupt(checkpoint):
         f.write(b"x")
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(copy, capsys):
     _corrupt(copy / "checkpoints" / "step_00000004")
     assert evaluate_main([str(copy)]) == 0
@@ -65,6 +68,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(copy, capsys):
     assert err.startswith("warning: skipping corrupt checkpoint") and "step_00000004" in err
 
 
+@pytest.mark.slow
 def test_all_checkpoints_corrupt_is_exit_1(copy, capsys):
     for checkpoint in (copy / "checkpoints").glob("step_*"):
         _corrupt(checkpoint)
@@ -74,6 +78,7 @@ def test_all_checkpoints_corrupt_is_exit_1(copy, capsys):
     assert "Traceback" not in err and "FUNDL_TRACEBACK=1" in err
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_the_model_is_exit_1(copy, capsys):
     _edit_config(copy, "hidden = [16]", "hidden = [32]")
     assert evaluate_main([str(copy)]) == 1
@@ -81,6 +86,7 @@ def test_checkpoint_that_does_not_fit_the_model_is_exit_1(copy, capsys):
     assert "does not fit this model" in err and "params/dense_0/w" in err
 
 
+@pytest.mark.slow
 def test_no_checkpoint_is_exit_1(copy, capsys):
     shutil.rmtree(copy / "checkpoints")
     (copy / "checkpoints").mkdir()
@@ -93,6 +99,7 @@ def test_not_a_run_directory_is_exit_2(tmp_path, capsys):
     assert "has no config.toml" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fundl_traceback_shows_the_traceback(copy, monkeypatch):
     from fundl.run.config import ConfigError
 

@@ -96,6 +96,7 @@ KILL_CHAIN = ["step=3",            # before the first checkpoint: resume starts 
               "save=50:write"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_steps_and_inside_saves_resumes_bit_identically(tmp_path, reference):
     run_dir = tmp_path / "run"
     args = [*BASE, "--run-dir", str(run_dir)]
@@ -139,6 +140,7 @@ def _kill_at_random_time(args, rng, log):
     return proc.returncode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_random_times_resumes_bit_identically(tmp_path, reference, seed):
     rng = random.Random(seed)
@@ -159,6 +161,7 @@ def test_sigkill_at_random_times_resumes_bit_identically(tmp_path, reference, se
 
 
 # --------------------------------------------------------------- SIGTERM
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resume_completes(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = launch(*BASE, "--run-dir", str(run_dir), slow=0.05, wait=False)
@@ -189,6 +192,7 @@ def _tiny_fit_setup(opt=None):
     return model, opt, state, loader
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path):
     model, opt, state, loader = _tiny_fit_setup()
     fresh = lambda: create_train_state(model, opt, jax.random.key(0), (1, 8))  # fit donates its input
@@ -220,6 +224,7 @@ def test_sigint_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+@pytest.mark.slow
 def test_stop_at_an_eval_resumes_exactly_with_fused_steps(tmp_path):
     """SIGTERM between fused chunks: the resumed run chunks differently, and still matches bit for bit."""
     model, opt, _, loader = _tiny_fit_setup()
@@ -289,6 +294,7 @@ def _first_non_finite_step(model, opt, state, loader, n=30):
     raise AssertionError("the learning rate did not diverge")
 
 
+@pytest.mark.slow
 def test_nan_stop_names_the_first_bad_step_metric_and_last_good_checkpoint(tmp_path):
     model, opt, state, loader = _tiny_fit_setup(_diverging())
     first = _first_non_finite_step(model, opt, state, loader)
@@ -309,6 +315,7 @@ def test_nan_stop_names_the_first_bad_step_metric_and_last_good_checkpoint(tmp_p
         assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
 
 
+@pytest.mark.slow
 def test_nan_skip_skips_updates_and_reports_the_count(tmp_path):
     config = cfg.load_config(ROOT / "configs" / "tiny_synthetic.toml", [
         "optimizer.name='sgd'", "optimizer.learning_rate=1000.0", "optimizer.momentum=0.9",
@@ -322,6 +329,7 @@ def test_nan_skip_skips_updates_and_reports_the_count(tmp_path):
     assert all(np.isfinite(a).all() for k, a in arrays.items() if k.startswith("params/"))
 
 
+@pytest.mark.slow
 def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path):
     r = launch("--config", "configs/tiny_synthetic.toml", "--run-dir", str(tmp_path / "run"), "--quiet",
                "--set", "optimizer.name='sgd'", "--set", "optimizer.learning_rate=1000.0",
@@ -332,6 +340,7 @@ def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path):
 
 
 # ------------------------------------------------- multi-process SIGTERM
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     """JAX's preemption service catches SIGTERM; the sync point makes both processes save one step."""
     import test_multihost as multihost  # a test module beside this one (pytest puts tests/ on the path)

@@ -33,6 +33,7 @@ def four(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("fsdp") / "four.npz", SPECS, devices=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_fsdp_on_four_devices_equals_one_device(four, kind):
     other = section(four, f"fsdp/{kind}/")
@@ -45,12 +46,14 @@ def test_fsdp_on_four_devices_equals_one_device(four, kind):
     assert specs["step"] == "()" and specs["key"] == "()"
 
 
+@pytest.mark.slow
 def test_fused_steps_and_dropout_under_fsdp_equal_one_device(four):
     assert_same_training(section(four, "none/cnn_bn/"), section(four, "fsdp:0:5:cnn_bn/cnn_bn/"), "fsdp, 5 fused")
     assert_same_training(section(four, "none:0:1:mlp_dropout/mlp_dropout/"),
                          section(four, "fsdp:0:1:mlp_dropout/mlp_dropout/"), "fsdp x4, dropout")
 
 
+@pytest.mark.slow
 def test_partition_rules_on_a_data_by_model_mesh_equal_one_device(four):
     """2 x 2 data x model mesh; the MLP's first layer split by columns, the second by rows over
     'model' (rules), everything else by the automatic rule over 'data' (2 devices)."""
@@ -63,6 +66,7 @@ def test_partition_rules_on_a_data_by_model_mesh_equal_one_device(four):
     assert specs["params/dense_1/b"] == "('data',)"  # no rule: the automatic one, over 'data'
 
 
+@pytest.mark.slow
 def test_state_memory_per_device_is_a_quarter_of_replicated(four):
     """Bytes of the placed params + optimiser state on one device, and XLA's memory analysis of the
     compiled step (its arguments: the state and this device's slice of the batch)."""
@@ -136,6 +140,7 @@ def train_cli(tmp_path, name, *sets, devices=4):
     return subprocess.run(args, env=clean_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_an_fsdp_ensemble_from_the_cli_equals_one_device(tmp_path):
     fsdp = train_cli(tmp_path, "fsdp", 'parallel.mode="fsdp"', "parallel.fsdp_min_size=1", "training.ensemble=2")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
@@ -149,6 +154,7 @@ def test_an_fsdp_ensemble_from_the_cli_equals_one_device(tmp_path):
         np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_rule_that_does_not_fit_a_leaf_is_a_config_error(tmp_path):
     proc = train_cli(tmp_path, "bad", 'parallel.mode="fsdp"', "model.hidden=[18]",
                      'parallel.rules=[["dense_0/b$", ["data"]]]')

@@ -191,6 +191,7 @@ def _bench_page_faults(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_bench_page_faults_compares_both_settings_in_alternating_processes():
     proc = _bench_page_faults("--models", "mlp", "--pairs", "1", "--steps", "3", "--seconds", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,6 +23,7 @@ def rand(seed, *shape, scale=1.0):
 # Initialisation: fundl's default against torch's modules
 
 
+@pytest.mark.slow
 def test_default_init_bounds_match_torch_modules():
     torch = pytest.importorskip("torch")
     h, f = 32, 7
@@ -72,6 +73,7 @@ def _flat_carries(kind, carries, num_layers, bidirectional):
     return np.stack(per_dir), None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)])
 def test_matches_torch(kind, num_layers, bidirectional):
@@ -96,6 +98,7 @@ def test_matches_torch(kind, num_layers, bidirectional):
         np.testing.assert_allclose(h_n, t_state.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_lengths_match_torch_packed_sequences(kind):
     torch = pytest.importorskip("torch")

@@ -300,6 +300,7 @@ def one_device(tmp_path_factory):
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_srun_environment_two_processes_equal_one_device(one_device, tmp_path):
     """Two tasks of an srun step on one node (SLURM_STEP_NODELIST=localhost), 2 fake devices each,
     no FUNDL_* run variables: JAX's SlurmCluster forms the run (port from SLURM_JOB_ID)."""
@@ -362,6 +363,7 @@ def private_network():
     return private
 
 
+@pytest.mark.slow
 @needs_mpirun
 def test_mpirun_two_processes_equal_one_device(one_device, tmp_path, private_network):
     """mpirun -np 2, 2 fake devices each, pmap across processes; JAX_COORDINATOR_PORT picks the port."""
@@ -385,6 +387,7 @@ def _train_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @needs_mpirun
 def test_mpirun_train_script_writes_once_and_equals_one_device(tmp_path, private_network):
     """The user's command: mpirun -np 2 python scripts/train.py ... --local-devices 2 --run-dir D.

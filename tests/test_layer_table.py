@@ -53,6 +53,7 @@ TABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_layer_contract(name):
     layer, shape, dtype, kw = TABLE[name]
@@ -67,6 +68,7 @@ def test_dense_matches_numpy():
     np.testing.assert_allclose(y, x @ np.asarray(params["w"]) + np.asarray(params["b"]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dense_gradients_by_finite_differences():
     from jax.test_util import check_grads
 
@@ -76,6 +78,7 @@ def test_dense_gradients_by_finite_differences():
     check_grads(lambda p, x: layer.apply(p, {}, x)[0], (params, x), order=2, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_dense_matches_torch():
     torch = pytest.importorskip("torch")
     lin = torch.nn.Linear(5, 3)

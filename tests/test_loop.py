@@ -47,6 +47,7 @@ def setup(opt=None):
 
 
 # ----------------------------------------------------------------- evaluate
+@pytest.mark.slow
 def test_evaluate_weights_every_example_once_with_unequal_batches():
     ds = tiny_data(n=64)
     model, _, state = setup()
@@ -90,6 +91,7 @@ def test_fit_lowers_loss_logs_and_checkpoints(tmp_path):
     assert logged == result.history  # on_log got every record, in order
 
 
+@pytest.mark.slow
 def test_fit_fused_equals_per_step(tmp_path):
     a, _, _ = _fit(tmp_path / "a", fusion=Fusion(steps_per_call=1))
     b, _, _ = _fit(tmp_path / "b", fusion=Fusion(steps_per_call=4))
@@ -99,6 +101,7 @@ def test_fit_fused_equals_per_step(tmp_path):
     assert (a.steps_per_call, b.steps_per_call, b.unroll) == (1, 4, 1)
 
 
+@pytest.mark.slow
 def test_fit_resumes_to_the_same_params(tmp_path):
     full, _, _ = _fit(tmp_path / "full", num_steps=20)
     half, rd, (model, opt, state, loader) = _fit(tmp_path / "half", num_steps=10)
@@ -126,6 +129,7 @@ def test_each_checkpoint_holds_the_loader_position_and_the_checkpointers_extras(
         assert extras == {"run_id": "abc", "loader": loader.state_at_step(ckpt.step_of(path))}
 
 
+@pytest.mark.slow
 def test_fit_stops_on_non_finite_loss(tmp_path):
     ds = tiny_data()
     model, _, _ = setup()
@@ -157,6 +161,7 @@ def _library_setup():
     return ds, model, opt, state, loader
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "pmap", "sharding"])
 @pytest.mark.parametrize("steps_per_call", [1, 2])
 def test_the_callers_state_stays_valid_after_fit(mode, steps_per_call):
@@ -175,6 +180,7 @@ def test_the_callers_state_stays_valid_after_fit(mode, steps_per_call):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_a_resumed_finished_run_reports_its_evaluation_like_any_other(tmp_path):
     """One record builder: the evaluation of an already finished run has its epoch, reaches
     metrics.jsonl and on_log (its former second copy skipped all three)."""
@@ -254,6 +260,7 @@ def eval_compiles(config: dict, run_dir: Path) -> list[int]:
     return compiles_per_eval
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [[], ["training.ensemble=2"]], ids=["one", "ensemble"])
 def test_no_evaluation_inside_fit_compiles(tmp_path, overrides):
     """Every evaluation fit runs finds the eval step compiled: none stops training to compile
@@ -261,6 +268,7 @@ def test_no_evaluation_inside_fit_compiles(tmp_path, overrides):
     assert eval_compiles(tiny(*overrides), tmp_path / "run") == [0, 0]  # at steps 12 and 24 of 24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pmap", "sharding", "fsdp"])
 def test_no_evaluation_inside_fit_compiles_on_two_devices(tmp_path, mode):
     """The same under every multi-device placement (2 fake CPU devices, in a fresh process): the

@@ -39,6 +39,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_dynamic_scale_rescues_gradients_that_underflow_in_float16():
     """Gradients of ~1e-9 flush to zero in float16 (smallest subnormal ~6e-8): without a
     scale the params do not move; with the dynamic scale (2**15) one SGD step equals the
@@ -57,6 +58,7 @@ def test_dynamic_scale_rescues_gradients_that_underflow_in_float16():
         np.testing.assert_allclose(got, want, atol=5e-3 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_overflow_skips_the_update_and_halves_the_scale():
     state, step = setup()
     step = jax.jit(step)
@@ -74,6 +76,7 @@ def test_overflow_skips_the_update_and_halves_the_scale():
     assert not np.array_equal(np.asarray(after.params["dense_0"]["w"]), np.asarray(new.params["dense_0"]["w"]))
 
 
+@pytest.mark.slow
 def test_scale_grows_after_growth_interval_finite_steps_and_never_drops_below_one():
     state, step = setup(growth_interval=3)
     step = jax.jit(step)
@@ -104,6 +107,7 @@ def test_loss_scale_survives_a_checkpoint_round_trip(tmp_path):
     assert restored.loss_scale.growth_interval == 3
 
 
+@pytest.mark.slow
 def test_vmapped_ensemble_decides_per_member_and_multi_step_equals_single_steps():
     state, step = setup(growth_interval=2)
     states = jax.tree.map(lambda a: jnp.stack([a, a]), state)
@@ -123,6 +127,7 @@ def test_vmapped_ensemble_decides_per_member_and_multi_step_equals_single_steps(
     np.testing.assert_array_equal(fm["loss_scale"], [2.0**15, 2.0**15, 2.0**14, 2.0**14, 2.0**15])
 
 
+@pytest.mark.slow
 def test_overflow_on_one_device_skips_the_update_on_every_device():
     """Under a named axis (as in pmap) the decision is taken after the gradient pmean."""
     model = nn.serial(nn.dense(4), nn.batch_norm(axis_name="batch"))
@@ -149,6 +154,7 @@ def test_float32_and_bfloat16_states_have_exactly_the_leaves_they_had():
     assert float(f16.loss_scale.scale) == 2.0**15 and f16.loss_scale.growth_interval == 2000
 
 
+@pytest.mark.slow
 def test_dynamic_float16_step_without_loss_scale_state_says_how_to_build_it():
     model, opt = nn.dense(4), optax.sgd(0.1)
     state = create_train_state(model, opt, 0, (1, 4))
@@ -159,6 +165,7 @@ def test_dynamic_float16_step_without_loss_scale_state_says_how_to_build_it():
     assert "loss_scale" not in m and new.loss_scale is None
 
 
+@pytest.mark.slow
 def test_float16_training_tracks_float32():
     """An MLP classifier trained in float16 with the default dynamic scale ends within
     0.05 of the float32 run's loss (replaces the old finiteness-only float16 test)."""

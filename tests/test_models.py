@@ -16,6 +16,7 @@ def _init(model, shape):
     return params, state
 
 
+@pytest.mark.slow
 def test_mlp_dropout_acts_after_hidden_activations_not_on_inputs():
     """With dense_1 = identity the output is the dropped hidden layer: each entry is 0 or
     2 * relu(x @ w0 + b0) computed from the *undropped* inputs."""
@@ -30,6 +31,7 @@ def test_mlp_dropout_acts_after_hidden_activations_not_on_inputs():
     assert 0.2 < float(jnp.mean(dropped & (h > 0))) / float(jnp.mean(h > 0)) < 0.8  # hidden dropout happens
 
 
+@pytest.mark.slow
 def test_mlp_input_dropout_drops_flattened_inputs_only_when_asked():
     model = models.mlp([], 12, input_dropout=0.5)  # one dense layer, set to the identity
     params, state = _init(model, (1, 3, 4))
@@ -58,6 +60,7 @@ def test_cnn_dropout_acts_on_features_never_on_raw_inputs():
                      "dense_0", "relu_1", "dropout_1", "dense_1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,shape,x", [
     (lambda d: models.rnn_classifier("lstm", 16, 10, num_layers=1, dropout=d), (1, 6, 4),
      jax.random.normal(KEY, (3, 6, 4))),

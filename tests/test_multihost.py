@@ -73,6 +73,7 @@ def two_by_two(tmp_path_factory):
     return dict(np.load(tmp / "one.npz")), dict(np.load(tmp / "mp.npz"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["pmap", "sharding:0:5", "fsdp"])
 def test_two_processes_equal_one_device(two_by_two, mode, kind):
@@ -102,6 +103,7 @@ def launch_train(tmp_path, capsys, *args, mode="sharding"):
     return code, out.out + out.err
 
 
+@pytest.mark.slow
 def test_launcher_trains_writes_once_and_resumes(tmp_path, capsys):
     """2 processes x 2 devices from scripts/launch_local.py: sharding, then resumed with pmap."""
     code, out = launch_train(tmp_path, capsys, "--set", "training.steps_per_call=4")
@@ -128,6 +130,7 @@ def test_launcher_trains_writes_once_and_resumes(tmp_path, capsys):
     assert (run / "checkpoints" / "step_00000036").is_dir()
 
 
+@pytest.mark.slow
 def test_a_process_that_cannot_see_the_checkpoint_stops_every_process(tmp_path):
     """Resume needs every process to find the same checkpoint: here process 1's run directory
     is empty (as on a disk that is not shared), so both stop with one clear error instead of
@@ -165,6 +168,7 @@ def _wait_training(run_dir: Path, procs, limit=120.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_dead_or_hung_peer_stops_the_others_within_bound(tmp_path, how):
     """SIGKILL: the survivor's collective fails at once and it exits 1 with a clear line.
@@ -210,6 +214,7 @@ f(np.ones((1, 3), np.float32)).block_until_ready()
 """
 
 
+@pytest.mark.slow
 def test_stuck_peer_fails_the_collective_after_collective_timeout():
     """A live peer that stops taking part: heartbeats continue, the collective timeout ends it."""
     port = launch_local.free_port()
@@ -234,6 +239,7 @@ def test_stuck_peer_fails_the_collective_after_collective_timeout():
     assert elapsed < 5 + 10
 
 
+@pytest.mark.slow
 def test_peer_that_never_starts_stops_process_zero_within_init_timeout(tmp_path):
     port = launch_local.free_port()
     proc = start(TRAIN + ["--run-dir", str(tmp_path / "run")], mp_env(port, 0, devices=1))
@@ -246,6 +252,7 @@ def test_peer_that_never_starts_stops_process_zero_within_init_timeout(tmp_path)
     assert elapsed < 5 + 10
 
 
+@pytest.mark.slow
 def test_launcher_reports_a_missing_peer(tmp_path, capsys):
     code = launch_local.launch(2, ["--config", str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet",
                                    "--set", 'parallel.mode="sharding"', "--run-dir", str(tmp_path / "run")],

@@ -72,6 +72,7 @@ LN_CASES = [
 LN_CONTRACT = {"last", "two_axes", "middle_axis", "no_affine"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cid,kw,shape", LN_CASES, ids=[c[0] for c in LN_CASES])
 def test_layer_norm_contract_and_numpy_reference(cid, kw, shape):
     layer = layer_norm(**kw)
@@ -109,6 +110,7 @@ def test_layer_norm_bfloat16_computes_in_float32():
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_layer_norm_gradients_match_finite_differences():
     layer = layer_norm(axis=(-2, -1))
     with jax.enable_x64(True):
@@ -119,6 +121,7 @@ def test_layer_norm_gradients_match_finite_differences():
         check_grads(jax.jit(f), (params, x), order=2, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_layer_norm_matches_torch():
     torch = pytest.importorskip("torch")
     x = rand((2, 3, 4, 6), 8, loc=1.0, scale=3.0)
@@ -145,6 +148,7 @@ BN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cid,kw,shape,train", BN_CASES, ids=[c[0] for c in BN_CASES])
 def test_batch_norm_contract(cid, kw, shape, train):
     layer = batch_norm(**kw)
@@ -196,6 +200,7 @@ def test_batch_norm_bfloat16_statistics_in_float32():
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [True, False])
 def test_batch_norm_gradients_match_finite_differences(train):
     layer = batch_norm()
@@ -238,6 +243,7 @@ def test_batch_norm_matches_torch():
     np.testing.assert_allclose(y_eval, yt_eval, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 3, 2, 4)])  # (devices, per-device batch, ..., C)
 def test_batch_norm_axis_name_equals_global_batch(shape):
     layer = batch_norm(momentum=0.8, axis_name="d")
@@ -286,6 +292,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_batch_norm_pmap_on_two_devices_equals_global_batch():
     """The real pmap path, on two fake CPU devices (a fresh process: the device
     count is fixed when JAX starts)."""
@@ -300,6 +307,7 @@ def test_batch_norm_pmap_on_two_devices_equals_global_batch():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_batch_norm_in_a_model_threads_state():
     model = nn.serial(nn.dense(4), batch_norm(), nn.relu, nn.dense(2), batch_norm())
     params, state, _ = model.init(KEY, (8, 3))
@@ -343,6 +351,7 @@ GN_CASES = [  # (num_groups, input shape, kwargs)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups,shape,kw", GN_CASES, ids=[f"g{g}_{'x'.join(map(str, s))}" for g, s, _ in GN_CASES])
 def test_group_norm_contract_and_numpy_reference(groups, shape, kw):
     layer = nn.group_norm(groups, **kw)
@@ -358,6 +367,7 @@ def test_group_norm_contract_and_numpy_reference(groups, shape, kw):
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_group_norm_matches_torch():
     torch = pytest.importorskip("torch")
     for groups, shape in ((2, (2, 6)), (3, (2, 7, 6)), (2, (2, 5, 4, 6))):
@@ -374,6 +384,7 @@ def test_group_norm_matches_torch():
         np.testing.assert_allclose(y, yt, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_group_norm_gradients_match_finite_differences():
     layer = nn.group_norm(2)
     with jax.enable_x64(True):
@@ -383,6 +394,7 @@ def test_group_norm_gradients_match_finite_differences():
         check_grads(jax.jit(f), (params, x), order=2, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_group_norm_examples_do_not_interact():
     """Each example's output is that of a batch of one: what per-example gradients need."""
     layer = nn.group_norm(2)

@@ -50,6 +50,7 @@ def finite(*values) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_and_learns(tmp_path, monkeypatch):
     nb, r = execute("quickstart.ipynb", tmp_path, monkeypatch)
     assert r["steps"] == STEPS
@@ -64,6 +65,7 @@ def test_quickstart_notebook_runs_and_learns(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "metrics.jsonl").exists()  # fit wrote to the run directory it was given
 
 
+@pytest.mark.slow
 def test_transforms_notebook_runs_and_its_numbers_hold(tmp_path, monkeypatch):
     nb, r = execute("transforms.ipynb", tmp_path, monkeypatch)
     assert r["steps"] == STEPS

@@ -79,6 +79,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_catalogue_optimizer_matches_direct_optax(name, variant):
@@ -221,6 +222,7 @@ def test_a_library_error_reaching_the_run_layer_becomes_a_config_error_naming_th
         optimizer_from_config(config, 10)
 
 
+@pytest.mark.slow
 def test_the_library_imports_no_run_layer():
     """fundl.train.optim (and the rest of the library) never imports fundl.run: arrows point one way."""
     import subprocess

@@ -3,6 +3,8 @@
 import re
 import subprocess
 import sys
+
+import pytest
 from conftest import ROOT
 
 
@@ -14,6 +16,7 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_readme_example_runs_and_prints_what_it_claims():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"## Pure functions, plain pytrees\n\n```python\n(.*?)```", readme, re.S).group(1)
@@ -30,6 +33,7 @@ def test_public_api_is_small_and_importable():
         assert getattr(fundl, name) is not None
 
 
+@pytest.mark.slow
 def test_the_one_screen_mnist_model_reaches_the_accuracy_the_readme_claims():
     """README "fundl in one screen": the Keras/PyTorch quickstart MLP, 5 epochs, prints >= 97.5%
     (the figure its comment and the config table quote); skipped only when MNIST is not on this machine."""

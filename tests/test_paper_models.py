@@ -66,6 +66,7 @@ CONTRACT = {  # small versions of each new option, through the generic layer che
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONTRACT))
 def test_new_options_pass_the_layer_contract(name):
     """init's shape is apply's; abstract init, jit, vmap and grad agree (tests/layer_checks.py)."""
@@ -76,6 +77,7 @@ def test_new_options_pass_the_layer_contract(name):
 
 
 # ----------------------------------------------------------- numerics
+@pytest.mark.slow
 def test_residual_mlp_equals_numpy():
     model = models.mlp([8], 3, residual=2)
     params, state, _ = model.init(KEY, (5, 6))
@@ -110,6 +112,7 @@ def _cnn_readout(m, length=5, channels=25):
     return {"w": jnp.asarray(w), "b": jnp.asarray(m.bias.detach().numpy())}
 
 
+@pytest.mark.slow
 def test_paper_models_equal_the_papers_pytorch_code_on_ported_weights():
     """notebooks/models.py of github.com/greydanus/mnist1d (retyped in scripts/reproduce_mnist1d.py)
     with its weights ported: the same outputs (the CNN's readout rows permuted)."""
@@ -149,6 +152,7 @@ def _dense_and_conv(params, path=()):
             yield from _dense_and_conv(v, path + (k,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_torch_init_draws_weights_and_biases_uniform_within_one_over_sqrt_fan_in(name):
     """Every weight and bias in U(±1/sqrt(fan_in)): all inside the bound, spread to it, std
@@ -169,6 +173,7 @@ def test_torch_init_draws_weights_and_biases_uniform_within_one_over_sqrt_fan_in
     assert all(not np.any(np.asarray(p["b"])) for _, p in _dense_and_conv(default))
 
 
+@pytest.mark.slow
 def test_torch_init_matches_torchs_own_draws():
     """torch's nn.Linear/nn.Conv1d draws lie within the same bounds and have the same spread."""
     torch = pytest.importorskip("torch")
@@ -186,6 +191,7 @@ def test_torch_init_matches_torchs_own_draws():
                 assert abs(theirs.mean() - ours.mean()) < 0.05 * bound
 
 
+@pytest.mark.slow
 def test_torch_init_gives_the_lstm_torchs_forget_bias():
     """fundl's default adds 1 to the LSTM's forget-gate bias; init="torch" does not (the GRU is
     torch's either way)."""
@@ -201,6 +207,7 @@ def test_torch_init_gives_the_lstm_torchs_forget_bias():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), *gru))
 
 
+@pytest.mark.slow
 def test_default_init_and_defaults_leave_existing_models_unchanged():
     """init="default", residual=0, an int kernel size: the params of the models before these options."""
     cases = [
@@ -231,6 +238,7 @@ def test_per_layer_kernel_sizes_and_int_padding_give_torchs_output_lengths():
         models.cnn1d([3, 4, 5], [], 2, kernel_size=[5, 3])
 
 
+@pytest.mark.slow
 def test_flatten_readout_feeds_every_steps_output_in_time_order():
     model = models.rnn_classifier("gru", 3, 2, bidirectional=True, readout="flatten")
     params, state, out = model.init(KEY, (4, 7, 1))
@@ -334,6 +342,7 @@ def test_resuming_with_another_data_order_or_init_is_checked():
     assert config_changes(old, saved) == []
 
 
+@pytest.mark.slow
 def test_paper_cnn_config_runs_five_unrolled_steps_per_dispatch_through_fit(tmp_path):
     """The paper CNN's config overrides "auto" (one step per dispatch for convolutions) by
     measurement (docs/benchmarks.md, "End to end"): ``fit`` runs its 5 fused steps fully

@@ -89,6 +89,7 @@ def four_devices(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("par") / "four.npz", SPECS, devices=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["pmap", "sharding"])
 def test_four_devices_equal_one_device(four_devices, mode, kind):
@@ -101,6 +102,7 @@ def test_four_devices_equal_one_device(four_devices, mode, kind):
     assert_same_training(ref, other, f"{mode} x4 vs 1 device, {kind}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,kind", [("pmap:0:5:cnn_bn+lstm", "cnn_bn"), ("pmap:0:5:cnn_bn+lstm", "lstm"),
                                        ("sharding:0:5:cnn_bn", "cnn_bn")])
 def test_fused_steps_on_four_devices(four_devices, spec, kind):
@@ -109,6 +111,7 @@ def test_fused_steps_on_four_devices(four_devices, spec, kind):
                          f"{spec} vs 1 device, {kind}")
 
 
+@pytest.mark.slow
 def test_sharding_with_dropout_equals_one_device(four_devices):
     """The sharded step draws the global batch's dropout mask (partitionable threefry), so even
     dropout runs equal one device; pmap folds the device index into the key and differs on purpose."""
@@ -116,6 +119,7 @@ def test_sharding_with_dropout_equals_one_device(four_devices):
                          section(four_devices, "sharding:0:1:mlp_dropout/mlp_dropout/"), "sharding x4, dropout")
 
 
+@pytest.mark.slow
 def test_pmapped_batch_norm_statistics_equal_global_batch(four_devices):
     bn = section(four_devices, "bn/")
     assert int(bn["num_devices"]) == 4
@@ -132,6 +136,7 @@ def train_cli(tmp_path, *args, devices=2, timeout=180):
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_pmap_on_two_fake_devices(tmp_path):
     run_dir = tmp_path / "run"
     proc = train_cli(tmp_path, "--set", 'parallel.mode="pmap"', "--set", "training.steps_per_call=4",
@@ -145,6 +150,7 @@ def test_cli_pmap_on_two_fake_devices(tmp_path):
     assert (run_dir / "checkpoints" / "step_00000024").is_dir()
 
 
+@pytest.mark.slow
 def test_indivisible_global_batch_is_a_clear_error_before_training(tmp_path):
     proc = train_cli(tmp_path, "--set", 'parallel.mode="pmap"', "--set", "training.batch_size=33",
                      "--run-dir", str(tmp_path / "run"))
@@ -191,6 +197,7 @@ def test_one_device_placements_round_trip_the_state(mode):
     assert placement.num_devices == 1 and placement.sync_every >= 1
 
 
+@pytest.mark.slow
 def test_one_device_is_a_plain_jit_bit_for_bit():
     """parallel.mode='none' is a 1-device mesh: host batches go in as they are, and three steps
     give the bit-identical state and metrics of ``jax.jit(step, donate_argnums=0)``."""

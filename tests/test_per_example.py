@@ -49,6 +49,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_equals_a_loop_of_single_example_gradients(name):
     build, shape = MODELS[name]
@@ -62,6 +63,7 @@ def test_equals_a_loop_of_single_example_gradients(name):
     assert_trees_close(new_state, state)
 
 
+@pytest.mark.slow
 def test_dropout_key_is_folded_per_example():
     model = models.mlp([32], 10, dropout=0.5)
     params, state, _ = model.init(KEY, (1, 12))
@@ -73,6 +75,7 @@ def test_dropout_key_is_folded_per_example():
     assert not np.array_equal(w[0] != 0, w[1] != 0)
 
 
+@pytest.mark.slow
 def test_plain_loss_function_and_aux():
     """Without model state: loss_fn(params, example) -> loss or (loss, aux), like jax.grad."""
     w = jnp.arange(6.0).reshape(3, 2) / 10
@@ -94,6 +97,7 @@ def test_plain_loss_function_and_aux():
     np.testing.assert_allclose(only, grads, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_norm_in_training_is_a_clear_error_naming_the_layer():
     model = models.cnn1d([4], [8], 10, batch_norm=True)
     params, state, _ = model.init(KEY, (1, 16, 1))
@@ -105,6 +109,7 @@ def test_batch_norm_in_training_is_a_clear_error_naming_the_layer():
     assert isinstance(err.value, nn.LayerError)  # the scripts print it without a traceback
 
 
+@pytest.mark.slow
 def test_nested_batch_norm_is_named_by_its_path():
     block = nn.named("encoder", nn.serial(nn.dense(8), nn.batch_norm(), nn.relu))
     model = nn.serial(block, nn.dense(10))
@@ -113,6 +118,7 @@ def test_nested_batch_norm_is_named_by_its_path():
         per_example_grads(model_loss(model), params, data((5,)), model_state=state)
 
 
+@pytest.mark.slow
 def test_batch_norm_with_frozen_statistics_is_allowed():
     """train=False reads the running statistics only: examples do not interact."""
     model = nn.serial(nn.dense(8), nn.batch_norm(), nn.relu, nn.dense(10))

@@ -46,6 +46,7 @@ def assert_same_model(plain, rematted, shape, x, *, train=True, eager=False):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), (g0, aux0), (g1, aux1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["checkpoint", "custom_vjp"])
 def test_remat_layer_passes_the_layer_contract(mode):
     block = nn.serial(nn.dense(8), nn.gelu, nn.dropout(0.3))
@@ -57,6 +58,7 @@ def test_remat_layer_passes_the_layer_contract(mode):
         check_layer(nn.rnn(remat_cell(nn.lstm_cell(4))), (2, 3, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["checkpoint", "custom_vjp"])
 def test_remat_keeps_name_params_and_values(mode):
     block = nn.serial(nn.dense(8), nn.relu, nn.dropout(0.5), name="block")
@@ -71,6 +73,7 @@ def test_remat_keeps_name_params_and_values(mode):
         r.apply(p, s, x, train=True)
 
 
+@pytest.mark.slow
 def test_remat_errors_name_the_layer_path():
     model = nn.serial(nn.dense(4), remat(nn.serial(nn.dense(3), name="inner")))
     p, s, _ = model.init(KEY, (1, 2))
@@ -83,6 +86,7 @@ def test_remat_errors_name_the_layer_path():
         remat(nn.relu, mode="offload")
 
 
+@pytest.mark.slow
 def test_custom_vjp_mode_is_reverse_mode_only_and_checkpoint_mode_composes_with_jvp():
     block = nn.serial(nn.dense(3), nn.tanh)
     p, s, _ = block.init(KEY, (1, 2))
@@ -94,6 +98,7 @@ def test_custom_vjp_mode_is_reverse_mode_only_and_checkpoint_mode_composes_with_
         jax.jvp(f(remat(block, mode="custom_vjp")), (x,), (t,))
 
 
+@pytest.mark.slow
 def test_remat_serial_has_serials_params_names_and_keys():
     layers = lambda: [nn.flatten(), nn.dense(8), nn.relu, nn.dropout(0.5), nn.dense(8), nn.relu, nn.dense(3)]
     plain = nn.serial(*layers())
@@ -103,6 +108,7 @@ def test_remat_serial_has_serials_params_names_and_keys():
     assert_same_model(plain, rs, (1, 2, 3), jax.random.normal(jax.random.key(1), (4, 2, 3)), eager=True)
 
 
+@pytest.mark.slow
 def test_remat_under_vmap_of_grad():
     model, rmodel = models.mlp([8, 8], 3), models.mlp([8, 8], 3, remat=True)
     p, s, _ = model.init(KEY, (1, 4))
@@ -116,6 +122,7 @@ def test_remat_under_vmap_of_grad():
     jax.tree.map(np.testing.assert_array_equal, per_example_grads(model), per_example_grads(rmodel))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,kw", [
     ("mlp", dict(dropout=0.3, input_dropout=0.1)),
     ("rnn", dict(num_layers=2, dropout=0.2)),
@@ -154,6 +161,7 @@ def _mlp(mode, depth=8, width=256):
     return remat_serial(nn.flatten(), *layers, nn.dense(10), mode=mode)
 
 
+@pytest.mark.slow
 def test_remat_lowers_the_backward_pass_memory():
     """XLA's memory analysis (compile only; full-size numbers in docs/transforms.md): the
     recomputing MLP (custom_vjp, what models.mlp(remat=True) uses) and the LSTM with a

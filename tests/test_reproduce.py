@@ -30,6 +30,7 @@ def report(tmp_path_factory):
             (tmp / "docs" / "reproduction.md").read_text(), tmp, argv)
 
 
+@pytest.mark.slow
 def test_json_holds_per_seed_numbers_and_their_mean_and_std(report):
     data, _, tmp, _ = report
     assert [m["name"] for m in data["models"]] == list(PAPER)
@@ -46,6 +47,7 @@ def test_json_holds_per_seed_numbers_and_their_mean_and_std(report):
     assert {"cpu", "cores", "jax"} <= set(data["machine"]) and data["steps"] == 20 and data["seeds"] == 2
 
 
+@pytest.mark.slow
 def test_markdown_has_a_row_per_model_with_the_paper_column_and_the_command(report):
     data, md, _, argv = report
     assert "python scripts/reproduce_mnist1d.py " + " ".join(argv) in md
@@ -73,6 +75,7 @@ def test_bad_arguments_say_what_was_expected(capsys):
     assert "--models: expected names from logistic, mlp, cnn, gru, fundl_cnn, fundl_lstm" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_render_only_rewrites_the_markdown_from_the_json(report):
     _, md, tmp, _ = report
     (tmp / "docs" / "reproduction.md").write_text("stale")

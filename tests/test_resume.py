@@ -40,6 +40,7 @@ def cosine_run(tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_the_checkpoint_records_the_resolved_config(cosine_run):
     manifest = ckpt.read_manifest(ckpt.latest_valid(cosine_run / "checkpoints"))
     assert manifest["extras"]["config"] == cfg.load_config(cosine_run / "config.toml")
@@ -47,6 +48,7 @@ def test_the_checkpoint_records_the_resolved_config(cosine_run):
     assert len(manifest["extras"]["run_id"]) == 12
 
 
+@pytest.mark.slow
 def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
     """The audit's case: the file's longer run stretches the cosine schedule mid-run."""
     before = (cosine_run / "config.toml").read_text()
@@ -58,6 +60,7 @@ def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
     assert ckpt.step_of(ckpt.latest_valid(cosine_run / "checkpoints")) == 8
 
 
+@pytest.mark.slow
 def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run):
     r = cli("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16", "--allow-change", "training.steps")
     assert r.returncode == 0, r.stderr
@@ -77,6 +80,7 @@ def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run):
     assert json.loads((cosine_run / "summary.json").read_text())["final_step"] == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key", [
     ("optimizer.learning_rate=0.1", "optimizer.learning_rate"),
     ('schedule.name="constant"', "schedule.name"),
@@ -95,6 +99,7 @@ def test_every_trajectory_setting_is_refused_then_allowed(tmp_path, override, ke
     assert summary["final_step"] == 8
 
 
+@pytest.mark.slow
 def test_structure_changes_are_refused_even_when_allowed(tmp_path):
     experiment.run(tiny_config("training.steps=4"), tmp_path, verbose=False)
     for override in ("model.hidden=[8]", 'optimizer.name="sgd"', 'training.nan_policy="skip"'):
@@ -103,6 +108,7 @@ def test_structure_changes_are_refused_even_when_allowed(tmp_path):
                            verbose=False, allow_changes=["model", "optimizer", "training"])
 
 
+@pytest.mark.slow
 def test_cosmetic_changes_need_no_flag(tmp_path):
     experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
     summary = experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=2", "training.resume=true",
@@ -131,6 +137,7 @@ def test_a_saved_loader_position_that_disagrees_with_the_step_is_an_error(tmp_pa
         experiment.run(tiny_config("training.steps=8", "training.resume=true"), tmp_path, verbose=False)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_recorded_config_is_compared_with_config_toml(tmp_path):
     """Checkpoints written before configs were recorded in them still resume, and are still checked."""
     experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)

@@ -41,6 +41,7 @@ def snapshot(path: Path) -> dict:
 
 
 # ----------------------------------------------------- a fresh run refuses
+@pytest.mark.slow
 def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tmp_path):
     """The README's flow: train, then train again into the same (default) run directory."""
     run = tmp_path / "run"
@@ -61,6 +62,7 @@ def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tmp_path):
     assert out["step"] == 24
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(tmp_path):
     run = tmp_path / "run"
     experiment.run(tiny_config("training.steps=24"), run, verbose=False)
@@ -75,6 +77,7 @@ def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(tmp_path):
     assert max(r["step"] for r in read_metrics(run)) == 8  # no record of the old run left in the new one
 
 
+@pytest.mark.slow
 def test_overwrite_through_the_cli_says_where_the_old_run_went(tmp_path):
     run = tmp_path / "run"
     experiment.run(tiny_config("training.steps=4"), run, verbose=False)
@@ -103,6 +106,7 @@ def test_library_users_get_the_same_refusal(tmp_path):
 
 
 # ------------------------------------------------------------------ lock
+@pytest.mark.slow
 def test_a_second_concurrent_run_exits_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     with RunDir(run):  # this process holds the run directory, as a live run would
@@ -163,6 +167,7 @@ def test_keep_k_never_deletes_the_checkpoint_just_written_or_newer_ones(tmp_path
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path)] == [8, 40, 50, 60]
 
 
+@pytest.mark.slow
 def test_keep_k_prunes_only_this_runs_checkpoints(tmp_path):
     state = _state()
     for s in (1, 2, 3):
@@ -172,6 +177,7 @@ def test_keep_k_prunes_only_this_runs_checkpoints(tmp_path):
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path)] == [1, 2, 3, 6, 7]
 
 
+@pytest.mark.slow
 def test_a_live_processes_temp_folder_is_left_alone(tmp_path):
     """Two writers in one folder must not delete each other's saves in progress: the second is refused."""
     state = _state()
@@ -200,6 +206,7 @@ time.sleep(60)
 
 
 # ------------------------------------------------------ metrics.jsonl
+@pytest.mark.slow
 def test_a_partial_last_metrics_line_does_not_stop_a_resume(tmp_path):
     """After a disk-full error the last line may be cut short; resume drops it with a warning."""
     experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)

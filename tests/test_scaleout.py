@@ -59,6 +59,7 @@ def run_mpirun(run: Path, private: bool, *extra) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
+@pytest.mark.slow
 @needs_mpirun
 def test_mpirun_fsdp_is_killed_resumes_exactly_and_equals_one_device(tmp_path, private_network):
     # uninterrupted, 2 processes x 2 devices

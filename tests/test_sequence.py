@@ -115,11 +115,13 @@ LAYERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_contract(name):
     check_layer(LAYERS[name](), (B, T, F))
 
 
+@pytest.mark.slow
 def test_stacked_dropout_contract_in_training():
     check_layer(nn.gru(H, num_layers=2, return_carry=True, dropout=0.3), (B, T, F), train=True)
 
@@ -169,6 +171,7 @@ def test_reverse_equals_numpy_on_flipped_input(kind):
         np.testing.assert_allclose(ys[b], ref[::-1], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_gradients_equal_python_loop(kind):
     layer = (nn.lstm if kind == "lstm" else nn.gru)(H, return_carry=True)
@@ -190,6 +193,7 @@ def test_gradients_equal_python_loop(kind):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda: nn.lstm(3, return_carry=True),
     lambda: nn.gru(3, reverse=True),
@@ -206,6 +210,7 @@ def test_check_grads_small_case_with_lengths(make):
         check_grads(f, (params, x), order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_unroll_does_not_change_results():
     x = jnp.asarray(rand(8, B, T, F))
     lengths = jnp.array([5, 3, 0])
@@ -223,6 +228,7 @@ def test_unroll_does_not_change_results():
 LENGTHS = [5, 3, 1, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,reverse,time_major", [
     ("lstm", False, False), ("lstm", True, True), ("gru", True, False), ("gru", False, True)])
 def test_lengths_equal_running_each_sequence_alone(kind, reverse, time_major):
@@ -249,6 +255,7 @@ def test_lengths_equal_running_each_sequence_alone(kind, reverse, time_major):
         np.testing.assert_array_equal(ys[b, n:], 0.0)  # padded outputs are zeros
 
 
+@pytest.mark.slow
 def test_padding_values_do_not_leak():
     layer = nn.gru(H, return_carry=True)
     params, _, _ = layer.init(KEY, (B, T, F))
@@ -265,6 +272,7 @@ def test_padding_values_do_not_leak():
     assert np.all(np.asarray(g)[0, 2:] == 0) and np.all(np.asarray(g)[1, 4:] == 0)
 
 
+@pytest.mark.slow
 def test_last_output_is_output_at_last_valid_step():
     layer = nn.lstm(H, return_sequences=False)
     params, _, _ = layer.init(KEY, (B, T, F))
@@ -276,6 +284,7 @@ def test_last_output_is_output_at_last_valid_step():
         np.testing.assert_allclose(last[b], ys[b, n - 1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_initial_carry_is_used():
     layer = nn.lstm(H, return_carry=True)
     params, _, _ = layer.init(KEY, (B, T, F))
@@ -288,6 +297,7 @@ def test_initial_carry_is_used():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), c2, carry)
 
 
+@pytest.mark.slow
 def test_reverse_sequences_helper():
     x = jnp.arange(2 * 4).reshape(2, 4)[..., None]
     r = nn.reverse_sequences(x, jnp.array([3, 0]))
@@ -301,6 +311,7 @@ def test_reverse_sequences_helper():
 # Bidirectional and stacked
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_bidirectional_equals_forward_plus_reversed(kind, with_lengths):
@@ -327,6 +338,7 @@ def test_bidirectional_equals_forward_plus_reversed(kind, with_lengths):
         np.testing.assert_array_equal(ys[b, n:], 0.0)
 
 
+@pytest.mark.slow
 def test_stacked_equals_layers_in_sequence_and_dropout():
     layer = nn.gru(H, num_layers=2, dropout=0.5, return_carry=True)
     params, _, out = layer.init(KEY, (B, T, F))
@@ -354,6 +366,7 @@ def test_stacked_rejects_non_sequence_middle_layer():
         nn.stacked(nn.lstm(H, return_sequences=False), nn.lstm(H)).init(KEY, (B, T, F))
 
 
+@pytest.mark.slow
 def test_vmap_over_inputs_with_lengths():
     layer = nn.lstm(H, bidirectional=True)
     params, _, _ = layer.init(KEY, (B, T, F))

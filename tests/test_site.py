@@ -37,6 +37,7 @@ def page(site: Path, path: str) -> str:
     return file.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_site_builds_strict_with_guides_api_and_notebooks(tmp_path):
     """One build (a few tens of seconds), then what it must hold."""
     site = tmp_path / "site"
@@ -74,6 +75,7 @@ def test_site_builds_strict_with_guides_api_and_notebooks(tmp_path):
         assert not roles, f"{html.parent.name}: Sphinx roles left unconverted: {roles[:3]}"
 
 
+@pytest.mark.slow
 def test_strict_build_fails_on_a_broken_link_anchor_or_reference(tmp_path):
     """The same config on a copy of the docs with three mistakes: the build fails and names each."""
     for part in ["mkdocs.yml", "docs", "scripts", "notebooks"]:

@@ -41,6 +41,7 @@ def tree_allclose(a, b, **kw):
 
 
 # -------------------------------------------------------------- train state
+@pytest.mark.slow
 def test_the_base_key_is_raw_key_data_and_a_typed_key_gives_the_same_steps():
     """TrainState.key holds uint32 key data (a typed key leaf costs dispatch time: docs/benchmarks.md);
     a state built with a typed key by hand trains identically."""
@@ -58,6 +59,7 @@ def test_the_base_key_is_raw_key_data_and_a_typed_key_gives_the_same_steps():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_create_train_state_works_under_jit_vmap_and_equals_the_eager_state():
     """Inside an outer jit the key is a tracer (a nested jit may not take compiler_options):
     the state is built inline, equal to the top-level one; under vmap each member equals its own."""
@@ -87,6 +89,7 @@ def test_current_step_reads_a_plain_placed_or_ensemble_state(mode):
 
 
 # -------------------------------------------------------------------- steps
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_and_counts_steps():
     ds = tiny_data()
     model, opt, state = setup()
@@ -100,6 +103,7 @@ def test_train_step_lowers_the_loss_and_counts_steps():
     assert int(state.step) == 30
 
 
+@pytest.mark.slow
 def test_jitted_step_equals_unjitted():
     ds = tiny_data()
     model, opt, state = setup(model=nn.serial(nn.flatten(), nn.dense(16), nn.relu, nn.dropout(0.3), nn.dense(3)))
@@ -110,6 +114,7 @@ def test_jitted_step_equals_unjitted():
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_step_keys_differ_per_step_and_are_reproducible():
     model = nn.serial(nn.dropout(0.5))
     _, opt, state = setup(model=nn.serial(nn.dense(3), nn.dropout(0.5)))
@@ -130,6 +135,7 @@ def test_step_keys_differ_per_step_and_are_reproducible():
     assert float(again["o"]) == seen[0]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
     ds = tiny_data()
     big = batch_of(ds, 64)
@@ -145,6 +151,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     tree_allclose(s_acc.params, s_one.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_example_gradients_with_vmap():
     model, _, state = setup()
     x = jax.random.normal(KEY, (5, 8))
@@ -159,6 +166,7 @@ def test_per_example_gradients_with_vmap():
         tree_allclose(jax.tree.map(lambda g: g[i], per_ex), jax.grad(loss)(state.params, x[i], y[i]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmapped_ensemble_of_train_states():
     model = models.mlp([16], 3)
     opt = optax.adam(1e-2)
@@ -173,6 +181,7 @@ def test_vmapped_ensemble_of_train_states():
     tree_allclose(jax.tree.map(lambda a: a[1], states.params), single.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32():
     """bfloat16 compute with float32 master params ends within 0.05 (absolute) of the
     float32 run's final loss on the same data -- the documented margin."""
@@ -196,6 +205,7 @@ def test_bfloat16_training_tracks_float32():
 
 
 # ------------------------------------------------------------- fused steps
+@pytest.mark.slow
 def test_fused_steps_equal_separate_steps():
     ds = tiny_data()
     model, opt, state = setup()
@@ -221,6 +231,7 @@ FAMILIES = [(models.mlp([8], 3), (2, 5), "dense"),
             (models.rnn_classifier("gru", 4, 3), (2, 3, 2), "recurrent")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,shape,family", FAMILIES, ids=[f for _, _, f in FAMILIES])
 def test_the_fusion_rule_reads_the_family_from_the_step_and_resolves_auto_once(model, shape, family):
     opt = optax.sgd(0.1)
@@ -261,6 +272,7 @@ def test_fusion_settings_are_checked_where_they_are_made():
 
 
 # --------------------------------------------------- optimisers, in a step
+@pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [("sgd", {"momentum": 0.9, "nesterov": True}), ("adam", {}), ("adamw", {}),
                                         ("rmsprop", {"momentum": 0.5}), ("lion", {})])
 def test_optimizers_by_name_train(name, extra):
@@ -295,6 +307,7 @@ def test_schedules(name, kw, at, want):
     assert float(make_schedule(0.1, 100, name=name, **kw)(at)) == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_multi_step_auto_unroll_unrolls_only_convolutional_steps():
     """The auto fusion rule: convolutional steps fuse fully unrolled (equal to float32 rounding),
     dense and recurrent ones as a rolled scan (bit-identical to separate steps)."""

@@ -57,6 +57,7 @@ def central_difference(f, x, eps):
     return (f(x + eps) - f(x - eps)) / (2 * eps)
 
 
+@pytest.mark.slow
 def test_meta_gradient_wrt_log_learning_rate_matches_finite_difference():
     with jax.enable_x64(True):
         model, opt, batches, val, state = problem("adam")
@@ -75,6 +76,7 @@ def test_meta_gradient_wrt_log_learning_rate_matches_finite_difference():
         assert g == pytest.approx(fd, rel=1e-5), (g, fd)  # measured: 1.6e-6
 
 
+@pytest.mark.slow
 def test_meta_gradient_wrt_init_scale_matches_finite_difference():
     with jax.enable_x64(True):
         model, opt, batches, val, state = problem("sgd", lr=0.3)
@@ -96,6 +98,7 @@ def test_meta_gradient_wrt_init_scale_matches_finite_difference():
         np.testing.assert_array_equal(scaled["dense_0"]["b"], state.params["dense_0"]["b"])
 
 
+@pytest.mark.slow
 def test_meta_gradient_wrt_per_example_weights_matches_finite_differences():
     """SGD: through Adam the validation loss is smooth but sharply curved in the weights
     (its first update is ~sign(gradient)): a central difference with eps 1e-2 along a random
@@ -122,6 +125,7 @@ def test_meta_gradient_wrt_per_example_weights_matches_finite_differences():
             assert float(g[i, j]) == pytest.approx(fd, rel=1e-4), (i, j, float(g[i, j]), fd)  # measured: 2e-5
 
 
+@pytest.mark.slow
 def test_weighted_step_with_unit_weights_equals_the_plain_step():
     model, opt, batches, _, state = problem("adam")
     batch = jax.tree.map(lambda a: a[0], batches)
@@ -133,6 +137,7 @@ def test_weighted_step_with_unit_weights_equals_the_plain_step():
         make_weighted_train_step(model, opt)(state, batch)
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing_and_equals_separate_steps():
     model, opt, batches, val, state = problem("adam")  # float32
     step = make_train_step(model, opt)
@@ -155,6 +160,7 @@ def test_remat_changes_nothing_and_equals_separate_steps():
     jax.tree.map(np.testing.assert_array_equal, s.params, s0.params)
 
 
+@pytest.mark.slow
 def test_learning_rate_needs_an_injected_optimizer():
     model = models.mlp([4], 3)
     state = create_train_state(model, optax.adam(1e-3), jax.random.key(0), (1, 6))
@@ -166,6 +172,7 @@ def test_learning_rate_needs_an_injected_optimizer():
                           {"x": jnp.ones((3, 2, 6)), "y": jnp.zeros((4, 2), jnp.int32)})
 
 
+@pytest.mark.slow
 def test_remat_memory_grows_by_one_train_state_per_step():
     """XLA's memory analysis of grad(validation loss) through K steps: with remat the scratch
     memory grows linearly in K by about one TrainState per step (measured: exactly one);
@@ -208,6 +215,7 @@ def val_loss_after_training(lr, model, step, state, batches, val):
     return -jnp.mean(jnp.take_along_axis(logp, val["y"][:, None], axis=-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_grad_of_validation_loss_wrt_learning_rate_matches_finite_differences(name):
     with jax.enable_x64(True):
@@ -227,6 +235,7 @@ def test_grad_of_validation_loss_wrt_learning_rate_matches_finite_differences(na
         assert float(jax.grad(f_remat)(lr)) == g
 
 
+@pytest.mark.slow
 def test_meta_gradient_through_adam_needs_eps_root_when_a_gradient_is_exactly_zero():
     """Adam divides by sqrt(nu): its derivative at nu = 0 is infinite, so one exactly-zero gradient
     entry (a dead ReLU unit, an unused input) turns the meta-gradient into NaN; optax's eps_root > 0
@@ -252,6 +261,7 @@ def test_meta_gradient_through_adam_needs_eps_root_when_a_gradient_is_exactly_ze
     assert jnp.isfinite(meta_grad(eps_root=1e-8))
 
 
+@pytest.mark.slow
 def test_meta_lr_script_runs_with_tiny_settings(tmp_path):
     """examples/meta_lr.py end to end on MNIST-1D (generated offline) with tiny settings, run as its
     users run it: the plot, the JSON (history, sweep, comparison) and the table are written, and the
