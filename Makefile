@@ -20,11 +20,11 @@ venv: $(STAMP)
 # -n auto: one pytest worker per core (pytest-xdist); tests/conftest.py shares one JAX compilation
 # cache between the workers and the processes they start. Durations: docs/benchmarks.md, "Test suite".
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 # The tests not marked slow: the inner loop while you work.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 # --overwrite: running the main job again moves the previous run aside (runs/NAME.old-<time>), never deletes it.
 train: $(STAMP)

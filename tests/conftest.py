@@ -3,9 +3,9 @@ marker and one JAX compilation cache per test session.
 
 - ``ROOT``: the repository root (tests import it: ``from conftest import ROOT``).
 - ``no_network``: any connection attempt fails the test (local data must never download).
-- ``@pytest.mark.slow`` (registered in pyproject.toml): tests of several seconds, such as whole
+- ``@pytest.mark.slow`` (registered in pyproject.toml): tests of more than a second or two, such as whole
   runs through the command line, several processes, notebooks or the site build.
-  ``make test-fast`` deselects them; ``make test`` runs everything.
+  ``make test-fast`` deselects them; ``make test`` runs everything, slow tests first.
 - The session's JAX compilation cache: one temporary directory, set through
   ``JAX_COMPILATION_CACHE_DIR`` before JAX is imported, so the xdist workers and every process
   the tests start (the command line, multi-process runs, notebooks) reuse each other's compiled
@@ -36,6 +36,12 @@ def pytest_configure(config):
     # Cache every program, however quick to compile: the suite compiles thousands of small ones.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort, so each file keeps its order): under xdist the long ones
+    start early instead of leaving one worker busy at the end while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_unconfigure(config):

@@ -102,7 +102,10 @@ def test_later_needs_data_blocks_of_a_file_skip_when_its_data_is_missing():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.file}:{b.line}" for b in BLOCKS])
+# xdist_group: a file's blocks share one namespace, so under `--dist loadgroup` (make test) they run on
+# one worker in order, and no worker runs another's earlier blocks again.
+@pytest.mark.parametrize("block", [pytest.param(b, marks=pytest.mark.xdist_group(b.file)) for b in BLOCKS],
+                         ids=[f"{b.file}:{b.line}" for b in BLOCKS])
 def test_code_block_runs(block, monkeypatch):
     if block.skip:
         pytest.skip(f"{block.file}:{block.line}: {block.skip}")
