@@ -10,6 +10,7 @@ import optax
 from flax import struct
 
 from fundl.nn import Layer
+from fundl.train.compile_cache import enable_compilation_cache
 from fundl.train.loss_scale import LossScale
 
 
@@ -79,6 +80,7 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     ``key`` may be a typed key (``jax.random.key(0)``), raw key data or an int seed.
     See :class:`TrainState` for an example.
     """
+    enable_compilation_cache()  # the first program of most runs (fundl.train.compile_cache)
     if not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
 
