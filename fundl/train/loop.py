@@ -220,7 +220,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
     loader.restore(loader.state_at_step(start))  # step t always sees the same batch
 
     # ---------------------------------------------------------------- compile
-    steps_per_call, unroll = resolve(fusion, train_step, state, first_batch, axis_name=placement.axis_name)
+    steps_per_call, unroll = resolve(fusion, train_step, state, first_batch, axis_name=placement.axis_name,
+                                     steps=num_steps - start)
     packed_step, names = _packed_metrics(train_step)
     compiled = {1: placement.compile_train(packed_step, 1)}
     if steps_per_call > 1:
