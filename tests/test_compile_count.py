@@ -105,3 +105,43 @@ def test_fit_compiles_each_program_once_here():
     scope: dict = {}
     exec(FIT_COUNTS, scope)  # noqa: S102 - the driver's own code, run here without the fake devices
     check_once("none", scope["fit_counts"](["none"])["none"])
+
+
+@pytest.mark.slow
+def test_members_of_an_ensemble_share_one_init_program():
+    """create_train_state compiles its init once for a model and optimiser (an ensemble's members,
+    a sweep's seeds); an optimiser that cannot be hashed still works (compiled per call), with the
+    same values."""
+    import jax
+    import numpy as np
+    import optax
+    from jax import monitoring
+
+    from fundl import models
+    from fundl.train.ensemble import stack_states
+    from fundl.train.state import create_train_state
+
+    counts: list[str] = []
+
+    def on_compile(event, seconds, fun_name="?", **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts.append(fun_name)
+
+    model, opt = models.mlp([5], 3), optax.adam(1e-3)
+    create_train_state(model, opt, 0, (1, 7))  # compiled here (or earlier in the session)
+    monitoring.register_event_duration_secs_listener(on_compile)
+    try:
+        states = [create_train_state(model, opt, seed, (1, 7)) for seed in range(4)]
+        stacked = stack_states(states)
+    finally:
+        monitoring.unregister_event_duration_listener(on_compile)
+    assert not [n for n in counts if "build" in n], counts  # no init compiled again
+    assert [n for n in counts if "stack" in n] in ([], ["jit(_stack_leaves)"]), counts  # one program, once
+    assert jax.tree.leaves(stacked)[0].shape[0] == 4
+
+    class Unhashable(optax.GradientTransformation.__mro__[0]):
+        __hash__ = None
+
+    plain = create_train_state(model, Unhashable(opt.init, opt.update), 3, (1, 7))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(states[3])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
