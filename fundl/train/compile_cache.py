@@ -12,6 +12,9 @@ compiling them.
 - A user's own JAX setting wins: with ``JAX_COMPILATION_CACHE_DIR`` or
   ``jax.config.jax_compilation_cache_dir`` already set, or JAX's cache switched off
   (``jax_enable_compilation_cache``), nothing is changed.
+- Programs are kept per kind of host CPU (a subfolder named for its model and instruction-set
+  flags): JAX's cache key names no CPU features, and XLA:CPU compiles for the host's, so a
+  home folder shared by different machines must not hand one machine another's code.
 - Several processes may share it (pytest-xdist workers, the processes of one run): the
   cache is given a size bound (:data:`MAX_BYTES`), under which JAX takes a file lock around
   every read and write (``filelock``) and evicts the least recently used entries, so no
@@ -23,7 +26,9 @@ How large it grows and how to clear it: docs/training.md, "Compilation cache".
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 from pathlib import Path
 
 import jax
@@ -55,13 +60,26 @@ def compilation_cache_dir() -> Path:
     return paths.cache_dir() / SUBDIR
 
 
+def host_folder() -> str:
+    """The subfolder for this host's kind of CPU: the machine and a hash of the CPU's model and
+    instruction-set flags (``/proc/cpuinfo``; elsewhere what ``platform`` says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))}
+        text = "".join(sorted(lines))
+    except OSError:
+        text = platform.processor()
+    return f"{platform.machine() or 'cpu'}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def enabled_by_user() -> bool:
     """True when ``FUNDL_COMPILATION_CACHE`` does not turn the cache off."""
     return os.environ.get(SWITCH_ENV, "1").strip().lower() not in _OFF
 
 
 def enable_compilation_cache() -> Path | None:
-    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir`, unless the
+    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir` (its
+    :func:`host_folder`), unless the
     user switched it off or set JAX's own; the folder in use, or None when fundl left it off.
 
     Idempotent and cheap (it runs at every ``fit``); call it before the first compile so that
@@ -75,7 +93,7 @@ def enable_compilation_cache() -> Path | None:
         return _enabled if own == str(_enabled) else None
     if not enabled_by_user():
         return None
-    folder = compilation_cache_dir()
+    folder = compilation_cache_dir() / host_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: compile as before
