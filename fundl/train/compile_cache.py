@@ -79,8 +79,8 @@ def enabled_by_user() -> bool:
 
 def enable_compilation_cache() -> Path | None:
     """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir` (its
-    :func:`host_folder`), unless the
-    user switched it off or set JAX's own; the folder in use, or None when fundl left it off.
+    :func:`host_folder`), unless the user switched it off or set JAX's own; the folder in use,
+    or None when fundl left it off.
 
     Idempotent and cheap (it runs at every ``fit``); call it before the first compile so that
     every program of the process is cached.  The folder is created when first needed.
@@ -98,7 +98,7 @@ def enable_compilation_cache() -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: compile as before
         return None
-    if _has_filelock():  # a bound needs filelock; without it JAX would fail at every compile
+    if _has_filelock() and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # a bound needs filelock
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
