@@ -33,6 +33,7 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.benchmark
+	$(BIN)/python -m benchmarks.bench_first_step  # cold and warm first step, make train run twice
 
 # The documentation site (mkdocs.yml, docs/, notebooks/) into site/; --strict: a broken link or reference fails.
 docs: $(STAMP)

@@ -171,9 +171,23 @@ def run_fit(config: dict) -> tuple[dict, list[dict]]:
         return summary, read_metrics(Path(tmp) / "run")
 
 
+def full_run_steps_per_call(config: dict):
+    """The config's ``training.steps_per_call`` as its full-length run resolves it: a shortened
+    run would fuse nothing under ``"auto"`` (``fundl.train.fusion.AUTO_MIN_STEPS``), and this
+    benchmark times a window of the full run."""
+    if config["training"]["steps_per_call"] != "auto":
+        return config["training"]["steps_per_call"]
+    from fundl.train.fusion import resolve
+
+    _, loader, state, step = setup(config)
+    return resolve("auto", step, state, loader.batch(0, 0))[0]
+
+
 def time_fit(config: dict, steps: int, *, min_logs: int = 3, **training) -> FitTiming:
     """``run_fit`` of ``shortened(config, steps, **training)``, timed from its first logged train
-    record to its last (at least ``min_logs`` of them, so that ``min_logs - 1`` intervals are timed)."""
+    record to its last (at least ``min_logs`` of them, so that ``min_logs - 1`` intervals are timed);
+    fused as the full run would be (:func:`full_run_steps_per_call`)."""
+    training.setdefault("steps_per_call", full_run_steps_per_call(config))
     summary, records = run_fit(shortened(config, steps, **training))
     train = [r for r in records if r["split"] == "train"]
     if len(train) < min_logs:

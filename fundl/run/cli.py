@@ -130,6 +130,9 @@ def train_main(argv=None) -> int:
         print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...
     from fundl.run.experiment import run  # heavy imports after validation
     from fundl.run.summary import published_reference
+    from fundl.train.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # before the first compile: every program of the run is cached
 
     t0 = time.perf_counter()
     try:
@@ -170,6 +173,9 @@ def evaluate_main(argv=None) -> int:
         return report_error(RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?"),
                             at_start_up=True)
     from fundl.run.evaluator import evaluate_run  # heavy imports after the check
+    from fundl.train.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
 
     try:
         result = evaluate_run(run_dir)

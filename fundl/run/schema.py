@@ -76,7 +76,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "resume": False,          # continue from the run directory's latest checkpoint
         "compute_dtype": "float32",  # float32 | bfloat16 | float16
         "loss_scale": 0.0,        # 0: the dtype's default (float16 needs one)
-        "steps_per_call": "auto",  # K optimiser steps fused into one dispatch; "auto": measured per model family
+        "steps_per_call": "auto",  # K steps fused per dispatch; "auto": by model family, 1 in runs under 2000 steps
         "unroll": "auto",         # lax.scan unroll for fused steps (0: fully); "auto": measured per model family
         "nan_policy": "stop",     # stop | skip | ignore
         "progress": True,         # tqdm bar when stderr is a terminal

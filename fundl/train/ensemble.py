@@ -34,7 +34,13 @@ from fundl.metrics import classification_metrics
 
 
 def stack_states(states: Sequence):
-    """Member states (equal tree structure) -> one state with a leading member axis on every leaf."""
+    """Member states (equal tree structure) -> one state with a leading member axis on every leaf
+    (one compiled program for the whole tree, not one per leaf shape)."""
+    return _stack_leaves(list(states))
+
+
+@jax.jit
+def _stack_leaves(states: list):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 

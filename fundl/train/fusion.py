@@ -20,6 +20,8 @@ Examples:
     (10, 1)
     >>> resolve(Fusion(steps_per_call=4, unroll=0), make_train_step(model, opt), state, batch)
     (4, True)
+    >>> resolve(Fusion(), make_train_step(model, opt), state, batch, steps=100)   # too short to repay
+    (1, 1)
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ AUTO_STEPS_PER_CALL = {"conv": 1, "dense": 10, "recurrent": 1}
 # Figures: docs/benchmarks.md, "Fused steps".
 AUTO_UNROLL = {"conv": True, "dense": 1, "recurrent": 1}
 """The ``lax.scan`` unroll that ``unroll="auto"`` picks, by :func:`step_family` (True: fully)."""
+
+
+# A fused program is one more program to compile (a rolled scan of the step: about as long as the
+# step's own compile); it repays that only through the dispatches it saves, so a short run
+# (a notebook cell, a smoke test) fuses nothing.  Break-even figures: docs/benchmarks.md, "First step".
+AUTO_MIN_STEPS = 2000
+"""``steps_per_call="auto"`` fuses only a run of at least this many steps (when ``fit`` says its length)."""
 
 
 @dataclass(frozen=True)
@@ -91,16 +100,20 @@ def step_family(train_step, state, batch, *, axis_name: str | None = None) -> st
 
 
 def resolve(fusion: Fusion | str, train_step, state, batch, *,
-            axis_name: str | None = None) -> tuple[int, bool | int]:
+            axis_name: str | None = None, steps: int | None = None) -> tuple[int, bool | int]:
     """``(steps_per_call, unroll)`` to compile: ``"auto"`` replaced by the choice for the step's
     family (traced only when something is ``"auto"``), unroll ``0`` by ``True`` (fully), and unroll
     ``1`` when one step per call leaves nothing to unroll.  ``fusion`` is a :class:`Fusion` or
-    ``"auto"``; ``state`` and ``batch`` are one step's (see :func:`step_family`)."""
+    ``"auto"``; ``state`` and ``batch`` are one step's (see :func:`step_family`).  ``steps``: how
+    many steps the run has left (``fit`` passes it); an ``"auto"`` ``steps_per_call`` is 1 below
+    :data:`AUTO_MIN_STEPS`, where the fused program's compile would cost more than it saves."""
     if isinstance(fusion, str):
         if fusion != "auto":
             raise ValueError(f"fusion must be 'auto' or a fundl.train.fusion.Fusion, got {fusion!r}")
         fusion = Fusion()
     k, unroll = fusion.steps_per_call, fusion.unroll
+    if k == "auto" and steps is not None and steps < AUTO_MIN_STEPS:
+        k = 1  # the fused program's compile is not repaid in a short run
     if "auto" in (k, unroll):
         family = step_family(train_step, state, batch, axis_name=axis_name)
         k = AUTO_STEPS_PER_CALL[family] if k == "auto" else k

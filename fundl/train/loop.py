@@ -29,6 +29,7 @@ import optax
 from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
 from fundl.train.checkpoint import Checkpointer
+from fundl.train.compile_cache import enable_compilation_cache
 from fundl.train.fusion import Fusion, resolve
 from fundl.train.placement import single_device
 from fundl.train.signals import StopSignals, TrainingInterrupted
@@ -90,6 +91,7 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
         >>> sorted(means)                                   # over 100 + 100 + 50 (padded) examples
         ['accuracy', 'loss']
     """
+    enable_compilation_cache()
     placement = placement or single_device()
     n = len(arrays["y"])
     if n == 0:
@@ -202,6 +204,7 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
         (20, [10, 20])
     """
     # ------------------------------------------------------------------ setup
+    enable_compilation_cache()  # on by default (fundl.train.compile_cache)
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"fit: nan_policy must be 'stop', 'skip' or 'ignore', got {nan_policy!r}")
     if not isinstance(every, Every):
@@ -217,7 +220,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
     loader.restore(loader.state_at_step(start))  # step t always sees the same batch
 
     # ---------------------------------------------------------------- compile
-    steps_per_call, unroll = resolve(fusion, train_step, state, first_batch, axis_name=placement.axis_name)
+    steps_per_call, unroll = resolve(fusion, train_step, state, first_batch, axis_name=placement.axis_name,
+                                     steps=num_steps - start)
     packed_step, names = _packed_metrics(train_step)
     compiled = {1: placement.compile_train(packed_step, 1)}
     if steps_per_call > 1:

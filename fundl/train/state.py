@@ -1,5 +1,6 @@
 """The train state: everything a training run needs, as one pytree."""
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import optax
 from flax import struct
 
 from fundl.nn import Layer
+from fundl.train.compile_cache import enable_compilation_cache
 from fundl.train.loss_scale import LossScale
 
 
@@ -79,24 +81,25 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     ``key`` may be a typed key (``jax.random.key(0)``), raw key data or an int seed.
     See :class:`TrainState` for an example.
     """
+    enable_compilation_cache()  # the first program of most runs (fundl.train.compile_cache)
     if not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
 
-    def build(key):
-        init_key, base_key = jax.random.split(key)
-        params, model_state, _ = model.init(init_key, tuple(input_shape))
-        return params, model_state, optimizer.init(params), base_key
-
     # One compiled program (run eagerly, every initialiser op compiles on its own), and on
     # XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves
-    # (docs/benchmarks.md, "Start-up").
+    # (docs/benchmarks.md, "Start-up").  One jit for every call, the model and optimiser static:
+    # the members of an ensemble share one compiled program.
     # Under an outer transform (jit, vmap, grad) the key is a tracer: build inline, since
     # compiler_options are accepted only by a top-level jit.
     if isinstance(key, jax.core.Tracer):
-        params, model_state, opt_state, base_key = build(key)
+        params, model_state, opt_state, base_key = _build(key, model, optimizer, tuple(input_shape))
     else:
-        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        params, model_state, opt_state, base_key = jax.jit(build, compiler_options=options)(key)
+        cpu, static = jax.default_backend() == "cpu", (model, optimizer, tuple(input_shape))
+        if _hashable(static):
+            params, model_state, opt_state, base_key = _shared_init_program(cpu)(key, *static)
+        else:
+            params, model_state, opt_state, base_key = jax.jit(
+                lambda k: _build(k, *static), compiler_options=_init_options(cpu))(key)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -105,6 +108,32 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
         key=jax.random.key_data(base_key),
         loss_scale=LossScale.create() if uses_dynamic_loss_scale(compute_dtype, loss_scale) else None,
     )
+
+
+def _build(key, model: Layer, optimizer: optax.GradientTransformation, input_shape: tuple):
+    """The initial params, model state, optimiser state and base key from ``key``."""
+    init_key, base_key = jax.random.split(key)
+    params, model_state, _ = model.init(init_key, input_shape)
+    return params, model_state, optimizer.init(params), base_key
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _init_options(cpu: bool) -> dict | None:
+    return {"xla_backend_optimization_level": 0} if cpu else None
+
+
+@functools.cache
+def _shared_init_program(cpu: bool):
+    """``_build`` jitted once per process, the model, optimiser and shape static: calls with the
+    same three (an ensemble's members) share one compiled program."""
+    return jax.jit(_build, static_argnums=(1, 2, 3), compiler_options=_init_options(cpu))
 
 
 def uses_dynamic_loss_scale(compute_dtype, loss_scale: float | None) -> bool:
