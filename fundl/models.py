@@ -327,7 +327,7 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     with std 0.02, the two projections into the residual stream per block with
     std ``0.02 / sqrt(2 * layers)``, biases zero, norms one.  The model state is
     ``{}``.  Its decoder (:mod:`fundl.nn.decoding`) keeps a KV cache for
-    ``fundl.generate``.
+    :func:`fundl.generation.generate`.
 
     Beyond nanoGPT: ``num_kv_heads`` (grouped-query attention), ``mlp="swiglu"``,
     ``norm="rms"`` and ``rope=True`` (rotary embeddings in every attention layer,
@@ -336,7 +336,7 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     Params: ``embedding`` (``w`` (vocab, width)), ``positions`` (``w`` (context,
     width); none with ``rope``), ``block_0`` .. ``block_{layers-1}``
     (``norm_1``, ``attention`` {``qkv``, ``out``}, ``norm_2``, ``mlp`` {``fc``, ``proj``}),
-    ``norm``.  ``fundl.interop.from_nanogpt`` maps nanoGPT's state_dict onto them.
+    ``norm``.  :func:`fundl.interop.nanogpt.from_nanogpt` maps nanoGPT's state_dict onto them.
 
     Examples:
         >>> model = models.gpt(65, context=64, layers=4, heads=4, width=128)   # nanoGPT's "baby" GPT
