@@ -93,6 +93,7 @@ def generate(model: Layer | Decoder, params, prompt, num_tokens: int, *, key, te
     model, shapes, ``num_tokens``, ``top_k`` and greediness.
 
     Examples:
+        >>> import fundl
         >>> model = models.gpt(11, context=16, layers=1, heads=2, width=8)
         >>> params, _, _ = model.init(jax.random.key(0), (1, 16))
         >>> out = fundl.generate(model, params, jnp.array([[1, 2, 3]]), 5, key=jax.random.key(1))

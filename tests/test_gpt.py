@@ -195,3 +195,17 @@ def test_generate_checks_its_arguments():
         fundl.generate(model, params, np.zeros((1, 2), np.int32), 2, key=jax.random.key(0), top_k=0)
     with pytest.raises(fundl.nn.LayerError, match="has no decoder"):
         fundl.generate(models.mlp([4], 3), {}, np.zeros((1, 2), np.int32), 2, key=jax.random.key(0))
+
+
+def test_config_builds_the_gpt_with_the_datas_context():
+    from fundl.run import config as cfg
+    from fundl.run.build import build_model
+
+    config = cfg.load_config(None, ['model.kind="gpt"', "model.layers=1", "model.heads=2", "model.width=8",
+                                    "model.bias=false", "data.seq_len=12"])
+    model = build_model(config["model"], VOCAB, context=config["data"]["seq_len"])
+    params, state, out = fundl.nn.abstract_init(model, (1, 12))
+    assert state == {} and out == (1, 12, VOCAB) and params["positions"]["w"].shape == (12, 8)
+    assert sorted(params) == ["block_0", "embedding", "norm", "positions"] and "bias" not in params["norm"]
+    with pytest.raises(cfg.ConfigError, match="model.heads = 3 must divide model.width = 8"):
+        cfg.load_config(None, ['model.kind="gpt"', "model.heads=3", "model.width=8"])
