@@ -1,8 +1,8 @@
 """Ready-made models, each an ordinary :class:`fundl.nn.Layer`.
 
 They are short compositions of ``fundl.nn`` layers, meant to be read and
-copied: MLP, 2D CNN for images, 1D CNN for sequences, an RNN classifier and
-a character-level language model.  ``build_model`` makes one from a config's
+copied: MLP, 2D CNN for images, 1D CNN for sequences, an RNN classifier,
+a character-level language model and a GPT.  ``build_model`` makes one from a config's
 ``[model]`` section.
 
 Initialisation (``init``, every model): ``"default"`` is fundl's — dense and
@@ -17,9 +17,14 @@ these defaults, so reproducing them needs ``init="torch"``.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
+
 from fundl import nn
+from fundl.nn.decoding import Decoder
 from fundl.nn.remat import remat_cell, remat_serial
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": nn.tanh, "silu": nn.silu,
@@ -277,6 +282,82 @@ def char_lm(vocab_size: int, *, embed_dim: int = 64, cell: str = "lstm", hidden:
         (['dense_0', 'embedding_0', 'lstm'], (1, 64, 65))
     """
     _check_init(init)
-    return nn.serial(nn.embedding(vocab_size, embed_dim),
-                     *_sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout, remat=remat, init=init),
-                     _dense(vocab_size, init), name="char_lm")
+    model = nn.serial(nn.embedding(vocab_size, embed_dim),
+                      *_sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout, remat=remat, init=init),
+                      _dense(vocab_size, init), name="char_lm")
+    return model._replace(decoder=_char_lm_decoder(cell, hidden, num_layers))
+
+
+def _char_lm_decoder(cell: str, hidden: int, num_layers: int) -> Decoder:
+    """:func:`char_lm`'s decoder (:mod:`fundl.nn.decoding`): the cache is the recurrent carry of
+    every layer, and a step scans the cells over the new ids from it (dropout is off in a step)."""
+    step_cell = nn.lstm_cell(hidden) if cell == "lstm" else nn.gru_cell(hidden)
+
+    def layer_params(params, k):
+        p = params[cell]
+        return p if num_layers == 1 else p[f"layer_{k}"]
+
+    def init_cache(params, batch_size, max_len, dtype):
+        return tuple(step_cell.initial_carry((batch_size,), dtype) for _ in range(num_layers))
+
+    def step(params, cache, ids, position):
+        x = jnp.take(params["embedding_0"]["w"], ids, axis=0)
+        xs, carries = jnp.swapaxes(x, 0, 1), []                      # time-major for the scan
+        for k, carry in enumerate(cache):
+            p = layer_params(params, k)
+            carry, xs = jax.lax.scan(lambda c, x_t, p=p: step_cell.step(p, c, x_t), carry, xs)
+            carries.append(carry)
+        head = params["dense_0"]
+        return jnp.swapaxes(xs, 0, 1) @ head["w"] + head["b"], tuple(carries)
+
+    return Decoder(init_cache, step)
+
+
+def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, dropout: float = 0.0,
+        bias: bool = True, num_kv_heads: int | None = None, mlp: str = "gelu", norm: str = "layer",
+        rope: bool = False) -> nn.Layer:
+    """A GPT: ids (B, T <= context) -> logits (B, T, vocab), nanoGPT's architecture and initialisation.
+
+    Token embedding plus learned position embedding (``context`` rows), dropout,
+    ``layers`` pre-norm blocks (:func:`fundl.nn.transformer_block`: causal
+    attention with ``heads`` heads, a 4x exact-GELU MLP, LayerNorm), a final
+    LayerNorm and the output head tied to the token embedding
+    (:func:`fundl.nn.tied_embedding`).  ``bias=False`` drops the biases of
+    every dense layer and LayerNorm.  Init as nanoGPT's: every weight normal
+    with std 0.02, the two projections into the residual stream per block with
+    std ``0.02 / sqrt(2 * layers)``, biases zero, norms one.  The model state is
+    ``{}``.  Its decoder (:mod:`fundl.nn.decoding`) keeps a KV cache for
+    :func:`fundl.generation.generate`.
+
+    Beyond nanoGPT: ``num_kv_heads`` (grouped-query attention), ``mlp="swiglu"``,
+    ``norm="rms"`` and ``rope=True`` (rotary embeddings in every attention layer,
+    instead of the learned positions).
+
+    Params: ``embedding`` (``w`` (vocab, width)), ``positions`` (``w`` (context,
+    width); none with ``rope``), ``block_0`` .. ``block_{layers-1}``
+    (``norm_1``, ``attention`` {``qkv``, ``out``}, ``norm_2``, ``mlp`` {``fc``, ``proj``}),
+    ``norm``.  :func:`fundl.interop.nanogpt.from_nanogpt` maps nanoGPT's state_dict onto them.
+
+    Examples:
+        >>> model = models.gpt(65, context=64, layers=4, heads=4, width=128)   # nanoGPT's "baby" GPT
+        >>> params, state, out_shape = nn.abstract_init(model, (1, 64))
+        >>> sorted(params)[:3], state, out_shape
+        (['block_0', 'block_1', 'block_2'], {}, (1, 64, 65))
+        >>> sum(p.size for p in jax.tree.leaves(params))
+        809856
+    """
+    for key, value in (("context", context), ("layers", layers), ("heads", heads), ("width", width)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"gpt: {key} must be a positive int, got {value!r}")
+    if width % heads:
+        raise ValueError(f"gpt: heads={heads} must divide width={width}")
+    std = nn.init.normal(0.02)
+    residual_std = nn.init.normal(0.02 / math.sqrt(2 * layers))
+    blocks = [nn.named(f"block_{i}", nn.transformer_block(
+        heads, num_kv_heads=num_kv_heads, mlp=mlp, norm=norm, use_bias=bias, dropout=dropout, rope=rope,
+        w_init=std, out_init=residual_std)) for i in range(layers)]
+    final_norm = nn.layer_norm(use_bias=bias) if norm == "layer" else nn.rms_norm(eps=1e-5)
+    positions = [] if rope else [nn.named("positions", nn.learned_positions(context, w_init=std))]
+    model = nn.tied_embedding(vocab_size, width, *positions, *_dropout(dropout), *blocks,
+                              nn.named("norm", final_norm), w_init=std, name="gpt")
+    return model._replace(decoder=model.decoder._replace(max_len=context))  # it reads <= context tokens, rope or not
