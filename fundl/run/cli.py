@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fundl.run import distributed
 from fundl.run.config import ConfigError, load_config
-from fundl.run.errors import report_error
+from fundl.run.errors import debugging, one_line_warnings, report_error
 from fundl.run.hugepages import reexec_with_huge_pages
 from fundl.run.rundir import RunDirError
 
@@ -38,12 +38,14 @@ effect is printed.  Resuming is also automatic with ``training.resume =
 true``: start fresh when there is no checkpoint, continue otherwise (suits
 requeued jobs).
 
-Exit codes: 0 done; 1 an error stopped the run (message on stderr: non-finite
-loss, corrupt checkpoints, disk full, bad data or shapes, unwritable run
-directory); 2 a bad command line or config, or a run directory that is in
-use or holds another run; 130 / 143 stopped by SIGINT / SIGTERM after saving
-a checkpoint (resume with the command printed).
-Set FUNDL_TRACEBACK=1 to see the traceback of an error.
+Exit codes: 0 done; 2 bad input (a command line, config, sweep value or
+dataset that cannot run, a model that does not fit the data, a run directory
+that is in use or holds another run); 1 a failure while running (non-finite
+loss, corrupt checkpoints, disk full, an unwritable run directory); 130 / 143
+stopped by SIGINT / SIGTERM (during training after saving a checkpoint:
+resume with the command printed).  An error is one line on stderr,
+"fundl: error: ...", and at most one hint line; --debug (or FUNDL_DEBUG=1)
+shows its traceback.
 
 Several processes form one run when started by ``srun`` (SLURM), ``mpirun``
 (Open MPI 4) or a Kubernetes indexed Job (JAX detects them; no flags
@@ -58,15 +60,24 @@ EVALUATE_HELP = """Re-evaluate a run's latest valid checkpoint on its test split
 
 Exit codes: 0 done (one JSON line on stdout); 1 a checkpoint or data error
 (no valid checkpoint, one that does not fit the config's model, missing data
-files); 2 a bad command line or config.  Errors are one message on stderr;
-set FUNDL_TRACEBACK=1 to see the traceback.  Installed, this is ``fundl-evaluate``.
+files); 2 bad input (a command line, config or dataset); 130 interrupted.
+Errors are one line on stderr, "fundl: error: ...", and at most one hint line;
+--debug (or FUNDL_DEBUG=1) shows the traceback.  Installed, this is ``fundl-evaluate``.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors print as every other error does: one line and a hint, exit 2."""
+
+    def error(self, message):
+        print(f"fundl: error: {message}\nfundl: hint: {self.prog} --help lists the options", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------- train
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of ``fundl-train`` (``prog``: the name its usage line shows)."""
-    p = argparse.ArgumentParser(prog=prog, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config file (see configs/); default with --resume RUN_DIR: RUN_DIR/config.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable); VALUE is parsed as TOML")
@@ -84,6 +95,7 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "rate vary inside one compiled program, other settings run as separate runs "
                         "(RUN_DIR/members/<k>/); sets training.sweep")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also FUNDL_DEBUG=1)")
     distributed.add_arguments(p)
     return p
 
@@ -102,7 +114,23 @@ def _config_path(args, p) -> str:
 
 
 def train_main(argv=None) -> int:
-    """``fundl-train``: parse ``argv``, validate the config, start the processes, run; the exit code."""
+    """``fundl-train``: parse ``argv``, validate the config, start the processes, run; the exit code.
+
+    Every error, and an interrupt at any moment, becomes one message and an exit code
+    (``fundl.run.errors``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known before parsing, so that every error prints the same way
+    one_line_warnings(debug)
+    where: dict = {}  # the run directory, once known: an error's hint may name what it keeps
+    try:
+        return _train(argv, where)
+    except Exception as e:  # noqa: BLE001 - every error becomes one message and an exit code
+        return report_error(e, debug=debug, run_dir=where.get("run_dir"))
+    except KeyboardInterrupt as e:  # Ctrl-C outside the training loop (start-up, compiling, closing)
+        return report_error(e, debug=debug, run_dir=where.get("run_dir"))
+
+
+def _train(argv, where: dict) -> int:
     p = train_parser()
     args = p.parse_args(argv)
     if isinstance(args.resume, str) and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
@@ -118,13 +146,11 @@ def train_main(argv=None) -> int:
     overrides += ["training.progress=false"] if args.quiet else []
     run_dir = args.run_dir or (args.resume if isinstance(args.resume, str) else None) \
         or str(Path("runs") / Path(config_path).stem)
-    try:
-        config = load_config(config_path, overrides)
-        # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
-        # before anything touches JAX devices
-        settings = distributed.initialize(distributed.settings_from(args))
-    except (ConfigError, distributed.DistributedError) as e:
-        return report_error(e, at_start_up=True)
+    config = load_config(config_path, overrides)
+    # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
+    # before anything touches JAX devices
+    settings = distributed.initialize(distributed.settings_from(args))
+    where["run_dir"] = run_dir
     launcher = distributed.describe_launcher(settings)
     if launcher and settings.process_id == 0:
         print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...
@@ -132,14 +158,8 @@ def train_main(argv=None) -> int:
     from fundl.run.summary import published_reference
 
     t0 = time.perf_counter()
-    try:
-        summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet,
-                      overwrite=args.overwrite, allow_changes=args.allow_change)
-    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet,
+                  overwrite=args.overwrite, allow_changes=args.allow_change)
     wall = time.perf_counter() - t0
     acc = summary["test_accuracy"]
     line = f"test accuracy {acc:.4f}, test loss {summary['test_loss']:.4f} after {summary['final_step']} steps"
@@ -156,40 +176,53 @@ def train_main(argv=None) -> int:
 # -------------------------------------------------------------- evaluate
 def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The arguments of ``fundl-evaluate`` (``prog``: the name its usage line shows)."""
-    p = argparse.ArgumentParser(prog=prog, description=EVALUATE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=EVALUATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also FUNDL_DEBUG=1)")
     return p
 
 
 def evaluate_main(argv=None) -> int:
     """``fundl-evaluate``: one JSON line of a run's test metrics on stdout; the exit code."""
-    args = evaluate_parser().parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
-        return report_error(RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?"),
-                            at_start_up=True)
-    from fundl.run.evaluator import evaluate_run  # heavy imports after the check
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    one_line_warnings(debug)
     try:
+        args = evaluate_parser().parse_args(argv)
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.toml").is_file():
+            raise RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?")
+        from fundl.run.evaluator import evaluate_run  # heavy imports after the check
+
         result = evaluate_run(run_dir)
-    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    except Exception as e:  # noqa: BLE001 - every error becomes one message and an exit code
+        return report_error(e, debug=debug)
+    except KeyboardInterrupt as e:
+        return report_error(e, debug=debug)
     print(json.dumps(result))
     return 0
+
+
+def interrupted_at_start_up() -> int:
+    """Ctrl-C before :func:`train_main` / :func:`evaluate_main` began (importing, re-executing):
+    the same one message as later, and 130 for the caller to exit with."""
+    return report_error(KeyboardInterrupt())
 
 
 # ------------------------------------------------------- console scripts
 def fundl_train() -> None:
     """The ``fundl-train`` console script: huge pages first (before JAX), then :func:`train_main`."""
-    reexec_with_huge_pages()
+    try:
+        reexec_with_huge_pages()
+    except KeyboardInterrupt:
+        sys.exit(interrupted_at_start_up())
     sys.exit(train_main())
 
 
 def fundl_evaluate() -> None:
     """The ``fundl-evaluate`` console script: huge pages first (before JAX), then :func:`evaluate_main`."""
-    reexec_with_huge_pages()
+    try:
+        reexec_with_huge_pages()
+    except KeyboardInterrupt:
+        sys.exit(interrupted_at_start_up())
     sys.exit(evaluate_main())

@@ -22,9 +22,9 @@ import jax
 from fundl.data import Loader
 from fundl.run import sweeps
 from fundl.run.build import (
-    check_labels, initial_state, load_data, placement_from_config, sharded_layout, total_steps_of, train_step_for,
+    check_data, initial_state, load_data, placement_from_config, sharded_layout, total_steps_of, train_step_for,
 )
-from fundl.run.config import ConfigError, check_config, dumps
+from fundl.run.config import ConfigError, check_config, dumps, validate
 from fundl.run.errors import with_resume_hint
 from fundl.run.evaluator import make_evaluator
 from fundl.run.optimizer import injectable
@@ -49,6 +49,7 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     sections) a resumed run may change although they alter its trajectory
     (``fundl.run.resume``).
     """
+    config = validate(config)  # the one validator, also for a dict from the Python API
     check_config(config, overwrite=overwrite)
     check_allowed_names(allow_changes)
     one_program, separate = sweeps.in_one_program(config)
@@ -70,7 +71,7 @@ def train(config: dict, rd: RunDir, placement, *, config_path: str = "", verbose
 
     # ------------------------------------------------------------------ data
     data = load_data(config)
-    check_labels(data)
+    check_data(config, data)  # labels, finite inputs, a batch the data can fill: once, before training
     try:
         placement.check_batch_size(t["batch_size"])
     except ValueError as e:

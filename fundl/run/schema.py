@@ -57,7 +57,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "name": "constant",       # constant | cosine | warmup_cosine | exponential | piecewise
         "warmup_steps": 0,
         "end_value": 0.0,
-        "decay_rate": 0.1,
+        "decay_rate": 0.1,        # exponential: the factor per transition_steps
         "transition_steps": 0,
         "boundaries": [],
         "scales": [],
@@ -105,8 +105,19 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
 }
 
+# The optimisers a config may name: each is tested against a direct optax call
+# with every [optimizer] setting (tests/test_optim.py).  The library's
+# make_optimizer takes any optax optimiser; this list is what a config promises to get right.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
+              "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
+"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
+
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "kind"): ("mlp", "cnn", "cnn1d", "rnn", "char_lm"),
+    # fundl.data.datasets.LOADERS' names (tests/test_bad_input.py keeps the two equal; validating
+    # a config imports no numpy, so the list is written out here)
+    ("data", "name"): ("mnist1d", "mnist", "fashion_mnist", "shakespeare", "text", "synthetic"),
+    ("optimizer", "name"): OPTIMIZERS,
     ("model", "pool"): ("avg", "max", "none"),
     ("model", "padding"): ("SAME", "VALID"),
     ("model", "cell"): ("lstm", "gru"),
@@ -133,22 +144,51 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("optimizer", "accumulate_steps"), ("model", "stride"),
             ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
-            ("privacy", "clip_norm"), ("privacy", "delta")}
+            ("privacy", "clip_norm"), ("privacy", "delta"),
+            ("optimizer", "learning_rate"), ("schedule", "decay_rate")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
                 ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
                 ("parallel", "fsdp_min_size"),
-                ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier")}
+                ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier"),
+                ("training", "seed")}
+# Every other number must be >= 0 too (a negative count, size, rate, scale or seed means
+# nothing), unless it is named here.
+SIGNED: set[tuple[str, str]] = set()
+# Upper bounds: key -> (bound, what the key is); the bound is excluded.
+BELOW: dict[tuple[str, str], tuple[float, str]] = {
+    ("model", "dropout"): (1.0, "a drop probability"),
+    ("model", "input_dropout"): (1.0, "a drop probability"),
+    ("privacy", "delta"): (1.0, "a probability"),
+}
+# What each element of a list key must be: its type and lower bound (">= 0", "> 0" or "": none).
+# A list key not named here takes elements of its default's element type, each >= 0 when a number.
+LIST_ITEMS: dict[tuple[str, str], tuple[type, str]] = {
+    ("model", "hidden"): (int, "> 0"),
+    ("model", "channels"): (int, "> 0"),
+    ("schedule", "boundaries"): (int, ">= 0"),
+    ("schedule", "scales"): (float, ">= 0"),
+    ("training", "sweep"): (str, ""),            # "section.key=v1,v2,..."
+    ("parallel", "rules"): (list, ""),           # [REGEX, [AXIS_OR_EMPTY, ...]]
+}
 
-# The optimisers a config may name: each is tested against a direct optax call
-# with every [optimizer] setting (tests/test_optim.py).  The library's
-# make_optimizer takes any optax optimiser; this list is what a config promises to get right.
-OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
-              "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
-"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
+
+def bounds(section: str, key: str) -> tuple[str, float | None]:
+    """The bounds of a number key: ``(lower, upper)``, ``lower`` one of ``"> 0"``, ``">= 0"`` or
+    ``""`` (none), ``upper`` a bound it must stay below, or None."""
+    lower = ("> 0" if (section, key) in POSITIVE else "" if (section, key) in SIGNED else ">= 0")
+    upper = BELOW.get((section, key))
+    return lower, None if upper is None else upper[0]
 
 
+def list_items(section: str, key: str) -> tuple[type | None, str]:
+    """What each element of the list key ``section.key`` must be: ``(type or None: any, lower bound)``."""
+    if (section, key) in LIST_ITEMS:
+        return LIST_ITEMS[section, key]
+    default = SCHEMA[section][key]
+    kind = type(default[0]) if default else None
+    return kind, ">= 0" if kind in (int, float) else ""
 
 # How a difference between a checkpoint's config and the config of the run
 # that resumes it is treated (fundl/run/resume.py):

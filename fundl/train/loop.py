@@ -29,6 +29,7 @@ import optax
 from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
 from fundl.train.checkpoint import Checkpointer
+from fundl.train.data_checks import check_split, loader_splits
 from fundl.train.fusion import Fusion, resolve
 from fundl.train.placement import single_device
 from fundl.train.signals import StopSignals, TrainingInterrupted
@@ -94,6 +95,7 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
     n = len(arrays["y"])
     if n == 0:
         raise ValueError("evaluate: the evaluation set is empty")
+    check_split(arrays, eval_fn, "evaluate: the evaluation data")  # before scoring; once per dataset
     batch_size = min(batch_size, n) if placement.num_devices == 1 else batch_size
     acc = MeanAccumulator()
     for start in range(0, n, batch_size):
@@ -214,6 +216,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
 
     # ------------------------------------------------------------------- data
     first_batch = loader.batch(0, 0)  # shapes for the fusion rule
+    for arrays in loader_splits(loader) or [first_batch]:  # labels and inputs, once per dataset
+        check_split(arrays, train_step, "fit: the training data")
     loader.restore(loader.state_at_step(start))  # step t always sees the same batch
 
     # ---------------------------------------------------------------- compile
