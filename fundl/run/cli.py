@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from fundl.run import distributed
-from fundl.run.config import ConfigError, load_config
-from fundl.run.errors import debugging, one_line_warnings, report_error
+from fundl.run.config import load_config
+from fundl.run.errors import debugging, one_line_warnings, quiet_unraisable, report_error
 from fundl.run.hugepages import reexec_with_huge_pages
 from fundl.run.rundir import RunDirError
 
@@ -120,14 +123,68 @@ def train_main(argv=None) -> int:
     (``fundl.run.errors``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, so that every error prints the same way
-    one_line_warnings(debug)
     where: dict = {}  # the run directory, once known: an error's hint may name what it keeps
-    try:
-        return _train(argv, where)
-    except Exception as e:  # noqa: BLE001 - every error becomes one message and an exit code
-        return report_error(e, debug=debug, run_dir=where.get("run_dir"))
-    except KeyboardInterrupt as e:  # Ctrl-C outside the training loop (start-up, compiling, closing)
-        return report_error(e, debug=debug, run_dir=where.get("run_dir"))
+    with one_line_warnings(debug), _Interrupts() as interrupts:
+        try:
+            return _train(argv, where)
+        except BaseException as e:  # noqa: BLE001 - every error becomes one message and an exit code
+            interrupts.settle()
+            if isinstance(e, SystemExit):
+                raise
+            # Ctrl-C outside the training loop (start-up, compiling, closing), also when it surfaced
+            # as another error (an import it cut short)
+            e = KeyboardInterrupt() if interrupts.received and not _stopped_by_signal(e) else e
+            return report_error(e, debug=debug, run_dir=where.get("run_dir"))
+
+
+class _Interrupts:
+    """While a command runs, SIGINT raises KeyboardInterrupt as usual, and is remembered: an error it
+    caused (an import it cut short) is reported as the interrupt it is.  Python runs a signal's
+    handler wherever the main thread is, also inside a garbage-collection callback, whose
+    exceptions are dropped; so until the interrupt is seen, it is sent again (every 0.3 s) -- to
+    ``fit``'s handler too, once, which then stops training cleanly at the next step."""
+
+    def __init__(self):
+        self.received, self.done, self.previous = False, False, None
+
+    def _handler(self, signum, frame):
+        if not self.received:
+            self.received = True
+            threading.Thread(target=self._repeat, daemon=True, name="fundl-sigint").start()
+        raise KeyboardInterrupt
+
+    def _repeat(self):
+        while not self.done:
+            time.sleep(0.3)
+            if self.done:
+                return
+            ours = signal.getsignal(signal.SIGINT) == self._handler
+            os.kill(os.getpid(), signal.SIGINT)
+            if not ours:  # training's own handler (fundl.train.signals): one request is enough
+                return
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def settle(self) -> None:
+        """The command is ending: no more repeats, and a late SIGINT cannot cut its report short."""
+        self.done = True
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        self.done = True
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _stopped_by_signal(e: BaseException) -> bool:
+    """A ``TrainingInterrupted``: training stopped cleanly on a signal (it has its own message)."""
+    signals = sys.modules.get("fundl.train.signals")
+    return signals is not None and isinstance(e, signals.TrainingInterrupted)
 
 
 def _train(argv, where: dict) -> int:
@@ -186,21 +243,34 @@ def evaluate_main(argv=None) -> int:
     """``fundl-evaluate``: one JSON line of a run's test metrics on stdout; the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    one_line_warnings(debug)
-    try:
-        args = evaluate_parser().parse_args(argv)
-        run_dir = Path(args.run_dir)
-        if not (run_dir / "config.toml").is_file():
-            raise RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?")
-        from fundl.run.evaluator import evaluate_run  # heavy imports after the check
+    with one_line_warnings(debug):
+        try:
+            args = evaluate_parser().parse_args(argv)
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "config.toml").is_file():
+                raise RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?")
+            from fundl.run.evaluator import evaluate_run  # heavy imports after the check
 
-        result = evaluate_run(run_dir)
-    except Exception as e:  # noqa: BLE001 - every error becomes one message and an exit code
-        return report_error(e, debug=debug)
-    except KeyboardInterrupt as e:
-        return report_error(e, debug=debug)
+            result = evaluate_run(run_dir)
+        except Exception as e:  # noqa: BLE001 - every error becomes one message and an exit code
+            return report_error(e, debug=debug)
+        except KeyboardInterrupt as e:  # never a traceback
+            return report_error(e, debug=debug)
     print(json.dumps(result))
     return 0
+
+
+def exit_with(code: int) -> None:
+    """Exit with ``code``; after an interrupt (130 / 143) at once, past the interpreter's shutdown:
+    a Ctrl-C that cut JAX's start-up short can leave its shutdown hooks to crash (the run
+    directory's files are written and closed; a stopped training committed its checkpoint)."""
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if not debugging():
+        sys.unraisablehook = quiet_unraisable  # what background threads drop while Python shuts down
+    sys.exit(code)
 
 
 def interrupted_at_start_up() -> int:
@@ -216,7 +286,7 @@ def fundl_train() -> None:
         reexec_with_huge_pages()
     except KeyboardInterrupt:
         sys.exit(interrupted_at_start_up())
-    sys.exit(train_main())
+    exit_with(train_main())
 
 
 def fundl_evaluate() -> None:
@@ -225,4 +295,4 @@ def fundl_evaluate() -> None:
         reexec_with_huge_pages()
     except KeyboardInterrupt:
         sys.exit(interrupted_at_start_up())
-    sys.exit(evaluate_main())
+    exit_with(evaluate_main())

@@ -14,6 +14,7 @@ Every error prints one line on stderr, ``fundl: error: MESSAGE``, and at most on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -35,11 +36,15 @@ def debugging(flag: bool = False) -> bool:
 
 
 def _known_failures() -> tuple:
-    """Runtime failures whose message says it all (no "internal error" hint)."""
-    from fundl.train.checkpoint import CheckpointError
-    from fundl.train.loop import NonFiniteLossError
-
-    return (CheckpointError, NonFiniteLossError, DistributedError, OSError, MemoryError)
+    """Runtime failures whose message says it all (no "internal error" hint).  Only modules
+    already loaded are asked (an error cannot come from one that is not), so reporting an error
+    imports nothing: a start-up interrupted inside ``import jax`` leaves JAX half-imported."""
+    found = [DistributedError, OSError, MemoryError]
+    for module, name in (("fundl.train.checkpoint.errors", "CheckpointError"), ("fundl.train.loop", "NonFiniteLossError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
 
 
 def message_and_code(e: BaseException, run_dir: str | os.PathLike | None = None) -> tuple[str, str, int]:
@@ -68,7 +73,10 @@ def report_error(e: BaseException, *, debug: bool = False, run_dir: str | os.Pat
     """Print ``e`` as the module doc says (its traceback first when :func:`debugging`) and return
     its exit code.  ``run_dir``: the run the error stopped, whose kept files a hint may name.
     (``at_start_up`` is accepted for older callers; start-up errors print the same way.)"""
-    message, hint, code = message_and_code(e, run_dir)
+    try:
+        message, hint, code = message_and_code(e, run_dir)
+    except Exception:  # noqa: BLE001 - the report itself must not fail: the plain message then
+        message, hint, code = f"{type(e).__name__}: {e}", DEBUG_HINT, FAILURE
     if debugging(debug) and not _is_interruption(e):
         traceback.print_exception(e, file=sys.stderr)
     prefix = "fundl: " if _is_interruption(e) or isinstance(e, KeyboardInterrupt) else "fundl: error: "
@@ -107,14 +115,12 @@ def _os_error(e: OSError) -> str:
 
 
 def _checkpoints(run_dir) -> list[str]:
-    if run_dir is None:
+    """The names of the checkpoints in ``run_dir`` (what a failed or stopped run kept), oldest first."""
+    folder = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    if folder is None or not folder.is_dir():
         return []
-    from fundl.train.checkpoint import list_checkpoints
-
-    try:
-        return [p.name for p in list_checkpoints(Path(run_dir) / "checkpoints")]
-    except (OSError, ValueError):
-        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and p.name[5:].isdigit())
 
 
 def _kept_hint(run_dir, e: BaseException | None = None) -> str:
@@ -153,13 +159,19 @@ def with_resume_hint(e, run_dir: str | os.PathLike):
     return TrainingInterrupted(e.signum, e.step, e.checkpoint, f"resume with: {resume_command(run_dir)}")
 
 
-def one_line_warnings(debug: bool = False) -> None:
-    """Warnings print as one line each, ``fundl: warning: MESSAGE`` (with their source line when
-    debugging), and errors raised in background threads or finalisers print nothing (a failed
-    asynchronous checkpoint write leaves Orbax's threads calling a closed event loop; the error
-    the run reports says what happened) unless debugging."""
+@contextlib.contextmanager
+def one_line_warnings(debug: bool = False):
+    """While a command runs: warnings print as one line each, ``fundl: warning: MESSAGE``; an
+    error in a background thread prints one such line; and what Python prints of errors nobody
+    can catch prints nothing -- errors in finalisers or callbacks (a failed asynchronous
+    checkpoint write leaves Orbax's threads calling a closed event loop: the error the run
+    reports says what happened), and a Ctrl-C that C code printed while it cut an import short
+    (numpy's).  With ``debug`` everything prints as Python prints it.  The hooks are restored
+    on exit."""
     if debugging(debug):
+        yield
         return
+    import threading
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = " ".join(str(message).split())
@@ -170,8 +182,18 @@ def one_line_warnings(debug: bool = False) -> None:
             text = " ".join(str(args.exc_value).split())[:300]
             print(f"fundl: warning: a background thread failed: {args.exc_type.__name__}: {text}", file=sys.stderr)
 
-    import threading
+    def printed_by_c(exc_type, exc, tb):
+        if not issubclass(exc_type, KeyboardInterrupt):
+            print(f"fundl: error: {exc_type.__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
 
-    warnings.showwarning = show
-    sys.unraisablehook = lambda unraisable: None
-    threading.excepthook = thread_failed
+    saved = (warnings.showwarning, sys.unraisablehook, threading.excepthook, sys.excepthook)
+    warnings.showwarning, sys.unraisablehook = show, quiet_unraisable
+    threading.excepthook, sys.excepthook = thread_failed, printed_by_c
+    try:
+        yield
+    finally:
+        warnings.showwarning, sys.unraisablehook, threading.excepthook, sys.excepthook = saved
+
+
+def quiet_unraisable(unraisable) -> None:
+    """``sys.unraisablehook`` that prints nothing (see :func:`one_line_warnings`)."""
