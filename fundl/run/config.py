@@ -202,8 +202,11 @@ def check_sweep(config: dict) -> None:
     checked as a whole (:func:`check_config`): a sweep with one bad value fails before any member
     trains, naming the value."""
     sweep: dict[str, list] = {}
-    for text in config["training"]["sweep"]:
-        key, values = parse_sweep(text)
+    for i, text in enumerate(config["training"]["sweep"]):
+        try:
+            key, values = parse_sweep(text)
+        except ConfigError as e:
+            raise ConfigError(f"training.sweep[{i}]: {e}") from None
         if key in sweep:
             raise ConfigError(f"training.sweep names {key} twice")
         section, name = key.split(".", 1)

@@ -15,6 +15,7 @@ Every error prints one line on stderr, ``fundl: error: MESSAGE``, and at most on
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -111,7 +112,8 @@ def _os_error(e: OSError) -> str:
     reason = e.strerror or str(e)
     if path is None:
         return reason
-    return f"could not access {path}: {reason}" + (f" (and {e.filename2})" if e.filename2 else "")
+    writing = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+    return f"could not {'write' if writing else 'access'} {path}: {reason}" + (f" (and {e.filename2})" if e.filename2 else "")
 
 
 def _checkpoints(run_dir) -> list[str]:

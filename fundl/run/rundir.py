@@ -131,8 +131,11 @@ class RunDir:
         if not self.writer:
             return
         record = {"wall_time": round(time.time() - self.start, 4), **{k: _jsonable(v) for k, v in record.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file (a partial last line is dropped on resume)
+            raise OSError(e.errno, e.strerror, str(self.metrics_path)) from None
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch", "split", "wall_time") and isinstance(v, (int, float)):
