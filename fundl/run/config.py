@@ -98,8 +98,9 @@ def _check_number(name: str, value, lower: str, upper, *, source: str = "", what
     at = f" (in {source})" if source else ""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be finite, got {value!r}{at}")
-    if upper is not None and not (0 <= value < upper):
-        raise ConfigError(f"{name} is {what or 'a number'} in [0, {upper:g}), got {value!r}{at}")
+    if upper is not None and not (0 <= value < upper and (value > 0 or lower != "> 0")):
+        raise ConfigError(f"{name} is {what or 'a number'} in {'(' if lower == '> 0' else '['}0, {upper:g}), "
+                          f"got {value!r}{at}")
     if lower == "> 0" and value <= 0 or lower == ">= 0" and value < 0:
         raise ConfigError(f"{name} must be {lower}, got {value!r}{at}")
     return value

@@ -54,10 +54,10 @@ def message_and_code(e: BaseException, run_dir: str | os.PathLike | None = None)
         return "interrupted (SIGINT)", _interrupted_hint(run_dir), 128 + signal.SIGINT
     if _is_interruption(e):
         return str(e), "", e.exit_code
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text, rest = _two_lines(str(e) or type(e).__name__)
     notes = " ".join(line.strip() for note in getattr(e, "__notes__", ()) for line in str(note).splitlines()
                      if line.strip() and not _jax_note(line))
-    text, rest = lines[0] + (f" {notes}" if notes else ""), " ".join(lines[1:])
+    text += f" {notes}" if notes else ""
     if isinstance(e, (ConfigError, RunDirError)):
         return text, rest, BAD_INPUT
     if isinstance(e, ValueError):
@@ -86,6 +86,17 @@ def report_error(e: BaseException, *, debug: bool = False, run_dir: str | os.Pat
         print(f"fundl: hint: {hint}", file=sys.stderr)
     sys.stderr.flush()
     return code
+
+
+def _two_lines(message: str) -> tuple[str, str]:
+    """A message of several lines as (the error, the hint): the first line with the indented lines
+    that follow it (a list of keys, say), then the other lines as the hint."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    head, i = [lines[0].strip()], 1
+    while i < len(lines) and lines[i][:1].isspace():
+        head.append(lines[i].strip())
+        i += 1
+    return " ".join(head[:1] + ["; ".join(head[1:])]).strip(), " ".join(line.strip() for line in lines[i:])
 
 
 def _jax_note(line: str) -> bool:

@@ -35,7 +35,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "init": "default",        # default (fundl's) | torch (PyTorch's defaults; fundl/models.py)
     },
     "data": {
-        "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | synthetic
+        "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | text | synthetic
         "dir": "",                # data folder; default FUNDL_DATA_DIR and the usual places
         "num_train": 0,           # synthetic: examples (0 = dataset default)
         "num_test": 0,
