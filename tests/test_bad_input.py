@@ -70,6 +70,8 @@ ROWS = {
     "a negative seed in a sweep": (["--sweep", "training.seed=-1,0"], ["training.seed", "-1"]),
     "a negative learning rate in a sweep": (["--sweep", "optimizer.learning_rate=-1,0.01"],
                                             ["optimizer.learning_rate", "-1", "> 0"]),
+    "a sweep member's batch larger than the data": (["--sweep", "training.batch_size=32,1000"],
+                                                    ["batch_size=1000", "256 training examples"]),
 }
 
 

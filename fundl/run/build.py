@@ -66,6 +66,11 @@ def check_data(config: dict, data: Dataset) -> None:
     """What a config asks of its loaded data: :func:`check_labels`, and a batch that the
     training split can fill (a ConfigError naming training.batch_size)."""
     check_labels(data)
+    check_batch_fits(config, data)
+
+
+def check_batch_fits(config: dict, data: Dataset) -> None:
+    """``training.batch_size`` must not exceed the training examples (a ConfigError naming it)."""
     n, batch = len(data.train["y"]), config["training"]["batch_size"]
     if batch > n:
         size = " (data.num_train)" if config["data"]["name"] == "synthetic" else ""

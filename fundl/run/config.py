@@ -5,8 +5,11 @@ parallel, logging and privacy.  Every key has a default (``fundl.run.schema``
 is the reference for what exists); a file overrides some; ``--set
 section.key=value`` overrides again.  Unknown sections or keys are errors that
 list the valid keys and the closest match; values of the wrong type are errors
-naming the key; settings that contradict each other are errors naming both
-(:func:`check_config`, the one place for such rules).  The resolved config is
+naming the key, and so are values out of the schema's bounds (every number >= 0
+unless the schema says otherwise, list elements included); settings that
+contradict each other are errors naming both (:func:`check_config`, the one
+place for such rules).  The same checks cover every ``--sweep`` value and every
+sweep member (:func:`check_sweep`), and a config dict given to the Python API.  The resolved config is
 written back as TOML into the run directory.
 """
 

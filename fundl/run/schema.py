@@ -1,6 +1,6 @@
 """The config's keys: each one's default, allowed values and bounds, and how a resume may change it.
 
-Pure data (and one lookup), read by the validator (``fundl.run.config``), the
+Pure data (and the lookups ``bounds``, ``list_items`` and ``resume_kind``), read by the validator (``fundl.run.config``), the
 resume policy (``fundl.run.resume``) and the generated reference in
 docs/configs.md, whose "meaning" column is the comment beside each key here.
 """

@@ -79,7 +79,9 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
     compiled shape serves the whole set.  ``eval_fn`` is a compiled
     ``make_eval_step`` (``placement.compile_eval``).  ``arrays`` is a split,
     ``{"x": (N, ...), "y": (N,)}``; returns ``{"loss": ..., "accuracy": ...}``
-    (the eval step's metrics) as Python floats.
+    (the eval step's metrics) as Python floats.  The split is checked first, once
+    (``fundl.train.data_checks``): a label outside the model's classes or a non-finite
+    input is an ``ExampleError``, not a mean over the rows that could be scored.
 
     Examples:
         >>> from fundl.train.loop import evaluate
@@ -184,6 +186,10 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
 
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
     step boundary and raise :class:`~fundl.train.signals.TrainingInterrupted`.
+
+    Before the first step the training data is checked once (``fundl.train.data_checks``):
+    labels within the classes of ``train_step``'s model, finite inputs; else a
+    ``fundl.data.checks.ExampleError`` naming the first bad example.
 
     Returns a :class:`FitResult`.  The guide docs/training.md shows ``fit`` with
     evaluation, logging and checkpoints.
