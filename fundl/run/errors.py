@@ -8,7 +8,8 @@ Every error prints one line on stderr, ``fundl: error: MESSAGE``, and at most on
 | error | exit code |
 |---|---|
 | bad input: ``ConfigError`` (a config, ``--set``, ``--sweep``, a flag), ``RunDirError`` (a run directory in use or holding another run), and every ``ValueError`` -- the library's errors about what it was given (``DataError`` and ``ExampleError``, ``LayerError``/``ShapeError``, ``OptimizerError``, ...) | 2 |
-| a runtime failure: an ``OSError`` (disk full, permissions: the path and what was kept are named), ``CheckpointError``, ``NonFiniteLossError``, ``DistributedError``, anything else | 1 |
+| a runtime failure: an ``OSError`` (disk full, permissions: the path and what was kept are named), ``CheckpointError``, ``NonFiniteLossError``, ``DistributedError``, any ``RuntimeError`` (XLA's: out of memory, ...) | 1 |
+| anything else (``TypeError``, ``KeyError``, ...: a bug), as ``internal error`` with a hint to ``--debug`` | 1 |
 | ``TrainingInterrupted`` (SIGTERM / SIGINT during training, checkpoint saved) and ``KeyboardInterrupt`` | 128 + signal: 130 / 143 |
 """
 
@@ -64,7 +65,7 @@ def message_and_code(e: BaseException, run_dir: str | os.PathLike | None = None)
         return f"{type(e).__name__}: {text}", rest, BAD_INPUT
     if isinstance(e, OSError) and not _is_library_error(e):
         return _os_error(e), rest or _kept_hint(run_dir), FAILURE
-    if isinstance(e, _known_failures()):
+    if isinstance(e, _known_failures() + (RuntimeError, ArithmeticError)):  # XLA's runtime errors (out of memory, ...)
         return f"{type(e).__name__}: {text}", rest or _kept_hint(run_dir, e), FAILURE
     return f"internal error: {type(e).__name__}: {text}", f"this is a bug; {DEBUG_HINT}", FAILURE
 

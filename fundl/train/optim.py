@@ -50,6 +50,7 @@ def make_schedule(learning_rate: float, total_steps: int, *, name: str = "consta
         >>> [round(float(lr(t)), 4) for t in (49, 50)]
         [1.0, 0.1]
     """
+    _check_number_arg("learning_rate", learning_rate, schedule=True, where="make_schedule")
     total_steps = max(int(total_steps), 1)
     if name == "constant":
         return optax.constant_schedule(learning_rate)
@@ -160,7 +161,7 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
     return opt
 
 
-def _check_number_arg(argument: str, value, *, schedule: bool = False) -> None:
+def _check_number_arg(argument: str, value, *, schedule: bool = False, where: str = "make_optimizer") -> None:
     """``value`` is a finite number (a Python or array scalar), or, where ``schedule``, a function
     ``step -> value``; else an :class:`OptimizerError` naming ``argument``."""
     if schedule and callable(value):
@@ -168,10 +169,10 @@ def _check_number_arg(argument: str, value, *, schedule: bool = False) -> None:
     scalar = getattr(value, "shape", None) == () and jnp.issubdtype(getattr(value, "dtype", None) or "V", jnp.number)
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or scalar):
         expected = "a number or a schedule (a function step -> rate, e.g. make_schedule(...))" if schedule else "a number"
-        raise OptimizerError(argument, f"make_optimizer({argument}={value!r}): expected {expected}, "
+        raise OptimizerError(argument, f"{where}({argument}={value!r}): expected {expected}, "
                                        f"got {type(value).__name__}")
     if isinstance(value, (int, float)) and not math.isfinite(value):
-        raise OptimizerError(argument, f"make_optimizer({argument}={value!r}): expected a finite number")
+        raise OptimizerError(argument, f"{where}({argument}={value!r}): expected a finite number")
 
 
 def set_hyperparams(opt_state, **values):
