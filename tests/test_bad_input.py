@@ -96,6 +96,14 @@ def test_a_bad_setting_exits_2_with_one_line(row_results, row):
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.toml").exists()  # nothing trained
 
 
+def test_the_schemas_dataset_names_are_the_loaders():
+    """data.name's choices are written out in the schema (validation imports no numpy): keep them equal."""
+    from fundl.data.datasets import LOADERS
+    from fundl.run.schema import CHOICES
+
+    assert sorted(CHOICES["data", "name"]) == sorted(LOADERS)
+
+
 # ------------------------------------------------------------ the library's data checks
 @pytest.fixture(scope="module")
 def tiny():

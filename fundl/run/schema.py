@@ -105,19 +105,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
 }
 
-# The optimisers a config may name: each is tested against a direct optax call
-# with every [optimizer] setting (tests/test_optim.py).  The library's
-# make_optimizer takes any optax optimiser; this list is what a config promises to get right.
-OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
-              "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
-"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
-
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "kind"): ("mlp", "cnn", "cnn1d", "rnn", "char_lm"),
-    # fundl.data.datasets.LOADERS' names (tests/test_bad_input.py keeps the two equal; validating
-    # a config imports no numpy, so the list is written out here)
-    ("data", "name"): ("mnist1d", "mnist", "fashion_mnist", "shakespeare", "text", "synthetic"),
-    ("optimizer", "name"): OPTIMIZERS,
     ("model", "pool"): ("avg", "max", "none"),
     ("model", "padding"): ("SAME", "VALID"),
     ("model", "cell"): ("lstm", "gru"),
@@ -144,15 +133,28 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("optimizer", "accumulate_steps"), ("model", "stride"),
             ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
-            ("privacy", "clip_norm"), ("privacy", "delta"),
-            ("optimizer", "learning_rate"), ("schedule", "decay_rate")}
+            ("privacy", "clip_norm"), ("privacy", "delta")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
                 ("data", "num_train"), ("data", "num_test"), ("data", "prefetch"), ("parallel", "devices"),
                 ("parallel", "fsdp_min_size"),
-                ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier"),
-                ("training", "seed")}
+                ("schedule", "warmup_steps"), ("schedule", "transition_steps"), ("privacy", "noise_multiplier")}
+
+# The optimisers a config may name: each is tested against a direct optax call
+# with every [optimizer] setting (tests/test_optim.py).  The library's
+# make_optimizer takes any optax optimiser; this list is what a config promises to get right.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
+              "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
+"""The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
+
+# ---- what the validator checks beyond the sets above (fundl.run.config; issue 24)
+CHOICES[("optimizer", "name")] = OPTIMIZERS
+# fundl.data.datasets.LOADERS' names (tests/test_bad_input.py keeps the two equal; validating a
+# config imports no numpy, so the list is written out here)
+CHOICES[("data", "name")] = ("mnist1d", "mnist", "fashion_mnist", "shakespeare", "text", "synthetic")
+POSITIVE |= {("optimizer", "learning_rate"), ("schedule", "decay_rate")}
+NON_NEGATIVE |= {("training", "seed")}
 # Every other number must be >= 0 too (a negative count, size, rate, scale or seed means
 # nothing), unless it is named here.
 SIGNED: set[tuple[str, str]] = set()
@@ -189,6 +191,8 @@ def list_items(section: str, key: str) -> tuple[type | None, str]:
     default = SCHEMA[section][key]
     kind = type(default[0]) if default else None
     return kind, ">= 0" if kind in (int, float) else ""
+
+
 
 # How a difference between a checkpoint's config and the config of the run
 # that resumes it is treated (fundl/run/resume.py):
