@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from fundl.run import distributed
 from fundl.run.config import load_config
-from fundl.run.errors import debugging, one_line_warnings, quiet_unraisable, report_error
+from fundl.run.errors import one_line_warnings, report_error
+from fundl.run.interrupts import Interrupts, exit_with, stopped_by_signal
 from fundl.run.hugepages import reexec_with_huge_pages
 from fundl.run.rundir import RunDirError
 
@@ -124,7 +122,7 @@ def train_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, so that every error prints the same way
     where: dict = {}  # the run directory, once known: an error's hint may name what it keeps
-    with one_line_warnings(debug), _Interrupts() as interrupts:
+    with one_line_warnings(debug), Interrupts() as interrupts:
         try:
             return _train(argv, where)
         except BaseException as e:  # noqa: BLE001 - every error becomes one message and an exit code
@@ -133,58 +131,8 @@ def train_main(argv=None) -> int:
                 raise
             # Ctrl-C outside the training loop (start-up, compiling, closing), also when it surfaced
             # as another error (an import it cut short)
-            e = KeyboardInterrupt() if interrupts.received and not _stopped_by_signal(e) else e
+            e = KeyboardInterrupt() if interrupts.received and not stopped_by_signal(e) else e
             return report_error(e, debug=debug, run_dir=where.get("run_dir"))
-
-
-class _Interrupts:
-    """While a command runs, SIGINT raises KeyboardInterrupt as usual, and is remembered: an error it
-    caused (an import it cut short) is reported as the interrupt it is.  Python runs a signal's
-    handler wherever the main thread is, also inside a garbage-collection callback, whose
-    exceptions are dropped; so until the interrupt is seen, it is sent again (every 0.3 s) -- to
-    ``fit``'s handler too, once, which then stops training cleanly at the next step."""
-
-    def __init__(self):
-        self.received, self.done, self.previous = False, False, None
-
-    def _handler(self, signum, frame):
-        if not self.received:
-            self.received = True
-            threading.Thread(target=self._repeat, daemon=True, name="fundl-sigint").start()
-        raise KeyboardInterrupt
-
-    def _repeat(self):
-        while not self.done:
-            time.sleep(0.3)
-            if self.done:
-                return
-            ours = signal.getsignal(signal.SIGINT) == self._handler
-            os.kill(os.getpid(), signal.SIGINT)
-            if not ours:  # training's own handler (fundl.train.signals): one request is enough
-                return
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def settle(self) -> None:
-        """The command is ending: no more repeats, and a late SIGINT cannot cut its report short."""
-        self.done = True
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def __exit__(self, *exc):
-        self.done = True
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def _stopped_by_signal(e: BaseException) -> bool:
-    """A ``TrainingInterrupted``: training stopped cleanly on a signal (it has its own message)."""
-    signals = sys.modules.get("fundl.train.signals")
-    return signals is not None and isinstance(e, signals.TrainingInterrupted)
 
 
 def _train(argv, where: dict) -> int:
@@ -258,19 +206,6 @@ def evaluate_main(argv=None) -> int:
             return report_error(e, debug=debug)
     print(json.dumps(result))
     return 0
-
-
-def exit_with(code: int) -> None:
-    """Exit with ``code``; after an interrupt (130 / 143) at once, past the interpreter's shutdown:
-    a Ctrl-C that cut JAX's start-up short can leave its shutdown hooks to crash (the run
-    directory's files are written and closed; a stopped training committed its checkpoint)."""
-    if code in (130, 143):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if not debugging():
-        sys.unraisablehook = quiet_unraisable  # what background threads drop while Python shuts down
-    sys.exit(code)
 
 
 def interrupted_at_start_up() -> int:
