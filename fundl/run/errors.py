@@ -61,6 +61,8 @@ def message_and_code(e: BaseException, run_dir: str | os.PathLike | None = None)
     text += f" {notes}" if notes else ""
     if isinstance(e, (ConfigError, RunDirError)):
         return text, rest, BAD_INPUT
+    if isinstance(e, DistributedError):  # the multi-process start-up: its message says it all
+        return text, rest, FAILURE
     if isinstance(e, ValueError):
         return f"{type(e).__name__}: {text}", rest, BAD_INPUT
     if isinstance(e, OSError) and not _is_library_error(e):
