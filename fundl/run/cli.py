@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fundl.run import distributed
 from fundl.run.config import load_config
-from fundl.run.errors import one_line_warnings, report_error
+from fundl.run.errors import is_known, one_line_warnings, report_error
 from fundl.run.interrupts import Interrupts, exit_with, stopped_by_signal
 from fundl.run.hugepages import reexec_with_huge_pages
 from fundl.run.rundir import RunDirError
@@ -132,6 +132,8 @@ def train_main(argv=None) -> int:
             # Ctrl-C outside the training loop (start-up, compiling, closing), also when it surfaced
             # as another error (an import it cut short)
             e = KeyboardInterrupt() if interrupts.received and not stopped_by_signal(e) else e
+            if where.get("multi_process") and not is_known(e):
+                raise  # a peer's failure: the multi-process exit hook (fundl.run.distributed) says so and exits at once
             return report_error(e, debug=debug, run_dir=where.get("run_dir"))
 
 
@@ -155,7 +157,7 @@ def _train(argv, where: dict) -> int:
     # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
     # before anything touches JAX devices
     settings = distributed.initialize(distributed.settings_from(args))
-    where["run_dir"] = run_dir
+    where.update(run_dir=run_dir, multi_process=settings.multi_process)
     launcher = distributed.describe_launcher(settings)
     if launcher and settings.process_id == 0:
         print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...

@@ -72,6 +72,14 @@ def message_and_code(e: BaseException, run_dir: str | os.PathLike | None = None)
     return f"internal error: {type(e).__name__}: {text}", f"this is a bug; {DEBUG_HINT}", FAILURE
 
 
+def is_known(e: BaseException) -> bool:
+    """Whether ``e`` is one of the errors whose message says what happened: bad input, an I/O
+    failure, a checkpoint or divergence error, an interrupt -- not an XLA runtime error (a dead
+    peer's, in a multi-process run) nor a bug."""
+    return isinstance(e, (ConfigError, RunDirError, ValueError, KeyboardInterrupt) + _known_failures()) \
+        or _is_interruption(e)
+
+
 def report_error(e: BaseException, *, debug: bool = False, run_dir: str | os.PathLike | None = None,
                  at_start_up: bool = False) -> int:
     """Print ``e`` as the module doc says (its traceback first when :func:`debugging`) and return
@@ -202,13 +210,17 @@ def one_line_warnings(debug: bool = False):
         if not issubclass(exc_type, KeyboardInterrupt):
             print(f"fundl: error: {exc_type.__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
 
-    saved = (warnings.showwarning, sys.unraisablehook, threading.excepthook, sys.excepthook)
-    warnings.showwarning, sys.unraisablehook = show, quiet_unraisable
-    threading.excepthook, sys.excepthook = thread_failed, printed_by_c
+    hooks = ((warnings, "showwarning", show), (sys, "unraisablehook", quiet_unraisable),
+             (threading, "excepthook", thread_failed), (sys, "excepthook", printed_by_c))
+    saved = [getattr(owner, name) for owner, name, _ in hooks]
+    for owner, name, hook in hooks:
+        setattr(owner, name, hook)
     try:
         yield
-    finally:
-        warnings.showwarning, sys.unraisablehook, threading.excepthook, sys.excepthook = saved
+    finally:  # each hook back, unless replaced meanwhile (the multi-process exit hook: fundl.run.distributed)
+        for (owner, name, hook), before in zip(hooks, saved):
+            if getattr(owner, name) is hook:
+                setattr(owner, name, before)
 
 
 def quiet_unraisable(unraisable) -> None:
