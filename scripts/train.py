@@ -4,10 +4,11 @@
 import sys
 
 if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
-    from fundl.run.hugepages import reexec_with_huge_pages
-    reexec_with_huge_pages()
-
-from fundl.run.cli import train_main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(train_main())
+    try:
+        from fundl.run.hugepages import reexec_with_huge_pages
+        reexec_with_huge_pages()
+        from fundl.run.cli import train_main, exit_with
+    except KeyboardInterrupt:  # Ctrl-C while starting: one line and 130, as at any later moment
+        from fundl.run.cli import interrupted_at_start_up
+        sys.exit(interrupted_at_start_up())
+    exit_with(train_main())

@@ -1,7 +1,7 @@
 """Bad input, everywhere: each error says what was expected, what was got and where.
 
 One test per case of the audit (API and command line).  CLI tests assert the
-exit code (2: command line/config, 1: an error that stopped the run) and that
+exit code (2: bad input -- a command line, config or data that cannot run; 1: a failure while running) and that
 the message comes without a traceback.
 """
 
@@ -76,7 +76,7 @@ def test_integer_inputs_to_a_dense_model_are_rejected():
 @pytest.mark.slow
 def test_a_model_that_does_not_fit_the_data_fails_readably_in_the_cli(tmp_path):
     r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "model.kind='cnn'")
-    assert r.returncode == 1
+    assert r.returncode == 2  # bad input: the config's model does not fit its data
     assert "error: ShapeError: at layer 'conv2d_0'" in r.stderr and "got (1, 16)" in r.stderr
     assert "Traceback" not in r.stderr
 

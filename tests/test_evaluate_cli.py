@@ -1,5 +1,5 @@
 """scripts/evaluate.py (fundl.run.cli.evaluate_main): config and checkpoint errors are one clear
-message and an exit code (2: config, 1: checkpoint or data), not a traceback; FUNDL_TRACEBACK=1 shows it."""
+message and an exit code (2: config, 1: checkpoint or data), not a traceback; --debug / FUNDL_DEBUG=1 shows it."""
 
 import json
 import shutil
@@ -48,7 +48,7 @@ def test_unknown_config_key_is_a_config_error_exit_2(copy, capsys):
     _edit_config(copy, "[training]\n", "[training]\nstepz = 3\n")
     assert evaluate_main([str(copy)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("config error: unknown key 'training.stepz'") and "Did you mean 'steps'?" in err
+    assert err.startswith("fundl: error: unknown key 'training.stepz'") and "Did you mean 'steps'?" in err
     assert "Traceback" not in err
 
 
@@ -65,7 +65,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(copy, capsys):
     assert evaluate_main([str(copy)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["step"] == 2
-    assert err.startswith("warning: skipping corrupt checkpoint") and "step_00000004" in err
+    assert err.startswith("fundl: warning: skipping corrupt checkpoint") and "step_00000004" in err
 
 
 @pytest.mark.slow
@@ -74,8 +74,8 @@ def test_all_checkpoints_corrupt_is_exit_1(copy, capsys):
         _corrupt(checkpoint)
     assert evaluate_main([str(copy)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: CheckpointError: no valid checkpoint in") and "sha256" in err
-    assert "Traceback" not in err and "FUNDL_TRACEBACK=1" in err
+    assert err.startswith("fundl: error: CheckpointError: no valid checkpoint in") and "sha256" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2  # one line and at most a hint
 
 
 @pytest.mark.slow
@@ -100,10 +100,11 @@ def test_not_a_run_directory_is_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_fundl_traceback_shows_the_traceback(copy, monkeypatch):
-    from fundl.run.config import ConfigError
-
+@pytest.mark.parametrize("how", ["--debug", "FUNDL_DEBUG", "FUNDL_TRACEBACK"])
+def test_debug_shows_the_traceback(copy, monkeypatch, capsys, how):
     _edit_config(copy, "[training]\n", "[training]\nstepz = 3\n")
-    monkeypatch.setenv("FUNDL_TRACEBACK", "1")
-    with pytest.raises(ConfigError, match="stepz"):
-        evaluate_main([str(copy)])
+    if how != "--debug":
+        monkeypatch.setenv(how, "1")
+    assert evaluate_main([str(copy)] + (["--debug"] if how == "--debug" else [])) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ConfigError" in err and "fundl: error: unknown key 'training.stepz'" in err

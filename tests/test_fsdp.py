@@ -159,6 +159,6 @@ def test_a_rule_that_does_not_fit_a_leaf_is_a_config_error(tmp_path):
     proc = train_cli(tmp_path, "bad", 'parallel.mode="fsdp"', "model.hidden=[18]",
                      'parallel.rules=[["dense_0/b$", ["data"]]]')
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert ("config error: parallel.rules: 'dense_0/b$' splits dimension 0 of params/dense_0/b (shape (18,)) "
+    assert ("fundl: error: parallel.rules: 'dense_0/b$' splits dimension 0 of params/dense_0/b (shape (18,)) "
             "over 'data' (4 devices), which does not divide 18") in proc.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())

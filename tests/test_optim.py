@@ -170,7 +170,7 @@ def test_momentum_and_nesterov_reach_optax(name, kw):
 # ------------------------------------------------------------------ others
 @pytest.mark.parametrize("name", ["adamm", "lamb"])
 def test_optimizer_outside_the_catalogue_is_config_error(name):
-    with pytest.raises(ConfigError, match=rf"optimizer\.name='{name}' is not one of fundl's optimisers"):
+    with pytest.raises(ConfigError, match=rf"optimizer\.name must be one of \[.*'lion'\], got '{name}'"):
         optimizer_from_config(config(name), 10)
 
 

@@ -73,10 +73,16 @@ def config_schema() -> str:
                 allowed += " or an int ≥ 0" if (section, key) in cfg.CHOICE_OR_INT else ""
             elif (section, key) in cfg.AUTO_OR_INT:
                 allowed = '`"auto"` or an int' + (" ≥ 0" if (section, key) in cfg.NON_NEGATIVE else " > 0")
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+                lower, upper = cfg.bounds(section, key)   # the bounds the validator checks
+                allowed = cfg.type_name(default) + (f" in {'(' if lower == '> 0' else '['}0, {upper:g})" if upper is not None else
+                                                    {"> 0": " > 0", ">= 0": " ≥ 0"}.get(lower, ""))
+            elif isinstance(default, list):
+                kind, lower = cfg.list_items(section, key)
+                item = {int: "int", float: "float", str: "string", list: "list"}.get(kind, "any")
+                allowed = f"list of {item}" + {"> 0": " > 0", ">= 0": " ≥ 0"}.get(lower if kind in (int, float) else "", "")
             else:
-                kind = cfg.type_name(default)   # the name config errors use
-                bound = " > 0" if (section, key) in cfg.POSITIVE else " ≥ 0" if (section, key) in cfg.NON_NEGATIVE else ""
-                allowed = kind + bound
+                allowed = cfg.type_name(default)   # the name config errors use
             try:
                 resume = cfg.resume_kind(section, key)
             except KeyError:

@@ -16,6 +16,7 @@ import numpy as np
 
 from fundl import models
 from fundl.data import DataError, Dataset, load_dataset
+from fundl.data.checks import check_examples
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
 from fundl.nn import Layer
@@ -50,21 +51,31 @@ def load_data(config: dict) -> Dataset:
 
 
 def check_labels(data: Dataset) -> None:
-    """Labels must be integer class ids in [0, num_classes), checked on the host before training
-    (inside a jitted step an out-of-range label silently gives a wrong loss)."""
+    """Labels must be integer class ids in [0, num_classes) and inputs finite, in both splits:
+    checked on the host when the data is loaded (inside a jitted step an out-of-range label
+    silently gives a wrong loss); the error names the first bad example's index and value."""
     for split, arrays in (("train", data.train), ("test", data.test)):
         y = np.asarray(arrays["y"])
         if not np.issubdtype(y.dtype, np.integer):
             raise DataError(f"dataset {data.name!r}, {split} split: labels must be integer class ids, "
                             f"got dtype {y.dtype}")
-        bad = (y < 0) | (y >= data.num_classes)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            where = first[0] if len(first) == 1 else first
-            raise DataError(
-                f"dataset {data.name!r}, {split} split: {int(bad.sum())} labels outside the class range "
-                f"[0, {data.num_classes}); the first is {int(y[first])} at index {where}. "
-                f"Labels must be integer class ids 0..{data.num_classes - 1}")
+        check_examples(arrays, data.num_classes, what=f"dataset {data.name!r}, {split} split")
+
+
+def check_data(config: dict, data: Dataset) -> None:
+    """What a config asks of its loaded data: :func:`check_labels`, and a batch that the
+    training split can fill (a ConfigError naming training.batch_size)."""
+    check_labels(data)
+    check_batch_fits(config, data)
+
+
+def check_batch_fits(config: dict, data: Dataset) -> None:
+    """``training.batch_size`` must not exceed the training examples (a ConfigError naming it)."""
+    n, batch = len(data.train["y"]), config["training"]["batch_size"]
+    if batch > n:
+        size = " (data.num_train)" if config["data"]["name"] == "synthetic" else ""
+        raise ConfigError(f"training.batch_size={batch} is larger than the {n} training examples of dataset "
+                          f"{data.name!r}{size}; choose a training.batch_size <= {n}")
 
 
 def total_steps_of(config: dict, steps_per_epoch: int) -> int:

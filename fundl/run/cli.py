@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from fundl.run import distributed
-from fundl.run.config import ConfigError, load_config
-from fundl.run.errors import report_error
+from fundl.run.config import load_config
+from fundl.run.errors import is_known, one_line_warnings, report_error
+from fundl.run.interrupts import Interrupts, exit_with, stopped_by_signal
 from fundl.run.hugepages import reexec_with_huge_pages
 from fundl.run.rundir import RunDirError
 
@@ -38,12 +39,14 @@ effect is printed.  Resuming is also automatic with ``training.resume =
 true``: start fresh when there is no checkpoint, continue otherwise (suits
 requeued jobs).
 
-Exit codes: 0 done; 1 an error stopped the run (message on stderr: non-finite
-loss, corrupt checkpoints, disk full, bad data or shapes, unwritable run
-directory); 2 a bad command line or config, or a run directory that is in
-use or holds another run; 130 / 143 stopped by SIGINT / SIGTERM after saving
-a checkpoint (resume with the command printed).
-Set FUNDL_TRACEBACK=1 to see the traceback of an error.
+Exit codes: 0 done; 2 bad input (a command line, config, sweep value or
+dataset that cannot run, a model that does not fit the data, a run directory
+that is in use or holds another run); 1 a failure while running (non-finite
+loss, corrupt checkpoints, disk full, an unwritable run directory); 130 / 143
+stopped by SIGINT / SIGTERM (during training after saving a checkpoint:
+resume with the command printed).  An error is one line on stderr,
+"fundl: error: ...", and at most one hint line; --debug (or FUNDL_DEBUG=1)
+shows its traceback.
 
 Several processes form one run when started by ``srun`` (SLURM), ``mpirun``
 (Open MPI 4) or a Kubernetes indexed Job (JAX detects them; no flags
@@ -58,15 +61,24 @@ EVALUATE_HELP = """Re-evaluate a run's latest valid checkpoint on its test split
 
 Exit codes: 0 done (one JSON line on stdout); 1 a checkpoint or data error
 (no valid checkpoint, one that does not fit the config's model, missing data
-files); 2 a bad command line or config.  Errors are one message on stderr;
-set FUNDL_TRACEBACK=1 to see the traceback.  Installed, this is ``fundl-evaluate``.
+files); 2 bad input (a command line, config or dataset); 130 interrupted.
+Errors are one line on stderr, "fundl: error: ...", and at most one hint line;
+--debug (or FUNDL_DEBUG=1) shows the traceback.  Installed, this is ``fundl-evaluate``.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors print as every other error does: one line and a hint, exit 2."""
+
+    def error(self, message):
+        print(f"fundl: error: {message}\nfundl: hint: {self.prog} --help lists the options", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------- train
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of ``fundl-train`` (``prog``: the name its usage line shows)."""
-    p = argparse.ArgumentParser(prog=prog, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config file (see configs/); default with --resume RUN_DIR: RUN_DIR/config.toml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable); VALUE is parsed as TOML")
@@ -84,6 +96,7 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "rate vary inside one compiled program, other settings run as separate runs "
                         "(RUN_DIR/members/<k>/); sets training.sweep")
     p.add_argument("--quiet", action="store_true", help="no progress bar or banner")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also FUNDL_DEBUG=1)")
     distributed.add_arguments(p)
     return p
 
@@ -102,7 +115,29 @@ def _config_path(args, p) -> str:
 
 
 def train_main(argv=None) -> int:
-    """``fundl-train``: parse ``argv``, validate the config, start the processes, run; the exit code."""
+    """``fundl-train``: parse ``argv``, validate the config, start the processes, run; the exit code.
+
+    Every error, and an interrupt at any moment, becomes one message and an exit code
+    (``fundl.run.errors``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known before parsing, so that every error prints the same way
+    where: dict = {}  # the run directory, once known: an error's hint may name what it keeps
+    with one_line_warnings(debug), Interrupts() as interrupts:
+        try:
+            return _train(argv, where)
+        except BaseException as e:  # noqa: BLE001 - every error becomes one message and an exit code
+            interrupts.settle()
+            if isinstance(e, SystemExit):
+                raise
+            # Ctrl-C outside the training loop (start-up, compiling, closing), also when it surfaced
+            # as another error (an import it cut short)
+            e = KeyboardInterrupt() if interrupts.received and not stopped_by_signal(e) else e
+            if where.get("multi_process") and not is_known(e):
+                raise  # a peer's failure: the multi-process exit hook (fundl.run.distributed) says so and exits at once
+            return report_error(e, debug=debug, run_dir=where.get("run_dir"))
+
+
+def _train(argv, where: dict) -> int:
     p = train_parser()
     args = p.parse_args(argv)
     if isinstance(args.resume, str) and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
@@ -118,13 +153,11 @@ def train_main(argv=None) -> int:
     overrides += ["training.progress=false"] if args.quiet else []
     run_dir = args.run_dir or (args.resume if isinstance(args.resume, str) else None) \
         or str(Path("runs") / Path(config_path).stem)
-    try:
-        config = load_config(config_path, overrides)
-        # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
-        # before anything touches JAX devices
-        settings = distributed.initialize(distributed.settings_from(args))
-    except (ConfigError, distributed.DistributedError) as e:
-        return report_error(e, at_start_up=True)
+    config = load_config(config_path, overrides)
+    # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
+    # before anything touches JAX devices
+    settings = distributed.initialize(distributed.settings_from(args))
+    where.update(run_dir=run_dir, multi_process=settings.multi_process)
     launcher = distributed.describe_launcher(settings)
     if launcher and settings.process_id == 0:
         print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...
@@ -135,14 +168,8 @@ def train_main(argv=None) -> int:
     enable_compilation_cache()  # before the first compile: every program of the run is cached
 
     t0 = time.perf_counter()
-    try:
-        summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet,
-                      overwrite=args.overwrite, allow_changes=args.allow_change)
-    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+    summary = run(config, run_dir, config_path=config_path, verbose=not args.quiet,
+                  overwrite=args.overwrite, allow_changes=args.allow_change)
     wall = time.perf_counter() - t0
     acc = summary["test_accuracy"]
     line = f"test accuracy {acc:.4f}, test loss {summary['test_loss']:.4f} after {summary['final_step']} steps"
@@ -159,43 +186,56 @@ def train_main(argv=None) -> int:
 # -------------------------------------------------------------- evaluate
 def evaluate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The arguments of ``fundl-evaluate`` (``prog``: the name its usage line shows)."""
-    p = argparse.ArgumentParser(prog=prog, description=EVALUATE_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=EVALUATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also FUNDL_DEBUG=1)")
     return p
 
 
 def evaluate_main(argv=None) -> int:
     """``fundl-evaluate``: one JSON line of a run's test metrics on stdout; the exit code."""
-    args = evaluate_parser().parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
-        return report_error(RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?"),
-                            at_start_up=True)
-    from fundl.run.evaluator import evaluate_run  # heavy imports after the check
-    from fundl.train.compile_cache import enable_compilation_cache
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    with one_line_warnings(debug):
+        try:
+            args = evaluate_parser().parse_args(argv)
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "config.toml").is_file():
+                raise RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?")
+            from fundl.run.evaluator import evaluate_run  # heavy imports after the check
+            from fundl.train.compile_cache import enable_compilation_cache
 
-    enable_compilation_cache()
+            enable_compilation_cache()
 
-    try:
-        result = evaluate_run(run_dir)
-    except Exception as e:  # noqa: BLE001 - known errors become one message and an exit code
-        code = report_error(e)
-        if code is None:
-            raise
-        return code
+            result = evaluate_run(run_dir)
+        except Exception as e:  # noqa: BLE001 - every error becomes one message and an exit code
+            return report_error(e, debug=debug)
+        except KeyboardInterrupt as e:  # never a traceback
+            return report_error(e, debug=debug)
     print(json.dumps(result))
     return 0
+
+
+def interrupted_at_start_up() -> int:
+    """Ctrl-C before :func:`train_main` / :func:`evaluate_main` began (importing, re-executing):
+    the same one message as later, and 130 for the caller to exit with."""
+    return report_error(KeyboardInterrupt())
 
 
 # ------------------------------------------------------- console scripts
 def fundl_train() -> None:
     """The ``fundl-train`` console script: huge pages first (before JAX), then :func:`train_main`."""
-    reexec_with_huge_pages()
-    sys.exit(train_main())
+    try:
+        reexec_with_huge_pages()
+    except KeyboardInterrupt:
+        sys.exit(interrupted_at_start_up())
+    exit_with(train_main())
 
 
 def fundl_evaluate() -> None:
     """The ``fundl-evaluate`` console script: huge pages first (before JAX), then :func:`evaluate_main`."""
-    reexec_with_huge_pages()
-    sys.exit(evaluate_main())
+    try:
+        reexec_with_huge_pages()
+    except KeyboardInterrupt:
+        sys.exit(interrupted_at_start_up())
+    exit_with(evaluate_main())

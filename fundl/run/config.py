@@ -5,8 +5,11 @@ parallel, logging and privacy.  Every key has a default (``fundl.run.schema``
 is the reference for what exists); a file overrides some; ``--set
 section.key=value`` overrides again.  Unknown sections or keys are errors that
 list the valid keys and the closest match; values of the wrong type are errors
-naming the key; settings that contradict each other are errors naming both
-(:func:`check_config`, the one place for such rules).  The resolved config is
+naming the key, and so are values out of the schema's bounds (every number >= 0
+unless the schema says otherwise, list elements included); settings that
+contradict each other are errors naming both (:func:`check_config`, the one
+place for such rules).  The same checks cover every ``--sweep`` value and every
+sweep member (:func:`check_sweep`), and a config dict given to the Python API.  The resolved config is
 written back as TOML into the run directory.
 """
 
@@ -21,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fundl.run.schema import (  # noqa: F401 - the schema's names, re-exported for config users
-    AUTO_OR_INT, CHOICE_OR_INT, CHOICES, INT_OR_INT_LIST, NON_NEGATIVE, OPTIMIZERS, POSITIVE, RESUME_KINDS, SCHEMA,
-    resume_kind,
+    AUTO_OR_INT, BELOW, CHOICE_OR_INT, CHOICES, INT_OR_INT_LIST, NON_NEGATIVE, OPTIMIZERS, POSITIVE, RESUME_KINDS,
+    SCHEMA, SIGNED, bounds, list_items, resume_kind,
 )
 
 
@@ -81,21 +84,67 @@ def _check_value(section: str, key: str, value, source: str):
         value = list(value)
     if type(value) is not want:
         raise ConfigError(f"{where} must be of type {type_name(default)} (like {default!r}), got {type_name(value)} {value!r}")
-    if want is float and not math.isfinite(value):
-        raise ConfigError(f"{where} must be finite, got {value!r}")
     choices = CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}.{_closest(str(value), choices)}")
-    if (section, key) in POSITIVE and value <= 0:
-        raise ConfigError(f"{where} must be > 0, got {value!r}")
-    if (section, key) in NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{where} must be >= 0, got {value!r}")
+    if want in (int, float):
+        _check_number(f"{section}.{key}", value, *bounds(section, key), source=source,
+                      what=BELOW.get((section, key), (0, ""))[1])
+    if want is list:
+        value = [_check_item(f"{section}.{key}[{i}]", item, *list_items(section, key), source=source)
+                 for i, item in enumerate(value)]
     return value
+
+
+def _check_number(name: str, value, lower: str, upper, *, source: str = "", what: str = ""):
+    """A number within the schema's bounds (``fundl.run.schema.bounds``); the error names the key."""
+    at = f" (in {source})" if source else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value!r}{at}")
+    if upper is not None and not (0 <= value < upper and (value > 0 or lower != "> 0")):
+        raise ConfigError(f"{name} is {what or 'a number'} in {'(' if lower == '> 0' else '['}0, {upper:g}), "
+                          f"got {value!r}{at}")
+    if lower == "> 0" and value <= 0 or lower == ">= 0" and value < 0:
+        raise ConfigError(f"{name} must be {lower}, got {value!r}{at}")
+    return value
+
+
+def _check_item(name: str, item, kind, lower: str, *, source: str = ""):
+    """One element of a list key (``fundl.run.schema.list_items``)."""
+    at = f" (in {source})" if source else ""
+    if kind is float and _is_int(item):
+        item = float(item)
+    if kind is not None and (type(item) is not kind or isinstance(item, bool) and kind is not bool):
+        raise ConfigError(f"{name} must be of type {type_name(kind())}, got {type_name(item)} {item!r}{at}")
+    if kind in (int, float):
+        _check_number(name, item, lower, None, source=source)
+    if name.startswith("parallel.rules["):
+        _check_rule(name, item, at)
+    return item
+
+
+def _check_rule(name: str, rule, at: str) -> None:
+    """A partition rule's shape: ``[REGEX, [AXIS_OR_EMPTY, ...]]`` (the placement checks the axes)."""
+    import re
+
+    if not (len(rule) == 2 and isinstance(rule[0], str) and isinstance(rule[1], list)
+            and all(isinstance(a, str) for a in rule[1])):
+        raise ConfigError(f"{name} must be [REGEX, [AXIS_OR_EMPTY, ...]], e.g. ['dense.*/w$', ['data', '']], "
+                          f"got {rule!r}{at}")
+    try:
+        re.compile(rule[0])
+    except re.error as e:
+        raise ConfigError(f"{name}: {rule[0]!r} is not a regular expression ({e}){at}") from None
 
 
 def validate(raw: dict, source: str = "") -> dict:
     """Merge ``raw`` over the defaults, checking every section, key and value, then the rules
-    between keys (:func:`check_config`)."""
+    between keys (:func:`check_config`) and every value of a sweep (:func:`check_sweep`).
+
+    The one validator, however a setting arrives: a file, ``--set``, ``--sweep``, or a config
+    dict handed to the Python API (``fundl.run.experiment.run`` validates what it gets)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a dict of sections, got {type_name(raw)}")
     config = copy.deepcopy(SCHEMA)
     for section, entries in raw.items():
         if section not in SCHEMA:
@@ -112,21 +161,88 @@ def validate(raw: dict, source: str = "") -> dict:
                     f"[{section}]: {sorted(SCHEMA[section])}.{_closest(key, SCHEMA[section])}"
                 )
             config[section][key] = _check_value(section, key, value, source)
-    _check_ranges(config)
     check_config(config)
+    check_sweep(config)
     return config
 
 
-def _check_ranges(config: dict) -> None:
-    """Bounds of single keys that the schema's POSITIVE / NON_NEGATIVE sets do not express."""
-    opt = config["optimizer"]
-    if opt["learning_rate"] <= 0:
-        raise ConfigError(f"optimizer.learning_rate must be > 0, got {opt['learning_rate']}")
-    if not config["privacy"]["delta"] < 1.0:
-        raise ConfigError(f"privacy.delta is a probability in (0, 1), got {config['privacy']['delta']}")
-    for key in ("dropout", "input_dropout"):
-        if not 0.0 <= config["model"][key] < 1.0:
-            raise ConfigError(f"model.{key} is a drop probability in [0, 1), got {config['model'][key]}")
+def parse_sweep(text: str) -> tuple[str, list]:
+    """``"section.key=v1,v2,..."`` -> ``("section.key", [v1, v2, ...])``, each value parsed as TOML
+    (commas inside brackets or quotes belong to the value, e.g. ``model.hidden=[64],[64,64]``)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--sweep expects section.key=v1,v2,..., got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    section, _, name = key.partition(".")
+    if section not in SCHEMA or name not in SCHEMA[section]:
+        raise ConfigError(f"--sweep {text!r}: {key!r} is not a config setting")
+    if key in ("training.sweep", "training.resume"):
+        raise ConfigError(f"--sweep {text!r}: {key} cannot be swept (it says how the run goes, not what it trains)")
+    values, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(raw + ","):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            item = raw[start:i].strip()
+            if not item:
+                raise ConfigError(f"--sweep {text!r}: an empty value")
+            try:
+                values.append(tomllib.loads(f"v = {item}")["v"])
+            except tomllib.TOMLDecodeError:
+                values.append(item)  # a bare word is a string, as with --set
+            start = i + 1
+    if len(values) < 1:
+        raise ConfigError(f"--sweep {text!r}: no values")
+    return key, values
+
+
+def check_sweep(config: dict) -> None:
+    """Every value of ``training.sweep`` checked as its key's value, then every member's config
+    checked as a whole (:func:`check_config`): a sweep with one bad value fails before any member
+    trains, naming the value."""
+    sweep: dict[str, list] = {}
+    for i, text in enumerate(config["training"]["sweep"]):
+        try:
+            key, values = parse_sweep(text)
+        except ConfigError as e:
+            raise ConfigError(f"training.sweep[{i}]: {e}") from None
+        if key in sweep:
+            raise ConfigError(f"training.sweep names {key} twice")
+        section, name = key.split(".", 1)
+        for value in values:
+            try:
+                _check_value(section, name, value, "")
+            except ConfigError as e:
+                raise ConfigError(f"--sweep {key}: the value {toml_text(value)} is refused: {e}") from None
+        sweep[key] = values
+    if not sweep:
+        return
+    import itertools
+
+    for combo in itertools.product(*sweep.values()):
+        member = copy.deepcopy(config)
+        member["training"]["sweep"], member["training"]["ensemble"] = [], 1
+        for key, value in zip(sweep, combo):
+            section, name = key.split(".", 1)
+            member[section][name] = _check_value(section, name, value, "")
+        try:
+            check_config(member)
+        except ConfigError as e:
+            point = ", ".join(f"{k}={toml_text(v)}" for k, v in zip(sweep, combo))
+            raise ConfigError(f"--sweep: the member {point} is refused: {e}") from None
+
+
+def toml_text(value) -> str:
+    """``value`` as TOML writes it, or its repr when TOML cannot (for messages)."""
+    try:
+        return toml_value(value)
+    except TypeError:
+        return repr(value)
 
 
 def check_config(config: dict, *, overwrite: bool = False) -> None:

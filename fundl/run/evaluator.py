@@ -63,7 +63,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
         warnings.simplefilter("always")
         path = ckpt.latest_valid(run_dir / "checkpoints")
     for w in skipped:
-        print(f"warning: {w.message}", file=sys.stderr)
+        print(f"fundl: warning: {w.message}", file=sys.stderr)
     if path is None:
         if (run_dir / "members").is_dir():
             raise ckpt.CheckpointError(f"{run_dir} is a sweep of separate runs: evaluate each of "

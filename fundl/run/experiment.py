@@ -19,12 +19,12 @@ from typing import Sequence
 
 import jax
 
-from fundl.data import Loader
+from fundl.data import Dataset, Loader
 from fundl.run import sweeps
 from fundl.run.build import (
-    check_labels, initial_state, load_data, placement_from_config, sharded_layout, total_steps_of, train_step_for,
+    check_batch_fits, check_data, initial_state, load_data, placement_from_config, sharded_layout, total_steps_of, train_step_for,
 )
-from fundl.run.config import ConfigError, check_config, dumps
+from fundl.run.config import ConfigError, check_config, dumps, validate
 from fundl.run.errors import with_resume_hint
 from fundl.run.evaluator import make_evaluator
 from fundl.run.optimizer import injectable
@@ -49,6 +49,7 @@ def run(config: dict, run_dir: str | os.PathLike, *, config_path: str = "", verb
     sections) a resumed run may change although they alter its trajectory
     (``fundl.run.resume``).
     """
+    config = validate(config)  # the one validator, also for a dict from the Python API
     check_config(config, overwrite=overwrite)
     check_allowed_names(allow_changes)
     one_program, separate = sweeps.in_one_program(config)
@@ -70,7 +71,7 @@ def train(config: dict, rd: RunDir, placement, *, config_path: str = "", verbose
 
     # ------------------------------------------------------------------ data
     data = load_data(config)
-    check_labels(data)
+    check_data(config, data)  # labels, finite inputs, a batch the data can fill: once, before training
     try:
         placement.check_batch_size(t["batch_size"])
     except ValueError as e:
@@ -169,10 +170,28 @@ def _announce(config, data, members, num_params, total, start, rd, placement, la
           f"{config['training']['batch_size']} from step {start}; run dir {rd.path}", flush=True)
 
 
+def _check_members_fit_their_data(config: dict, members: list[dict]) -> None:
+    """A sweep over the batch size or the data: every member's batch checked against its data
+    before the first member trains (the config's own rules were checked when it was validated)."""
+    if not any(k == "training.batch_size" or k.startswith("data.") for m in members for k in m):
+        return
+    sizes: dict[str, Dataset] = {}
+    for member in members:
+        member_config = sweeps.with_overrides(config, member)
+        key = dumps({"data": member_config["data"]})
+        if key not in sizes:
+            sizes[key] = load_data(member_config)
+        try:
+            check_batch_fits(member_config, sizes[key])
+        except ConfigError as e:
+            raise ConfigError(f"--sweep: the member {sweeps.describe_member(member)} is refused: {e}") from None
+
+
 def run_separately(config: dict, rd: RunDir, keys: list[str], *, config_path: str = "", verbose: bool = True) -> dict:
     """A sweep over settings that change shapes or structure (``keys``): each point as a run of
     its own in ``RUN_DIR/members/<k>/``, one after another; the reports of a one-program sweep."""
     members = sweeps.members(config)
+    _check_members_fit_their_data(config, members)
     print(f"fundl: the sweep over {', '.join(keys)} changes shapes or structure, so its {len(members)} points "
           f"run as separate runs in {rd.path / 'members'}/<k>/ (seeds and "
           f"{', '.join('optimizer.' + k for k in injectable(config))} alone would share one compiled program)",

@@ -113,17 +113,29 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def write_text(self, name: str, text: str) -> None:
+        """Write ``name`` whole or not at all (through ``.NAME.tmp``, removed if the write fails:
+        a full disk leaves nothing behind that could block the next command)."""
         if self.writer:
             tmp = self.path / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.path / name)
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, self.path / name)
+            except OSError as e:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                raise OSError(e.errno, e.strerror, str(self.path / name)) from None
 
     def log(self, record: dict) -> None:
         if not self.writer:
             return
         record = {"wall_time": round(time.time() - self.start, 4), **{k: _jsonable(v) for k, v in record.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file (a partial last line is dropped on resume)
+            raise OSError(e.errno, e.strerror, str(self.metrics_path)) from None
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch", "split", "wall_time") and isinstance(v, (int, float)):
@@ -184,12 +196,33 @@ def open_run_dir(run_dir: str | os.PathLike, config: dict, *, overwrite: bool = 
     return rd if writer else RunDir(run_dir, writer=False)
 
 
+START_UP_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "tensorboard")
+"""What a run writes before it has trained anything worth keeping: alone (``metrics.jsonl`` with no
+record, ``checkpoints`` with no checkpoint) they hold no run, so an interrupted or failed start-up
+never blocks the same command."""
+
+
 def previous_run(path: str | os.PathLike) -> list[str]:
-    """What ``path`` holds besides the lock (empty: a fresh run may use it)."""
+    """What ``path`` holds of an earlier run (empty: a fresh run may use it).  Hidden files (the
+    lock, temporary files) do not count, nor do partial start-up files (:data:`START_UP_FILES`)
+    when nothing else is there."""
     path = Path(path)
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".write-test-"))
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if all(n in START_UP_FILES and _holds_nothing(path / n) for n in names):
+        return []
+    return names
+
+
+def _holds_nothing(p: Path) -> bool:
+    """A start-up file with nothing of a run in it: config.toml, an empty metrics.jsonl, a
+    folder with no (visible) file."""
+    if p.name == "config.toml":
+        return True
+    if p.is_dir():
+        return not any(q.is_file() and not q.name.startswith(".") for q in p.rglob("*"))
+    return p.is_file() and not p.read_text(errors="replace").strip()
 
 
 def _acquire_lock(path: Path):
@@ -229,12 +262,10 @@ def _describe(path: Path, names: list[str]) -> str:
 
 
 def _not_empty_message(path: Path, names: list[str]) -> str:
-    choices = [(f"--resume {path}", "continue that run from its newest checkpoint"),
-               ("--run-dir NEW_DIR", "start this run somewhere else"),
-               ("--overwrite", f"move the old run aside to {path.name}.old-<time> and start afresh here")]
-    width = max(len(flag) for flag, _ in choices) + 3
     return (f"run directory {path} already holds a run ({_describe(path, names)}); a fresh run will not "
-            f"write into it. Choose one:\n" + "\n".join(f"  {flag:<{width}}{what}" for flag, what in choices))
+            f"write into it.\nchoose one: --resume {path} (continue that run from its newest checkpoint), "
+            f"--run-dir NEW_DIR (start this run somewhere else), or --overwrite (move the old run aside to "
+            f"{path.name}.old-<time> and start afresh here)")
 
 
 def _move_aside(path: Path) -> Path:

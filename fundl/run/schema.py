@@ -1,6 +1,6 @@
 """The config's keys: each one's default, allowed values and bounds, and how a resume may change it.
 
-Pure data (and one lookup), read by the validator (``fundl.run.config``), the
+Pure data (and the lookups ``bounds``, ``list_items`` and ``resume_kind``), read by the validator (``fundl.run.config``), the
 resume policy (``fundl.run.resume``) and the generated reference in
 docs/configs.md, whose "meaning" column is the comment beside each key here.
 """
@@ -39,7 +39,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "bias": True,             # gpt: biases in the dense layers and LayerNorms (nanoGPT's bias)
     },
     "data": {
-        "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | synthetic
+        "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | text | synthetic
         "dir": "",                # data folder; default FUNDL_DATA_DIR and the usual places
         "num_train": 0,           # synthetic: examples (0 = dataset default)
         "num_test": 0,
@@ -61,7 +61,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "name": "constant",       # constant | cosine | warmup_cosine | exponential | piecewise
         "warmup_steps": 0,
         "end_value": 0.0,
-        "decay_rate": 0.1,
+        "decay_rate": 0.1,        # exponential: the factor per transition_steps
         "transition_steps": 0,
         "boundaries": [],
         "scales": [],
@@ -152,6 +152,50 @@ NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eva
 OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "adamax", "adamaxw", "amsgrad",
               "adabelief", "radam", "yogi", "rmsprop", "adagrad", "lion")
 """The optimiser names a config may use (``optimizer.name``), each tested against Optax."""
+
+# ---- what the validator checks beyond the sets above (fundl.run.config; issue 24)
+CHOICES[("optimizer", "name")] = OPTIMIZERS
+# fundl.data.datasets.LOADERS' names (tests/test_bad_input.py keeps the two equal; validating a
+# config imports no numpy, so the list is written out here)
+CHOICES[("data", "name")] = ("mnist1d", "mnist", "fashion_mnist", "shakespeare", "text", "synthetic")
+POSITIVE |= {("optimizer", "learning_rate"), ("schedule", "decay_rate")}
+NON_NEGATIVE |= {("training", "seed")}
+# Every other number must be >= 0 too (a negative count, size, rate, scale or seed means
+# nothing), unless it is named here.
+SIGNED: set[tuple[str, str]] = set()
+# Upper bounds: key -> (bound, what the key is); the bound is excluded.
+BELOW: dict[tuple[str, str], tuple[float, str]] = {
+    ("model", "dropout"): (1.0, "a drop probability"),
+    ("model", "input_dropout"): (1.0, "a drop probability"),
+    ("privacy", "delta"): (1.0, "a probability"),
+}
+# What each element of a list key must be: its type and lower bound (">= 0", "> 0" or "": none).
+# A list key not named here takes elements of its default's element type, each >= 0 when a number.
+LIST_ITEMS: dict[tuple[str, str], tuple[type, str]] = {
+    ("model", "hidden"): (int, "> 0"),
+    ("model", "channels"): (int, "> 0"),
+    ("schedule", "boundaries"): (int, ">= 0"),
+    ("schedule", "scales"): (float, ">= 0"),
+    ("training", "sweep"): (str, ""),            # "section.key=v1,v2,..."
+    ("parallel", "rules"): (list, ""),           # [REGEX, [AXIS_OR_EMPTY, ...]]
+}
+
+
+def bounds(section: str, key: str) -> tuple[str, float | None]:
+    """The bounds of a number key: ``(lower, upper)``, ``lower`` one of ``"> 0"``, ``">= 0"`` or
+    ``""`` (none), ``upper`` a bound it must stay below, or None."""
+    lower = ("> 0" if (section, key) in POSITIVE else "" if (section, key) in SIGNED else ">= 0")
+    upper = BELOW.get((section, key))
+    return lower, None if upper is None else upper[0]
+
+
+def list_items(section: str, key: str) -> tuple[type | None, str]:
+    """What each element of the list key ``section.key`` must be: ``(type or None: any, lower bound)``."""
+    if (section, key) in LIST_ITEMS:
+        return LIST_ITEMS[section, key]
+    default = SCHEMA[section][key]
+    kind = type(default[0]) if default else None
+    return kind, ">= 0" if kind in (int, float) else ""
 
 
 

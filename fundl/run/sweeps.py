@@ -17,43 +17,10 @@ runs them one after another).  Either way the run directory gets ``sweep.csv``,
 from __future__ import annotations
 
 import itertools
-import tomllib
 
 from fundl.run import config as cfg
+from fundl.run.config import parse_sweep  # noqa: F401 - where a sweep's text is read (and checked), re-exported
 from fundl.run.optimizer import injectable
-
-
-def parse_sweep(text: str) -> tuple[str, list]:
-    """``"section.key=v1,v2,..."`` -> ``("section.key", [v1, v2, ...])``, each value parsed as TOML
-    (commas inside brackets or quotes belong to the value, e.g. ``model.hidden=[64],[64,64]``)."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise cfg.ConfigError(f"--sweep expects section.key=v1,v2,..., got {text!r}")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    section, _, name = key.partition(".")
-    if section not in cfg.SCHEMA or name not in cfg.SCHEMA[section]:
-        raise cfg.ConfigError(f"--sweep {text!r}: {key!r} is not a config setting")
-    values, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(raw + ","):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            item = raw[start:i].strip()
-            if not item:
-                raise cfg.ConfigError(f"--sweep {text!r}: an empty value")
-            try:
-                values.append(tomllib.loads(f"v = {item}")["v"])
-            except tomllib.TOMLDecodeError:
-                values.append(item)  # a bare word is a string, as with --set
-            start = i + 1
-    if len(values) < 1:
-        raise cfg.ConfigError(f"--sweep {text!r}: no values")
-    return key, values
 
 
 def sweep_of(config: dict) -> dict[str, list]:

@@ -153,6 +153,7 @@ def make_ensemble_eval_step(model, loss_fn: Callable = softmax_cross_entropy, me
         result["count"] = jnp.sum(mask) * per_example
         return result
 
+    eval_step.model = model  # evaluate checks its data against the model's classes (fundl.train.data_checks)
     return eval_step
 
 

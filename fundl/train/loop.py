@@ -30,6 +30,7 @@ from fundl.data import Loader
 from fundl.metrics import MeanAccumulator
 from fundl.train.checkpoint import Checkpointer
 from fundl.train.compile_cache import enable_compilation_cache
+from fundl.train.data_checks import check_split, loader_splits
 from fundl.train.fusion import Fusion, resolve
 from fundl.train.placement import single_device
 from fundl.train.signals import StopSignals, TrainingInterrupted
@@ -79,7 +80,9 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
     compiled shape serves the whole set.  ``eval_fn`` is a compiled
     ``make_eval_step`` (``placement.compile_eval``).  ``arrays`` is a split,
     ``{"x": (N, ...), "y": (N,)}``; returns ``{"loss": ..., "accuracy": ...}``
-    (the eval step's metrics) as Python floats.
+    (the eval step's metrics) as Python floats.  The split is checked first, once
+    (``fundl.train.data_checks``): a label outside the model's classes or a non-finite
+    input is an ``ExampleError``, not a mean over the rows that could be scored.
 
     Examples:
         >>> from fundl.train.loop import evaluate
@@ -96,6 +99,7 @@ def evaluate(eval_fn: Callable, params, model_state, arrays: dict, batch_size: i
     n = len(arrays["y"])
     if n == 0:
         raise ValueError("evaluate: the evaluation set is empty")
+    check_split(arrays, eval_fn, "evaluate: the evaluation data")  # before scoring; once per dataset
     batch_size = min(batch_size, n) if placement.num_devices == 1 else batch_size
     acc = MeanAccumulator()
     for start in range(0, n, batch_size):
@@ -185,6 +189,10 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
     SIGTERM/SIGINT (see ``fundl.train.signals``) save a checkpoint at the next
     step boundary and raise :class:`~fundl.train.signals.TrainingInterrupted`.
 
+    Before the first step the training data is checked once (``fundl.train.data_checks``):
+    labels within the classes of ``train_step``'s model, finite inputs; else a
+    ``fundl.data.checks.ExampleError`` naming the first bad example.
+
     Returns a :class:`FitResult`.  The guide docs/training.md shows ``fit`` with
     evaluation, logging and checkpoints.
 
@@ -217,6 +225,8 @@ def fit(state, train_step: Callable, loader: Loader, *, num_steps: int, eval_fn:
 
     # ------------------------------------------------------------------- data
     first_batch = loader.batch(0, 0)  # shapes for the fusion rule
+    for arrays in loader_splits(loader) or [first_batch]:  # labels and inputs, once per dataset
+        check_split(arrays, train_step, "fit: the training data")
     loader.restore(loader.state_at_step(start))  # step t always sees the same batch
 
     # ---------------------------------------------------------------- compile

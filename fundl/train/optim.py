@@ -9,6 +9,7 @@ docs/optimizers.md.)
 """
 
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ def make_schedule(learning_rate: float, total_steps: int, *, name: str = "consta
         >>> [round(float(lr(t)), 4) for t in (49, 50)]
         [1.0, 0.1]
     """
+    _check_number_arg("learning_rate", learning_rate, schedule=True, where="make_schedule")
     total_steps = max(int(total_steps), 1)
     if name == "constant":
         return optax.constant_schedule(learning_rate)
@@ -132,6 +134,12 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
         ...
         fundl.train.optim.OptimizerError: make_optimizer(momentum=...): optax.adam does not accept ['momentum']; ...
     """
+    _check_number_arg("learning_rate", learning_rate, schedule=True)
+    _check_number_arg("clip_norm", clip_norm)
+    _check_number_arg("weight_decay", weight_decay)
+    if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+        raise OptimizerError("accumulate_steps", f"make_optimizer(accumulate_steps={accumulate_steps!r}): expected "
+                                                 f"an int >= 1 (micro-batches per update)")
     accepted = accepted_options(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -151,6 +159,20 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
     if accumulate_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=accumulate_steps)
     return opt
+
+
+def _check_number_arg(argument: str, value, *, schedule: bool = False, where: str = "make_optimizer") -> None:
+    """``value`` is a finite number (a Python or array scalar), or, where ``schedule``, a function
+    ``step -> value``; else an :class:`OptimizerError` naming ``argument``."""
+    if schedule and callable(value):
+        return
+    scalar = getattr(value, "shape", None) == () and jnp.issubdtype(getattr(value, "dtype", None) or "V", jnp.number)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or scalar):
+        expected = "a number or a schedule (a function step -> rate, e.g. make_schedule(...))" if schedule else "a number"
+        raise OptimizerError(argument, f"{where}({argument}={value!r}): expected {expected}, "
+                                       f"got {type(value).__name__}")
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise OptimizerError(argument, f"{where}({argument}={value!r}): expected a finite number")
 
 
 def set_hyperparams(opt_state, **values):

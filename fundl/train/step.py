@@ -150,6 +150,7 @@ def make_train_step(model: Layer, optimizer: optax.GradientTransformation,
                                   model_state=new_model_state, opt_state=opt_state)
         return new_state, metrics
 
+    step.model = model  # fit checks its data against the model's classes (fundl.train.data_checks)
     return step
 
 
@@ -192,4 +193,5 @@ def make_eval_step(model: Layer, loss_fn: Callable = softmax_cross_entropy,
             sums = jax.lax.psum(sums, axis_name)
         return sums
 
+    eval_step.model = model  # evaluate checks its data against the model's classes (fundl.train.data_checks)
     return eval_step

@@ -155,6 +155,7 @@ def make_dp_train_step(model, optimizer: optax.GradientTransformation, loss_fn: 
         return state.replace(step=state.step + 1, params=params, model_state=new_model_state,
                              opt_state=opt_state), metrics
 
+    step.model = model  # fit checks its data against the model's classes (fundl.train.data_checks)
     return step
 
 
