@@ -6,6 +6,7 @@ the message comes without a traceback.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,25 @@ def cli(*args, env=None, driver=False, timeout=120):
 
 def tiny_config(*overrides):
     return cfg.load_config(ROOT / TINY, ["logging.plots=false", "training.eval_every=0", *overrides])
+
+
+EIGHT = ("training.steps=8", "training.checkpoint_every=4")  # the finished run the resume tests start from
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 8-step run (checkpoints at 4 and 8), trained once per module in this process."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert experiment.run(tiny_config(*EIGHT), run, verbose=False)["final_step"] == 8
+    return run
+
+
+@pytest.fixture
+def eight(finished, tmp_path):
+    """This test's copy of the finished 8-step run."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    return run
 
 
 # ------------------------------------------------------ model inputs (API)
@@ -110,12 +130,15 @@ def test_global_batch_not_divisible_by_the_device_count():
 
 
 @pytest.mark.slow
-def test_global_batch_not_divisible_in_the_cli_exits_2(tmp_path):
+def test_global_batch_not_divisible_in_the_cli_exits_2_before_training(tmp_path):
+    """(Also the command-line check of tests/test_parallel.py: its in-process test checks the placements.)"""
     r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "parallel.mode='pmap'",
-            "--set", "training.batch_size=30", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+            "--set", "training.batch_size=30", "--local-devices", "4")
     assert r.returncode == 2, r.stderr
-    assert "training.batch_size" in r.stderr and "must be divisible by the number of devices 4" in r.stderr
+    assert "training.batch_size" in r.stderr and "batch size 30 must be divisible by the number of devices 4" in r.stderr
+    assert "28 or 32" in r.stderr  # the nearest sizes that divide
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------- configs
@@ -182,40 +205,40 @@ def test_disk_full_during_a_save_in_the_cli(tmp_path):
 
 # ---------------------------------------------------------------- resume
 @pytest.mark.slow
-def test_resume_refuses_a_changed_structure_with_the_keys_and_allows_more_steps(tmp_path):
-    experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
+def test_resume_refuses_a_changed_structure_with_the_keys_and_allows_more_steps(eight):
+    run = eight
     with pytest.raises(cfg.ConfigError) as info:
-        experiment.run(tiny_config("training.steps=12", "training.resume=true", "model.hidden=[32]",
-                                   "optimizer.name='sgd'"), tmp_path, verbose=False,
+        experiment.run(tiny_config(*EIGHT, "training.steps=12", "training.resume=true", "model.hidden=[32]",
+                                   "optimizer.name='sgd'"), run, verbose=False,
                        allow_changes=["model", "training.steps"])  # structure cannot be allowed
     msg = str(info.value)
-    assert f"cannot resume {tmp_path}" in msg
+    assert f"cannot resume {run}" in msg
     assert "model.hidden: [16] -> [32]" in msg and 'optimizer.name: "adam" -> "sgd"' in msg
     assert "training" not in msg  # only the structural keys are listed
-    summary = experiment.run(tiny_config("training.steps=12", "training.resume=true"), tmp_path, verbose=False,
+    summary = experiment.run(tiny_config(*EIGHT, "training.steps=12", "training.resume=true"), run, verbose=False,
                              allow_changes=["training.steps"])
-    assert summary["final_step"] == 12 and ckpt.latest_valid(tmp_path / "checkpoints").name == "step_00000012"
+    assert summary["final_step"] == 12 and ckpt.latest_valid(run / "checkpoints").name == "step_00000012"
 
 
-def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
-    experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
-    newest = tmp_path / "checkpoints" / "step_00000008"
+def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(eight):
+    run = eight
+    newest = run / "checkpoints" / "step_00000008"
     data = data_file(newest)
     data.write_bytes(data.read_bytes()[:100])
     with pytest.warns(UserWarning, match=f"skipping corrupt checkpoint: checkpoint {data} is corrupt"):
         summary = experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4",
-                                             "training.resume=true"), tmp_path, verbose=False)
-    assert summary["final_step"] == 8 and ckpt.latest_valid(tmp_path / "checkpoints") == newest  # rewritten
+                                             "training.resume=true"), run, verbose=False)
+    assert summary["final_step"] == 8 and ckpt.latest_valid(run / "checkpoints") == newest  # rewritten
 
 
 @pytest.mark.slow
-def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(tmp_path):
-    experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
-    for p in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(eight):
+    run = eight
+    for p in ckpt.list_checkpoints(run / "checkpoints"):
         data_file(p).write_bytes(b"garbage")
-    r = cli("--resume", str(tmp_path), "--quiet")
+    r = cli("--resume", str(run), "--quiet")
     assert r.returncode == 1
-    assert f"CheckpointError: no valid checkpoint in {tmp_path / 'checkpoints'}" in r.stderr
+    assert f"CheckpointError: no valid checkpoint in {run / 'checkpoints'}" in r.stderr
     assert "step_00000004" in r.stderr and "step_00000008" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -229,10 +252,9 @@ def test_resume_and_run_dir_naming_different_directories_exit_2(tmp_path):
     assert r.returncode == 2 and "name different run directories" in r.stderr
 
 
-def test_resuming_past_the_requested_steps_is_explained(tmp_path):
-    experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
+def test_resuming_past_the_requested_steps_is_explained(eight):
     with pytest.raises(cfg.ConfigError, match="its checkpoint is at step 8, past the 4 steps this config asks for"):
-        experiment.run(tiny_config("training.steps=4", "training.resume=true"), tmp_path, verbose=False,
+        experiment.run(tiny_config(*EIGHT, "training.steps=4", "training.resume=true"), eight, verbose=False,
                        allow_changes=["training.steps"])
 
 

@@ -150,14 +150,8 @@ def test_cli_pmap_on_two_fake_devices(tmp_path):
     assert (run_dir / "checkpoints" / "step_00000024").is_dir()
 
 
-@pytest.mark.slow
-def test_indivisible_global_batch_is_a_clear_error_before_training(tmp_path):
-    proc = train_cli(tmp_path, "--set", 'parallel.mode="pmap"', "--set", "training.batch_size=33",
-                     "--run-dir", str(tmp_path / "run"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "batch size 33 must be divisible by the number of devices 2" in proc.stderr
-    assert "32 or 34" in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+# An indivisible global batch through the command line (exit 2, the sizes that divide, nothing
+# trained): tests/test_errors.py, test_global_batch_not_divisible_in_the_cli_exits_2_before_training.
 
 
 def test_divisibility_message_and_placement_errors_in_process():
