@@ -132,7 +132,7 @@ def test_pmapped_batch_norm_statistics_equal_global_batch(four_devices):
 
 def train_cli(tmp_path, *args, devices=2, timeout=180):
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
-           "--quiet", "--local-devices", str(devices), *args]
+           "--quiet", "--local-devices", str(devices), "--set", "logging.plots=false", *args]
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
 

@@ -98,7 +98,8 @@ def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(earlier_run, tm
 @pytest.mark.slow
 def test_overwrite_through_the_cli_says_where_the_old_run_went(earlier_run, tmp_path):
     run = earlier_run
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--overwrite", "--set", "training.steps=4")
+    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--overwrite", "--set", "training.steps=4",
+            "--set", "logging.plots=false")
     assert r.returncode == 0, r.stderr
     aside = next(p for p in tmp_path.iterdir() if p.name.startswith("run.old-"))
     assert f"moved the earlier run in {run} aside to {aside}" in r.stderr
