@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 
 from test_multihost import TIMEOUTS, finish, start
-from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
+from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section, shared_run
 
 from fundl.run import distributed, launch_local
 from conftest import ROOT
@@ -293,11 +293,8 @@ def _free_derived_port() -> int:
 # ------------------------------------------------ the same training, launched
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "one.npz"
-    proc = start([sys.executable, str(WORKER), str(out), "none"], clean_env(FUNDL_LOCAL_DEVICES=1))
-    text = finish([proc])[0]
-    assert proc.returncode == 0, text[-4000:]
-    return dict(np.load(out))
+    """test_parallel's reference run on one device (made once per pytest process)."""
+    return shared_run("reference", tmp_path_factory)
 
 
 @pytest.mark.slow

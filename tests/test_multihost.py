@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
+from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section, shared_run
 
 from fundl.run import distributed, launch_local
 from conftest import ROOT
@@ -60,17 +60,17 @@ def finish(procs, timeout=240):
 # ------------------------------------------------------------ equivalence
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory):
-    """2 processes x 2 devices (pmap; sharding with 5 fused steps per call; fsdp) and, meanwhile, one device alone."""
+    """2 processes x 2 devices (pmap; sharding with 5 fused steps per call; fsdp), and one device alone
+    (test_parallel's reference run, made once per pytest process)."""
     tmp = tmp_path_factory.mktemp("mh")
     port = launch_local.free_port()
     specs = ["pmap", "sharding:0:5", "fsdp"]
     procs = [start([sys.executable, str(WORKER), str(tmp / "mp.npz"), *specs], mp_env(port, i)) for i in range(2)]
-    ref = start([sys.executable, str(WORKER), str(tmp / "one.npz"), "none"], clean_env(FUNDL_LOCAL_DEVICES=1))
-    outs = finish(procs + [ref])
-    for p, out in zip(procs + [ref], outs):
+    outs = finish(procs)
+    for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     assert "process 1 of 2, 4 devices" in outs[1]
-    return dict(np.load(tmp / "one.npz")), dict(np.load(tmp / "mp.npz"))
+    return shared_run("reference", tmp_path_factory), dict(np.load(tmp / "mp.npz"))
 
 
 @pytest.mark.slow

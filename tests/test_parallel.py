@@ -80,13 +80,30 @@ def assert_same_training(ref: dict, other: dict, label: str) -> float:
     return err
 
 
-SPECS = ["none", "pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
-         "none:0:1:mlp_dropout", "sharding:0:1:mlp_dropout"]
+# The worker's runs, each made once per pytest process and shared by the test files that compare
+# with them (this one, test_fsdp, test_multihost, test_launchers): a process of one device trains
+# the reference of every comparison; one of four devices trains every placement of this file and
+# of test_fsdp.py.
+REFERENCE_SPECS = ["none", "none:0:1:mlp_dropout"]
+FOUR_DEVICE_SPECS = ["pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
+                     "sharding:0:1:mlp_dropout",  # this file's
+                     "fsdp", "fsdp:0:5:cnn_bn", "fsdp_tp:0:1:mlp+cnn_bn", "fsdp:0:1:mlp_dropout",
+                     "fsdp_memory"]  # test_fsdp.py's
+_RUNS: dict[str, dict] = {}
+
+
+def shared_run(name: str, tmp_path_factory) -> dict:
+    """The results of the worker run ``name`` ("reference": 1 device, "four": 4 devices), made on first use."""
+    if name not in _RUNS:
+        specs, devices = (REFERENCE_SPECS, 1) if name == "reference" else (FOUR_DEVICE_SPECS, 4)
+        _RUNS[name] = run_worker(tmp_path_factory.mktemp(name) / f"{name}.npz", specs, devices=devices)
+    return _RUNS[name]
 
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("par") / "four.npz", SPECS, devices=4)
+    """The reference (1 device) and the 4-device placements, in one dict (their keys differ by spec)."""
+    return {**shared_run("reference", tmp_path_factory), **shared_run("four", tmp_path_factory)}
 
 
 @pytest.mark.slow
