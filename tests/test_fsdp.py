@@ -27,9 +27,9 @@ from fundl.train.placement.rules import PartitionRules
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    """The 1-device reference and the 4-device runs (fsdp, fused, fsdp_tp, dropout, fsdp_memory; made
-    once per pytest process with test_parallel.py's placements: test_parallel.FOUR_DEVICE_SPECS)."""
-    return {**shared_run("reference", tmp_path_factory), **shared_run("four", tmp_path_factory)}
+    """The 1-device reference and the 4-device runs (fsdp, fused, fsdp_tp, dropout, fsdp_memory), each
+    made once per pytest process (test_parallel.RUNS)."""
+    return {**shared_run("reference", tmp_path_factory), **shared_run("fsdp", tmp_path_factory)}
 
 
 @pytest.mark.slow

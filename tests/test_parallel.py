@@ -80,30 +80,28 @@ def assert_same_training(ref: dict, other: dict, label: str) -> float:
     return err
 
 
-# The worker's runs, each made once per pytest process and shared by the test files that compare
-# with them (this one, test_fsdp, test_multihost, test_launchers): a process of one device trains
-# the reference of every comparison; one of four devices trains every placement of this file and
-# of test_fsdp.py.
-REFERENCE_SPECS = ["none", "none:0:1:mlp_dropout"]
-FOUR_DEVICE_SPECS = ["pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
-                     "sharding:0:1:mlp_dropout",  # this file's
-                     "fsdp", "fsdp:0:5:cnn_bn", "fsdp_tp:0:1:mlp+cnn_bn", "fsdp:0:1:mlp_dropout",
-                     "fsdp_memory"]  # test_fsdp.py's
-_RUNS: dict[str, dict] = {}
+# The worker's runs, each made once per pytest process: a process of one device trains the
+# reference of every comparison (for this file, test_fsdp, test_multihost and test_launchers);
+# processes of four devices train this file's placements and test_fsdp.py's.
+RUNS = {"reference": (["none", "none:0:1:mlp_dropout"], 1),
+        "parallel": (["pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
+                      "sharding:0:1:mlp_dropout"], 4),
+        "fsdp": (["fsdp", "fsdp:0:5:cnn_bn", "fsdp_tp:0:1:mlp+cnn_bn", "fsdp:0:1:mlp_dropout", "fsdp_memory"], 4)}
+_DONE: dict[str, dict] = {}
 
 
 def shared_run(name: str, tmp_path_factory) -> dict:
-    """The results of the worker run ``name`` ("reference": 1 device, "four": 4 devices), made on first use."""
-    if name not in _RUNS:
-        specs, devices = (REFERENCE_SPECS, 1) if name == "reference" else (FOUR_DEVICE_SPECS, 4)
-        _RUNS[name] = run_worker(tmp_path_factory.mktemp(name) / f"{name}.npz", specs, devices=devices)
-    return _RUNS[name]
+    """The results of the worker run ``name`` (a key of RUNS), made on first use in this process."""
+    if name not in _DONE:
+        specs, devices = RUNS[name]
+        _DONE[name] = run_worker(tmp_path_factory.mktemp(name) / f"{name}.npz", specs, devices=devices)
+    return _DONE[name]
 
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    """The reference (1 device) and the 4-device placements, in one dict (their keys differ by spec)."""
-    return {**shared_run("reference", tmp_path_factory), **shared_run("four", tmp_path_factory)}
+    """The reference (1 device) and this file's 4-device placements, in one dict (keys differ by spec)."""
+    return {**shared_run("reference", tmp_path_factory), **shared_run("parallel", tmp_path_factory)}
 
 
 @pytest.mark.slow
