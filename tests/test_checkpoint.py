@@ -924,7 +924,8 @@ def _tiny():
 
 @pytest.mark.slow
 def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path, monkeypatch):
-    """Trained into runs/tiny from tmp_path (the run layer, in this process), resumed there by the CLI."""
+    """Trained into runs/tiny from tmp_path (the run layer), resumed there by the command line's main
+    (both in this process)."""
     from fundl.run import config as cfg
     from fundl.run import experiment
 
@@ -932,12 +933,13 @@ def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path, monkey
     config = cfg.load_config(ROOT / "configs" / "tiny_synthetic.toml", ["logging.plots=false"])
     assert experiment.run(config, "runs/tiny", verbose=False)["final_step"] == 24
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000024" / "manifest.json").is_file()
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
-           "--quiet", "--set", "logging.plots=false", "--run-dir", "runs/tiny"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNDL_")}
-    again = subprocess.run(cmd + ["--resume", "--set", "training.steps=36", "--allow-change", "training.steps"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert again.returncode == 0, again.stderr[-3000:]
+    from fundl.run.cli import train_main  # the command line's main, in this process
+
+    monkeypatch.delenv("FUNDL_TRACEBACK", raising=False)
+    again = train_main(["--config", str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet", "--set",
+                        "logging.plots=false", "--run-dir", "runs/tiny", "--resume", "--set", "training.steps=36",
+                        "--allow-change", "training.steps"])
+    assert again == 0
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000036" / "manifest.json").is_file()
 
 

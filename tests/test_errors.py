@@ -42,6 +42,26 @@ def cli(*args, env=None, driver=False, timeout=120):
                           timeout=timeout)
 
 
+@pytest.fixture
+def train_here(capsys, monkeypatch):
+    """``fundl-train``'s main (``fundl.run.cli.train_main``) run in this process from the repository
+    root: the command line's own code without a process's start-up.  Returns what ``cli`` returns
+    (a ``subprocess.CompletedProcess``: returncode, stdout, stderr).  Runs that need their own
+    devices, a fault driver or a fresh process stay in ``cli``."""
+    from fundl.run.cli import train_main
+
+    monkeypatch.delenv("FUNDL_TRACEBACK", raising=False)
+    monkeypatch.chdir(ROOT)
+
+    def run(*args):
+        capsys.readouterr()
+        code = train_main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
 def tiny_config(*overrides):
     return cfg.load_config(ROOT / TINY, ["logging.plots=false", "training.eval_every=0", *overrides])
 
@@ -94,8 +114,8 @@ def test_integer_inputs_to_a_dense_model_are_rejected():
 
 
 @pytest.mark.slow
-def test_a_model_that_does_not_fit_the_data_fails_readably_in_the_cli(tmp_path):
-    r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "model.kind='cnn'")
+def test_a_model_that_does_not_fit_the_data_fails_readably_in_the_cli(tmp_path, train_here):
+    r = train_here("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "model.kind='cnn'")
     assert r.returncode == 1
     assert "error: ShapeError: at layer 'conv2d_0'" in r.stderr and "got (1, 16)" in r.stderr
     assert "Traceback" not in r.stderr
@@ -168,10 +188,10 @@ def test_missing_config_exits_2():
 
 
 # -------------------------------------------------------------- run dirs
-def test_a_run_directory_that_cannot_be_created_is_reported_cleanly(tmp_path):
+def test_a_run_directory_that_cannot_be_created_is_reported_cleanly(tmp_path, train_here):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    r = cli("--config", TINY, "--run-dir", str(blocker / "run"), "--quiet")
+    r = train_here("--config", TINY, "--run-dir", str(blocker / "run"), "--quiet")
     assert r.returncode == 1
     assert f"run directory {blocker / 'run'} is not writable" in r.stderr and "--run-dir" in r.stderr
     assert "Traceback" not in r.stderr
@@ -232,11 +252,12 @@ def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(eight
 
 
 @pytest.mark.slow
-def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(eight):
+def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(eight, train_here):
     run = eight
     for p in ckpt.list_checkpoints(run / "checkpoints"):
         data_file(p).write_bytes(b"garbage")
-    r = cli("--resume", str(run), "--quiet")
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint"):  # one per checkpoint, then the error
+        r = train_here("--resume", str(run), "--quiet")
     assert r.returncode == 1
     assert f"CheckpointError: no valid checkpoint in {run / 'checkpoints'}" in r.stderr
     assert "step_00000004" in r.stderr and "step_00000008" in r.stderr and "Traceback" not in r.stderr

@@ -15,6 +15,7 @@ from fundl.run.optimizer import schedule_from_config
 from fundl.run.resume import config_changes, describe_effects
 from fundl.run.rundir import read_metrics
 from fundl.train import checkpoint as ckpt
+from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
 TINY = "configs/tiny_synthetic.toml"
@@ -61,10 +62,10 @@ def test_the_checkpoint_records_the_resolved_config(cosine_run):
 
 
 @pytest.mark.slow
-def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
+def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run, train_here):
     """The audit's case: the file's longer run stretches the cosine schedule mid-run."""
     before = (cosine_run / "config.toml").read_text()
-    r = cli("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16")
+    r = train_here("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16")
     assert r.returncode == 2
     assert f"cannot resume {cosine_run} as asked" in r.stderr and "training.steps: 8 -> 16" in r.stderr
     assert "--allow-change training.steps" in r.stderr and "Traceback" not in r.stderr
@@ -73,8 +74,8 @@ def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
 
 
 @pytest.mark.slow
-def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run):
-    r = cli("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16", "--allow-change", "training.steps")
+def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run, train_here):
+    r = train_here("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16", "--allow-change", "training.steps")
     assert r.returncode == 0, r.stderr
     old = tiny_config("training.steps=8", 'schedule.name="cosine"')
     new = tiny_config("training.steps=16", 'schedule.name="cosine"')

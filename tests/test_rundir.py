@@ -20,6 +20,7 @@ from fundl.run import experiment
 from fundl.run.rundir import RunDir, RunDirInUse, RunDirNotEmpty, read_metrics
 from fundl.train import checkpoint as ckpt
 from fundl.train.state import create_train_state
+from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
 TINY = "configs/tiny_synthetic.toml"
@@ -59,13 +60,13 @@ def earlier_run(finished, tmp_path):
 
 # ----------------------------------------------------- a fresh run refuses
 @pytest.mark.slow
-def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(earlier_run, capsys):
+def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(earlier_run, capsys, train_here):
     """The README's flow: train, then train again into the same (default) run directory."""
     from fundl.run.cli import evaluate_main
 
     run = earlier_run
     before = snapshot(run)
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.steps=8")
+    r = train_here("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.steps=8")
     assert r.returncode == 2, r.stderr
     msg = r.stderr
     assert f"run directory {run} already holds a run (2 checkpoint(s), steps 12..24" in msg
@@ -96,9 +97,9 @@ def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(earlier_run, tm
 
 
 @pytest.mark.slow
-def test_overwrite_through_the_cli_says_where_the_old_run_went(earlier_run, tmp_path):
+def test_overwrite_through_the_cli_says_where_the_old_run_went(earlier_run, tmp_path, train_here):
     run = earlier_run
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--overwrite", "--set", "training.steps=4",
+    r = train_here("--config", TINY, "--run-dir", str(run), "--quiet", "--overwrite", "--set", "training.steps=4",
             "--set", "logging.plots=false")
     assert r.returncode == 0, r.stderr
     aside = next(p for p in tmp_path.iterdir() if p.name.startswith("run.old-"))
