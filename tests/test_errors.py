@@ -34,12 +34,11 @@ from conftest import ROOT
 TINY = "configs/tiny_synthetic.toml"
 
 
-def cli(*args, env=None, driver=False, timeout=120):
-    script = "tests/fault_driver.py" if driver else "scripts/train.py"
+def cli(*args, env=None, timeout=120):
     env = {**os.environ, "MPLBACKEND": "Agg", **(env or {})}
     env.pop("FUNDL_TRACEBACK", None)
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -210,10 +209,20 @@ def test_a_read_only_run_directory_is_reported_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_save_in_the_cli(tmp_path):
+def test_disk_full_during_a_save_in_the_cli(tmp_path, train_here, monkeypatch):
+    from fundl.train.checkpoint.saver import Checkpointer
+
+    real_commit = Checkpointer._commit  # fundl's commit, once Orbax's background write has finished
+
+    def commit(self):  # Orbax's write of checkpoint 8 fails the way TensorStore reports a full disk
+        if self.pending.name == "step_00000008":
+            raise ValueError('DATA_LOSS: Error writing "params/w/0" in OCDBT database: Failed to write '
+                             "4096 bytes to file 11: No space left on device [os_error_code='28']")
+        real_commit(self)
+
+    monkeypatch.setattr(Checkpointer, "_commit", commit)
     run = tmp_path / "run"
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.checkpoint_every=4",
-            driver=True, env={"FUNDL_FAULT": "enospc=8"})
+    r = train_here("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.checkpoint_every=4")
     assert r.returncode == 1
     assert f"could not write checkpoint {run / 'checkpoints' / 'step_00000008'}: No space left on device" in r.stderr
     assert f"the newest intact checkpoint is {run / 'checkpoints' / 'step_00000004'}" in r.stderr
