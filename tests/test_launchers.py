@@ -213,23 +213,43 @@ def descendants(roots) -> set[int]:
     return out
 
 
-def _listening(pids) -> set[tuple[str, int, str]]:
-    """(address, port, command) of the TCP sockets in LISTEN state that ``pids`` hold (any network namespace)."""
-    found = set()
+def _sockets(pids) -> dict[int, tuple[set[str], str, str]]:
+    """pid -> (inodes of its sockets, its command, its network namespace) for those of ``pids`` still alive."""
+    held = {}
     for pid in pids:
         try:
-            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            tables = [Path(f"/proc/{pid}/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            held[pid] = ({link[8:-1] for link in links if link.startswith("socket:[")},
+                         Path(f"/proc/{pid}/comm").read_text().strip(), os.readlink(f"/proc/{pid}/ns/net"))
         except OSError:  # ended meanwhile
+            continue
+    return held
+
+
+def _listening(held: dict[int, tuple[set[str], str, str]]) -> set[tuple[str, int, str]]:
+    """(address, port, command) of the TCP sockets in LISTEN state among ``held`` (``_sockets``; any
+    network namespace).  Each namespace's tables are read once: reading them is what costs."""
+    found = set()
+    for ns in {n for _, _, n in held.values()}:
+        members = [(inodes, comm) for inodes, comm, n in held.values() if n == ns]
+        for pid in (pid for pid, (_, _, n) in held.items() if n == ns):
+            try:
+                tables = [Path(f"/proc/{pid}/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
+                break
+            except OSError:  # ended meanwhile: another process of this namespace
+                continue
+        else:
             continue
         for line in (row for table in tables for row in table):
             f = line.split()
-            if f[3] == "0A" and f[9] in inodes:  # LISTEN, held by this process
-                hexaddr, port = f[1].split(":")
-                raw = bytes.fromhex(hexaddr)
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order 32-bit words
-                found.add((str(ipaddress.ip_address(raw)), int(port, 16), comm))
+            if f[3] != "0A":  # LISTEN only
+                continue
+            for inodes, comm in members:
+                if f[9] in inodes:  # held by this process
+                    hexaddr, port = f[1].split(":")
+                    raw = bytes.fromhex(hexaddr)
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order 32-bit words
+                    found.add((str(ipaddress.ip_address(raw)), int(port, 16), comm))
     return found
 
 
@@ -246,8 +266,15 @@ class Listeners:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self):
+        """Every 0.1 s, the processes' sockets; the socket tables are read again when a socket is
+        new, and at least every second (a socket made earlier may have started to listen)."""
+        known, read_at = None, 0.0
         while not self._stop.is_set():
-            self.seen |= _listening(descendants(self.roots))
+            held = _sockets(descendants(self.roots))
+            inodes = {i for socks, _, _ in held.values() for i in socks}
+            if inodes != known or time.monotonic() - read_at >= 1.0:
+                self.seen |= _listening(held)
+                known, read_at = inodes, time.monotonic()
             time.sleep(0.1)
 
     def __enter__(self):
