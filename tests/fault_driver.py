@@ -8,8 +8,7 @@ SPEC (the process SIGKILLs itself, as a crash or the OOM killer would):
 * ``save=N:write``    while Orbax writes checkpoint N (save() returned, its background write under way);
 * ``save=N:rename``   checkpoint N complete in its temporary folder, manifest written, before Orbax's rename;
 * ``save=N:renamed``  checkpoint N renamed into place, before keep-K prunes older ones;
-* ``save=N:prune``    half-way through deleting a checkpoint keep-K pruned after saving N;
-* ``enospc=N``        writing checkpoint N fails as TensorStore reports a full disk (ENOSPC; no kill).
+* ``save=N:prune``    half-way through deleting a checkpoint keep-K pruned after saving N.
 
 ``FUNDL_SLOW=SECONDS`` prints ``fault_driver: step N`` to stderr and sleeps
 that long before every step, so that a signal sent from outside at a random
@@ -46,7 +45,7 @@ def install(spec: str, slow: float) -> None:
     kill_step, phase = None, None
     if kind == "step":
         kill_step = int(arg)
-    elif kind in ("save", "enospc"):
+    elif kind == "save":
         n, _, phase = arg.partition(":")
         name = checkpoint_name(int(n))
     elif kind:
@@ -77,15 +76,7 @@ def install(spec: str, slow: float) -> None:
                 patch(cls)
 
     real_commit = Checkpointer._commit  # fundl's commit: Orbax has written every file, not yet renamed
-    if kind == "enospc":
-        def commit(self):  # Orbax's write of checkpoint N fails the way TensorStore reports a full disk
-            if self.pending.name == name:
-                raise ValueError('DATA_LOSS: Error writing "params/w/0" in OCDBT database: Failed to write '
-                                 "4096 bytes to file 11: No space left on device [os_error_code='28']")
-            real_commit(self)
-
-        Checkpointer._commit = commit
-    elif phase == "write":
+    if phase == "write":
         real_save = Checkpointer.save
 
         def save(self, state, **kw):

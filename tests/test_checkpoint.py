@@ -502,10 +502,12 @@ def test_a_crashed_save_leaves_only_a_temp_folder_that_the_next_save_removes(tmp
 def test_sigkill_while_saving_never_damages_earlier_checkpoints(tmp_path, when):
     """A real SIGKILL in a child process while Orbax writes a 64 MB state, half-way through
     fundl's commit (some files hashed and fsynced, no manifest yet), or while saving step 2
-    again (its earlier copy set aside until the new one is committed)."""
+    again (its earlier copy set aside until the new one is committed).  The kills inside the
+    commit come at the third file hashed (of nine, whatever the size): those states are small."""
     paths, _ = save_steps(tmp_path, steps=(1, 2))
     before = {p: state_bytes(p) for p in paths}
     step = 2 if when == "resave" else 3
+    side = 4000 if when == "write" else 256
     code = f"""
 import os, signal, threading, time, numpy as np
 from fundl.train import checkpoint as ckpt
@@ -529,7 +531,7 @@ else:
             die()
         return real_sha(path, **kw)
     manifest.file_sha256 = sha
-w = np.random.default_rng(0).normal(size=(4000, 4000)).astype(np.float32)
+w = np.random.default_rng(0).normal(size=({side}, {side})).astype(np.float32)
 ckpt.save({str(tmp_path)!r}, {{"step": np.int32({step}), "w": w}}, step={step}, keep=1)
 """
     r = _run(code)
@@ -753,7 +755,6 @@ def test_a_format_2_checkpoint_from_before_orbaxs_manager_restores_and_mixes_wit
 # ------------------------------------------------------------- shardings
 SHARDINGS = """
 import sys, jax, jax.numpy as jnp, numpy as np
-jax.config.update("jax_num_cpu_devices", 4)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fundl.train import checkpoint as ckpt
 d, devices = sys.argv[1], jax.devices()
@@ -800,7 +801,6 @@ print("OK")
 
 PLACEMENTS = """
 import sys, jax, jax.numpy as jnp, numpy as np, optax
-jax.config.update("jax_num_cpu_devices", 4)
 from fundl import models
 from fundl.train import checkpoint as ckpt
 from fundl.train.placement import make_placement
@@ -842,23 +842,49 @@ print("OK")
 """
 
 
+# Both scripts above run in one process of 4 devices, each in a namespace of its own, its output
+# captured; a failure of one is reported and the other still runs.
+FOUR_DEVICES = """
+import contextlib, io, json, sys, traceback, jax
+jax.config.update("jax_num_cpu_devices", 4)
+results = {}
+for name, code, argv in [("SHARDINGS", sys.argv[1], sys.argv[3:4]), ("PLACEMENTS", sys.argv[2], sys.argv[3:])]:
+    sys.argv, out, error = ["-c", *argv], io.StringIO(), None
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(code, {"__name__": "__main__"})
+    except BaseException:
+        error = traceback.format_exc()
+    results[name] = {"out": out.getvalue(), "error": error}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def on_four_devices(tmp_path_factory):
+    """What SHARDINGS and PLACEMENTS printed and raised, run in one process of 4 devices."""
+    d = tmp_path_factory.mktemp("four")
+    r = subprocess.run([sys.executable, "-c", FOUR_DEVICES, SHARDINGS, PLACEMENTS, str(d),
+                        str(FORMAT1 / "step_00000007")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_restore_onto_other_shardings_and_device_counts(tmp_path):
+def test_restore_onto_other_shardings_and_device_counts(on_four_devices):
     """Saved with a leaf split over 4 devices, restored split over 2 and onto 1; saved on 2,
     restored on 4 (Orbax reshards); a plain template restores onto the default device."""
-    r = subprocess.run([sys.executable, "-c", SHARDINGS, str(tmp_path)], capture_output=True, text=True,
-                       timeout=180, cwd=ROOT)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    r = on_four_devices["SHARDINGS"]
+    assert r["error"] is None and "OK" in r["out"], r["error"]
 
 
 @pytest.mark.slow
-def test_a_checkpoint_moves_between_placements_and_device_counts(tmp_path):
+def test_a_checkpoint_moves_between_placements_and_device_counts(on_four_devices):
     """fsdp on 4 devices -> fsdp on 2 (still split) and on 1, sharding on 2, pmap on 4, one device;
     pmap on 4 -> fsdp on 4; format 1 -> fsdp on 2: through each placement's saveable /
     restore_target / put_state."""
-    r = subprocess.run([sys.executable, "-c", PLACEMENTS, str(tmp_path), str(FORMAT1 / "step_00000007")],
-                       capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    r = on_four_devices["PLACEMENTS"]
+    assert r["error"] is None and "OK" in r["out"], r["error"]
 
 
 @pytest.mark.slow
@@ -897,15 +923,23 @@ def _tiny():
 
 
 @pytest.mark.slow
-def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
-           "--quiet", "--set", "logging.plots=false", "--run-dir", "runs/tiny"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNDL_")}
-    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = subprocess.run(cmd + ["--resume", "--set", "training.steps=36", "--allow-change", "training.steps"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert again.returncode == 0, again.stderr[-3000:]
+def test_the_cli_trains_and_resumes_in_a_relative_run_directory(tmp_path, monkeypatch):
+    """Trained into runs/tiny from tmp_path (the run layer), resumed there by the command line's main
+    (both in this process)."""
+    from fundl.run import config as cfg
+    from fundl.run import experiment
+
+    monkeypatch.chdir(tmp_path)
+    config = cfg.load_config(ROOT / "configs" / "tiny_synthetic.toml", ["logging.plots=false"])
+    assert experiment.run(config, "runs/tiny", verbose=False)["final_step"] == 24
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000024" / "manifest.json").is_file()
+    from fundl.run.cli import train_main  # the command line's main, in this process
+
+    monkeypatch.delenv("FUNDL_TRACEBACK", raising=False)
+    again = train_main(["--config", str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet", "--set",
+                        "logging.plots=false", "--run-dir", "runs/tiny", "--resume", "--set", "training.steps=36",
+                        "--allow-change", "training.steps"])
+    assert again == 0
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000036" / "manifest.json").is_file()
 
 

@@ -76,11 +76,15 @@ def test_bad_config_key_exits_2_with_suggestion(tmp_path):
 
 @pytest.mark.slow
 def test_tensorboard_event_files_when_asked(tmp_path):
+    """The run layer's logging (in this process: the command line itself is tested above)."""
     pytest.importorskip("tensorboardX")
+    from fundl.run import config as cfg
+    from fundl.run import experiment
+
     run_dir = tmp_path / "tb"
-    r = run("scripts/train.py", "--config", "configs/tiny_synthetic.toml", "--run-dir", str(run_dir), "--quiet",
-            "--set", "logging.tensorboard=true", "--set", "logging.plots=false", "--set", "training.steps=8")
-    assert r.returncode == 0, r.stderr
+    config = cfg.load_config(ROOT / "configs" / "tiny_synthetic.toml",
+                             ["logging.tensorboard=true", "logging.plots=false", "training.steps=8"])
+    assert experiment.run(config, run_dir, verbose=False)["final_step"] == 8
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert not (run_dir / "curves.png").exists()

@@ -6,6 +6,7 @@ the message comes without a traceback.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,16 +34,54 @@ from conftest import ROOT
 TINY = "configs/tiny_synthetic.toml"
 
 
-def cli(*args, env=None, driver=False, timeout=120):
-    script = "tests/fault_driver.py" if driver else "scripts/train.py"
+def cli(*args, env=None, timeout=120):
     env = {**os.environ, "MPLBACKEND": "Agg", **(env or {})}
     env.pop("FUNDL_TRACEBACK", None)
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def train_here(capsys, monkeypatch):
+    """``fundl-train``'s main (``fundl.run.cli.train_main``) run in this process from the repository
+    root: the command line's own code without a process's start-up.  Returns what ``cli`` returns
+    (a ``subprocess.CompletedProcess``: returncode, stdout, stderr).  Runs that need their own
+    devices, a fault driver or a fresh process stay in ``cli``."""
+    from fundl.run.cli import train_main
+
+    monkeypatch.delenv("FUNDL_TRACEBACK", raising=False)
+    monkeypatch.chdir(ROOT)
+
+    def run(*args):
+        capsys.readouterr()
+        code = train_main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
 
 
 def tiny_config(*overrides):
     return cfg.load_config(ROOT / TINY, ["logging.plots=false", "training.eval_every=0", *overrides])
+
+
+EIGHT = ("training.steps=8", "training.checkpoint_every=4")  # the finished run the resume tests start from
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 8-step run (checkpoints at 4 and 8), trained once per module in this process."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert experiment.run(tiny_config(*EIGHT), run, verbose=False)["final_step"] == 8
+    return run
+
+
+@pytest.fixture
+def eight(finished, tmp_path):
+    """This test's copy of the finished 8-step run."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    return run
 
 
 # ------------------------------------------------------ model inputs (API)
@@ -74,8 +113,8 @@ def test_integer_inputs_to_a_dense_model_are_rejected():
 
 
 @pytest.mark.slow
-def test_a_model_that_does_not_fit_the_data_fails_readably_in_the_cli(tmp_path):
-    r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "model.kind='cnn'")
+def test_a_model_that_does_not_fit_the_data_fails_readably_in_the_cli(tmp_path, train_here):
+    r = train_here("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "model.kind='cnn'")
     assert r.returncode == 2  # bad input: the config's model does not fit its data
     assert "error: ShapeError: at layer 'conv2d_0'" in r.stderr and "got (1, 16)" in r.stderr
     assert "Traceback" not in r.stderr
@@ -110,12 +149,15 @@ def test_global_batch_not_divisible_by_the_device_count():
 
 
 @pytest.mark.slow
-def test_global_batch_not_divisible_in_the_cli_exits_2(tmp_path):
+def test_global_batch_not_divisible_in_the_cli_exits_2_before_training(tmp_path):
+    """(Also the command-line check of tests/test_parallel.py: its in-process test checks the placements.)"""
     r = cli("--config", TINY, "--run-dir", str(tmp_path / "run"), "--quiet", "--set", "parallel.mode='pmap'",
-            "--set", "training.batch_size=30", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+            "--set", "training.batch_size=30", "--local-devices", "4")
     assert r.returncode == 2, r.stderr
-    assert "training.batch_size" in r.stderr and "must be divisible by the number of devices 4" in r.stderr
+    assert "training.batch_size" in r.stderr and "batch size 30 must be divisible by the number of devices 4" in r.stderr
+    assert "28 or 32" in r.stderr  # the nearest sizes that divide
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------- configs
@@ -145,10 +187,10 @@ def test_missing_config_exits_2():
 
 
 # -------------------------------------------------------------- run dirs
-def test_a_run_directory_that_cannot_be_created_is_reported_cleanly(tmp_path):
+def test_a_run_directory_that_cannot_be_created_is_reported_cleanly(tmp_path, train_here):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    r = cli("--config", TINY, "--run-dir", str(blocker / "run"), "--quiet")
+    r = train_here("--config", TINY, "--run-dir", str(blocker / "run"), "--quiet")
     assert r.returncode == 1
     assert f"run directory {blocker / 'run'} is not writable" in r.stderr and "--run-dir" in r.stderr
     assert "Traceback" not in r.stderr
@@ -167,10 +209,20 @@ def test_a_read_only_run_directory_is_reported_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_save_in_the_cli(tmp_path):
+def test_disk_full_during_a_save_in_the_cli(tmp_path, train_here, monkeypatch):
+    from fundl.train.checkpoint.saver import Checkpointer
+
+    real_commit = Checkpointer._commit  # fundl's commit, once Orbax's background write has finished
+
+    def commit(self):  # Orbax's write of checkpoint 8 fails the way TensorStore reports a full disk
+        if self.pending.name == "step_00000008":
+            raise ValueError('DATA_LOSS: Error writing "params/w/0" in OCDBT database: Failed to write '
+                             "4096 bytes to file 11: No space left on device [os_error_code='28']")
+        real_commit(self)
+
+    monkeypatch.setattr(Checkpointer, "_commit", commit)
     run = tmp_path / "run"
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.checkpoint_every=4",
-            driver=True, env={"FUNDL_FAULT": "enospc=8"})
+    r = train_here("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.checkpoint_every=4")
     assert r.returncode == 1
     assert f"could not write checkpoint {run / 'checkpoints' / 'step_00000008'}: No space left on device" in r.stderr
     assert f"the newest intact checkpoint is {run / 'checkpoints' / 'step_00000004'}" in r.stderr
@@ -182,40 +234,41 @@ def test_disk_full_during_a_save_in_the_cli(tmp_path):
 
 # ---------------------------------------------------------------- resume
 @pytest.mark.slow
-def test_resume_refuses_a_changed_structure_with_the_keys_and_allows_more_steps(tmp_path):
-    experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
+def test_resume_refuses_a_changed_structure_with_the_keys_and_allows_more_steps(eight):
+    run = eight
     with pytest.raises(cfg.ConfigError) as info:
-        experiment.run(tiny_config("training.steps=12", "training.resume=true", "model.hidden=[32]",
-                                   "optimizer.name='sgd'"), tmp_path, verbose=False,
+        experiment.run(tiny_config(*EIGHT, "training.steps=12", "training.resume=true", "model.hidden=[32]",
+                                   "optimizer.name='sgd'"), run, verbose=False,
                        allow_changes=["model", "training.steps"])  # structure cannot be allowed
     msg = str(info.value)
-    assert f"cannot resume {tmp_path}" in msg
+    assert f"cannot resume {run}" in msg
     assert "model.hidden: [16] -> [32]" in msg and 'optimizer.name: "adam" -> "sgd"' in msg
     assert "training" not in msg  # only the structural keys are listed
-    summary = experiment.run(tiny_config("training.steps=12", "training.resume=true"), tmp_path, verbose=False,
+    summary = experiment.run(tiny_config(*EIGHT, "training.steps=12", "training.resume=true"), run, verbose=False,
                              allow_changes=["training.steps"])
-    assert summary["final_step"] == 12 and ckpt.latest_valid(tmp_path / "checkpoints").name == "step_00000012"
+    assert summary["final_step"] == 12 and ckpt.latest_valid(run / "checkpoints").name == "step_00000012"
 
 
-def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
-    experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
-    newest = tmp_path / "checkpoints" / "step_00000008"
+def test_resume_with_a_corrupt_newest_checkpoint_falls_back_with_a_warning(eight):
+    run = eight
+    newest = run / "checkpoints" / "step_00000008"
     data = data_file(newest)
     data.write_bytes(data.read_bytes()[:100])
     with pytest.warns(UserWarning, match=f"skipping corrupt checkpoint: checkpoint {data} is corrupt"):
         summary = experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4",
-                                             "training.resume=true"), tmp_path, verbose=False)
-    assert summary["final_step"] == 8 and ckpt.latest_valid(tmp_path / "checkpoints") == newest  # rewritten
+                                             "training.resume=true"), run, verbose=False)
+    assert summary["final_step"] == 8 and ckpt.latest_valid(run / "checkpoints") == newest  # rewritten
 
 
 @pytest.mark.slow
-def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(tmp_path):
-    experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
-    for p in ckpt.list_checkpoints(tmp_path / "checkpoints"):
+def test_resume_with_every_checkpoint_corrupt_exits_1_listing_them(eight, train_here):
+    run = eight
+    for p in ckpt.list_checkpoints(run / "checkpoints"):
         data_file(p).write_bytes(b"garbage")
-    r = cli("--resume", str(tmp_path), "--quiet")
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint"):  # one per checkpoint, then the error
+        r = train_here("--resume", str(run), "--quiet")
     assert r.returncode == 1
-    assert f"CheckpointError: no valid checkpoint in {tmp_path / 'checkpoints'}" in r.stderr
+    assert f"CheckpointError: no valid checkpoint in {run / 'checkpoints'}" in r.stderr
     assert "step_00000004" in r.stderr and "step_00000008" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -229,10 +282,9 @@ def test_resume_and_run_dir_naming_different_directories_exit_2(tmp_path):
     assert r.returncode == 2 and "name different run directories" in r.stderr
 
 
-def test_resuming_past_the_requested_steps_is_explained(tmp_path):
-    experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
+def test_resuming_past_the_requested_steps_is_explained(eight):
     with pytest.raises(cfg.ConfigError, match="its checkpoint is at step 8, past the 4 steps this config asks for"):
-        experiment.run(tiny_config("training.steps=4", "training.resume=true"), tmp_path, verbose=False,
+        experiment.run(tiny_config(*EIGHT, "training.steps=4", "training.resume=true"), eight, verbose=False,
                        allow_changes=["training.steps"])
 
 

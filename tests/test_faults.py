@@ -33,6 +33,7 @@ from fundl.run.rundir import RunDir, read_metrics
 from fundl.train.signals import StopSignals, TrainingInterrupted
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
+from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
@@ -330,10 +331,10 @@ def test_nan_skip_skips_updates_and_reports_the_count(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path):
-    r = launch("--config", "configs/tiny_synthetic.toml", "--run-dir", str(tmp_path / "run"), "--quiet",
-               "--set", "optimizer.name='sgd'", "--set", "optimizer.learning_rate=1000.0",
-               "--set", "optimizer.momentum=0.9", "--set", "training.checkpoint_every=4")
+def test_nan_stop_through_the_cli_exits_1_naming_the_step(tmp_path, train_here):
+    r = train_here("--config", "configs/tiny_synthetic.toml", "--run-dir", str(tmp_path / "run"), "--quiet",
+                   "--set", "optimizer.name='sgd'", "--set", "optimizer.learning_rate=1000.0",
+                   "--set", "optimizer.momentum=0.9", "--set", "training.checkpoint_every=4")
     assert r.returncode == 1
     assert "NonFiniteLossError: non-finite" in r.stderr and "at step" in r.stderr
     assert "Traceback" not in r.stderr and "nan_policy='skip'" in r.stderr

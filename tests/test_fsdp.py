@@ -15,22 +15,21 @@ import sys
 
 import numpy as np
 import pytest
-from test_parallel import KINDS, assert_same_training, clean_env, run_worker, section
+from test_parallel import KINDS, assert_same_training, clean_env, section, shared_run
 
 from conftest import ROOT
 
 from fundl.run import config as cfg
+from fundl.run import experiment
 from fundl.run.build import placement_from_config
 from fundl.train.placement import make_placement, state_bytes
 from fundl.train.placement.rules import PartitionRules
 
-SPECS = ["none", "fsdp", "fsdp:0:5:cnn_bn", "fsdp_tp:0:1:mlp+cnn_bn", "none:0:1:mlp_dropout",
-         "fsdp:0:1:mlp_dropout", "fsdp_memory"]
-
-
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("fsdp") / "four.npz", SPECS, devices=4)
+    """The 1-device reference and the 4-device runs (fsdp, fused, fsdp_tp, dropout, fsdp_memory), each
+    made once per pytest process (test_parallel.RUNS)."""
+    return {**shared_run("reference", tmp_path_factory), **shared_run("fsdp", tmp_path_factory)}
 
 
 @pytest.mark.slow
@@ -145,8 +144,9 @@ def test_an_fsdp_ensemble_from_the_cli_equals_one_device(tmp_path):
     fsdp = train_cli(tmp_path, "fsdp", 'parallel.mode="fsdp"', "parallel.fsdp_min_size=1", "training.ensemble=2")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "fundl: fsdp: train state" in fsdp.stdout
-    one = train_cli(tmp_path, "one", "training.ensemble=2", devices=1)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # the one-device reference: the same config, trained in this process (one device)
+    config = cfg.load_config(ROOT / "configs" / "tiny_synthetic.toml", ["logging.plots=false", "training.ensemble=2"])
+    experiment.run(config, tmp_path / "one", verbose=False)
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "one"))
     assert b["devices"] == 1 and a["devices"] == 4 and a["state_bytes_per_device"] < 0.5 * a["state_bytes"]
     for ma, mb in zip(a["members"], b["members"], strict=True):

@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 
 from test_multihost import TIMEOUTS, finish, start
-from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
+from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section, shared_run
 
 from fundl.run import distributed, launch_local
 from conftest import ROOT
@@ -213,23 +213,43 @@ def descendants(roots) -> set[int]:
     return out
 
 
-def _listening(pids) -> set[tuple[str, int, str]]:
-    """(address, port, command) of the TCP sockets in LISTEN state that ``pids`` hold (any network namespace)."""
-    found = set()
+def _sockets(pids) -> dict[int, tuple[set[str], str, str]]:
+    """pid -> (inodes of its sockets, its command, its network namespace) for those of ``pids`` still alive."""
+    held = {}
     for pid in pids:
         try:
-            inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")}
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            tables = [Path(f"/proc/{pid}/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            held[pid] = ({link[8:-1] for link in links if link.startswith("socket:[")},
+                         Path(f"/proc/{pid}/comm").read_text().strip(), os.readlink(f"/proc/{pid}/ns/net"))
         except OSError:  # ended meanwhile
+            continue
+    return held
+
+
+def _listening(held: dict[int, tuple[set[str], str, str]]) -> set[tuple[str, int, str]]:
+    """(address, port, command) of the TCP sockets in LISTEN state among ``held`` (``_sockets``; any
+    network namespace).  Each namespace's tables are read once: reading them is what costs."""
+    found = set()
+    for ns in {n for _, _, n in held.values()}:
+        members = [(inodes, comm) for inodes, comm, n in held.values() if n == ns]
+        for pid in (pid for pid, (_, _, n) in held.items() if n == ns):
+            try:
+                tables = [Path(f"/proc/{pid}/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
+                break
+            except OSError:  # ended meanwhile: another process of this namespace
+                continue
+        else:
             continue
         for line in (row for table in tables for row in table):
             f = line.split()
-            if f[3] == "0A" and f[9] in inodes:  # LISTEN, held by this process
-                hexaddr, port = f[1].split(":")
-                raw = bytes.fromhex(hexaddr)
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order 32-bit words
-                found.add((str(ipaddress.ip_address(raw)), int(port, 16), comm))
+            if f[3] != "0A":  # LISTEN only
+                continue
+            for inodes, comm in members:
+                if f[9] in inodes:  # held by this process
+                    hexaddr, port = f[1].split(":")
+                    raw = bytes.fromhex(hexaddr)
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order 32-bit words
+                    found.add((str(ipaddress.ip_address(raw)), int(port, 16), comm))
     return found
 
 
@@ -246,8 +266,15 @@ class Listeners:
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self):
+        """Every 0.1 s, the processes' sockets; the socket tables are read again when a socket is
+        new, and at least every second (a socket made earlier may have started to listen)."""
+        known, read_at = None, 0.0
         while not self._stop.is_set():
-            self.seen |= _listening(descendants(self.roots))
+            held = _sockets(descendants(self.roots))
+            inodes = {i for socks, _, _ in held.values() for i in socks}
+            if inodes != known or time.monotonic() - read_at >= 1.0:
+                self.seen |= _listening(held)
+                known, read_at = inodes, time.monotonic()
             time.sleep(0.1)
 
     def __enter__(self):
@@ -293,11 +320,8 @@ def _free_derived_port() -> int:
 # ------------------------------------------------ the same training, launched
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "one.npz"
-    proc = start([sys.executable, str(WORKER), str(out), "none"], clean_env(FUNDL_LOCAL_DEVICES=1))
-    text = finish([proc])[0]
-    assert proc.returncode == 0, text[-4000:]
-    return dict(np.load(out))
+    """test_parallel's reference run on one device (made once per pytest process)."""
+    return shared_run("reference", tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -392,10 +416,13 @@ def _train_records(run: Path) -> list[dict]:
 def test_mpirun_train_script_writes_once_and_equals_one_device(tmp_path, private_network):
     """The user's command: mpirun -np 2 python scripts/train.py ... --local-devices 2 --run-dir D.
     One run of 2 processes x 2 devices (not two trainings racing into D), equal to one device."""
+    from fundl.run import config as cfg
+    from fundl.run import experiment
+
     args = ["--config", str(TINY), "--quiet", "--set", "logging.plots=false", "--set", "training.checkpoint_every=0"]
-    one = subprocess.run([sys.executable, str(TRAIN), *args, "--run-dir", str(tmp_path / "one")], env=clean_env(),
-                         capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # one device, the same config: the reference, trained in this process
+    experiment.run(cfg.load_config(TINY, ["logging.plots=false", "training.checkpoint_every=0"]), tmp_path / "one",
+                   verbose=False)
     proc = mpirun(2, [sys.executable, str(TRAIN), *args, "--set", 'parallel.mode="sharding"', "--local-devices", "2",
                       "--init-timeout", "20", "--run-dir", str(tmp_path / "mp")], clean_env(), private_network)
     out, err = finish_group(proc)

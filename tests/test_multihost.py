@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section
+from test_parallel import KINDS, WORKER, assert_same_training, clean_env, section, shared_run
 
 from fundl.run import distributed, launch_local
 from conftest import ROOT
@@ -60,17 +60,17 @@ def finish(procs, timeout=240):
 # ------------------------------------------------------------ equivalence
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory):
-    """2 processes x 2 devices (pmap; sharding with 5 fused steps per call; fsdp) and, meanwhile, one device alone."""
+    """2 processes x 2 devices (pmap; sharding with 5 fused steps per call; fsdp), and one device alone
+    (test_parallel's reference run, made once per pytest process)."""
     tmp = tmp_path_factory.mktemp("mh")
     port = launch_local.free_port()
     specs = ["pmap", "sharding:0:5", "fsdp"]
     procs = [start([sys.executable, str(WORKER), str(tmp / "mp.npz"), *specs], mp_env(port, i)) for i in range(2)]
-    ref = start([sys.executable, str(WORKER), str(tmp / "one.npz"), "none"], clean_env(FUNDL_LOCAL_DEVICES=1))
-    outs = finish(procs + [ref])
-    for p, out in zip(procs + [ref], outs):
+    outs = finish(procs)
+    for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     assert "process 1 of 2, 4 devices" in outs[1]
-    return dict(np.load(tmp / "one.npz")), dict(np.load(tmp / "mp.npz"))
+    return shared_run("reference", tmp_path_factory), dict(np.load(tmp / "mp.npz"))
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_two_processes_equal_one_device(two_by_two, mode, kind):
 def launch_train(tmp_path, capsys, *args, mode="sharding"):
     argv = ["-n", "2", "--local-devices", "2", "--init-timeout", "20", "--heartbeat-timeout", "10", "--",
             "--config", str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet",
-            "--set", f'parallel.mode="{mode}"', "--run-dir", str(tmp_path / "run"), *args]
+            "--set", f'parallel.mode="{mode}"', "--set", "logging.plots=false", "--run-dir", str(tmp_path / "run"), *args]
     old, env = os.environ.copy(), clean_env()  # this environment less fundl's and launchers' variables
     os.environ.clear()
     os.environ.update(env)
@@ -135,11 +135,12 @@ def test_a_process_that_cannot_see_the_checkpoint_stops_every_process(tmp_path):
     """Resume needs every process to find the same checkpoint: here process 1's run directory
     is empty (as on a disk that is not shared), so both stop with one clear error instead of
     process 1 silently starting from step 0."""
-    seen = tmp_path / "shared"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
-                        str(ROOT / "configs" / "tiny_synthetic.toml"), "--quiet", "--run-dir", str(seen),
-                        "--set", "logging.plots=false"], env=clean_env(), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
+    from fundl.run import config as cfg
+    from fundl.run import experiment
+
+    seen = tmp_path / "shared"  # a finished single-process run (trained here: the processes below resume it)
+    config = cfg.load_config(ROOT / "configs" / "tiny_synthetic.toml", ["logging.plots=false"])
+    assert experiment.run(config, seen, verbose=False)["final_step"] == 24
     port = launch_local.free_port()
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
            "--quiet", "--set", 'parallel.mode="sharding"', "--set", "logging.plots=false", "--resume"]

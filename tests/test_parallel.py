@@ -80,13 +80,28 @@ def assert_same_training(ref: dict, other: dict, label: str) -> float:
     return err
 
 
-SPECS = ["none", "pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
-         "none:0:1:mlp_dropout", "sharding:0:1:mlp_dropout"]
+# The worker's runs, each made once per pytest process: a process of one device trains the
+# reference of every comparison (for this file, test_fsdp, test_multihost and test_launchers);
+# processes of four devices train this file's placements and test_fsdp.py's.
+RUNS = {"reference": (["none", "none:0:1:mlp_dropout"], 1),
+        "parallel": (["pmap", "sharding", "pmap:0:5:cnn_bn+lstm", "sharding:0:5:cnn_bn", "bn",
+                      "sharding:0:1:mlp_dropout"], 4),
+        "fsdp": (["fsdp", "fsdp:0:5:cnn_bn", "fsdp_tp:0:1:mlp+cnn_bn", "fsdp:0:1:mlp_dropout", "fsdp_memory"], 4)}
+_DONE: dict[str, dict] = {}
+
+
+def shared_run(name: str, tmp_path_factory) -> dict:
+    """The results of the worker run ``name`` (a key of RUNS), made on first use in this process."""
+    if name not in _DONE:
+        specs, devices = RUNS[name]
+        _DONE[name] = run_worker(tmp_path_factory.mktemp(name) / f"{name}.npz", specs, devices=devices)
+    return _DONE[name]
 
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("par") / "four.npz", SPECS, devices=4)
+    """The reference (1 device) and this file's 4-device placements, in one dict (keys differ by spec)."""
+    return {**shared_run("reference", tmp_path_factory), **shared_run("parallel", tmp_path_factory)}
 
 
 @pytest.mark.slow
@@ -132,7 +147,7 @@ def test_pmapped_batch_norm_statistics_equal_global_batch(four_devices):
 
 def train_cli(tmp_path, *args, devices=2, timeout=180):
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.toml"),
-           "--quiet", "--local-devices", str(devices), *args]
+           "--quiet", "--local-devices", str(devices), "--set", "logging.plots=false", *args]
     return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
 
@@ -150,14 +165,8 @@ def test_cli_pmap_on_two_fake_devices(tmp_path):
     assert (run_dir / "checkpoints" / "step_00000024").is_dir()
 
 
-@pytest.mark.slow
-def test_indivisible_global_batch_is_a_clear_error_before_training(tmp_path):
-    proc = train_cli(tmp_path, "--set", 'parallel.mode="pmap"', "--set", "training.batch_size=33",
-                     "--run-dir", str(tmp_path / "run"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "batch size 33 must be divisible by the number of devices 2" in proc.stderr
-    assert "32 or 34" in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+# An indivisible global batch through the command line (exit 2, the sizes that divide, nothing
+# trained): tests/test_errors.py, test_global_batch_not_divisible_in_the_cli_exits_2_before_training.
 
 
 def test_divisibility_message_and_placement_errors_in_process():

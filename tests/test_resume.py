@@ -3,6 +3,7 @@ trajectory changes need an explicit --allow-change, with their effect printed.""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from fundl.run.optimizer import schedule_from_config
 from fundl.run.resume import config_changes, describe_effects
 from fundl.run.rundir import read_metrics
 from fundl.train import checkpoint as ckpt
+from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
 TINY = "configs/tiny_synthetic.toml"
@@ -30,13 +32,24 @@ def cli(*args, timeout=180):
                           text=True, timeout=timeout)
 
 
+COSINE = ("training.steps=8", 'schedule.name="cosine"')  # the settings of the run every test here resumes
+
+
+@pytest.fixture(scope="module")
+def cosine_base(tmp_path_factory):
+    """A finished 8-step run with a cosine schedule (the README's 'train with fewer epochs' run),
+    trained once in this process; each test resumes its own copy (the command line's resume is
+    tested below)."""
+    run = tmp_path_factory.mktemp("cosine") / "run"
+    assert experiment.run(tiny_config(*COSINE, "training.checkpoint_every=4"), run, verbose=False)["final_step"] == 8
+    return run
+
+
 @pytest.fixture
-def cosine_run(tmp_path):
-    """A finished 8-step run with a cosine schedule (the README's 'train with fewer epochs' run)."""
+def cosine_run(cosine_base, tmp_path):
+    """This test's copy of the finished cosine run."""
     run = tmp_path / "run"
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.steps=8",
-            "--set", 'schedule.name="cosine"', "--set", "training.checkpoint_every=4", "--set", "logging.plots=false")
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(cosine_base, run)
     return run
 
 
@@ -49,10 +62,10 @@ def test_the_checkpoint_records_the_resolved_config(cosine_run):
 
 
 @pytest.mark.slow
-def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
+def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run, train_here):
     """The audit's case: the file's longer run stretches the cosine schedule mid-run."""
     before = (cosine_run / "config.toml").read_text()
-    r = cli("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16")
+    r = train_here("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16")
     assert r.returncode == 2
     assert f"cannot resume {cosine_run} as asked" in r.stderr and "training.steps: 8 -> 16" in r.stderr
     assert "--allow-change training.steps" in r.stderr and "Traceback" not in r.stderr
@@ -61,8 +74,8 @@ def test_resuming_with_more_steps_is_refused_without_allow_change(cosine_run):
 
 
 @pytest.mark.slow
-def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run):
-    r = cli("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16", "--allow-change", "training.steps")
+def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run, train_here):
+    r = train_here("--resume", str(cosine_run), "--quiet", "--set", "training.steps=16", "--allow-change", "training.steps")
     assert r.returncode == 0, r.stderr
     old = tiny_config("training.steps=8", 'schedule.name="cosine"')
     new = tiny_config("training.steps=16", 'schedule.name="cosine"')
@@ -88,10 +101,9 @@ def test_an_allowed_change_prints_its_effect_on_the_schedule(cosine_run):
     ("training.batch_size=16", "training.batch_size"),
     ("data.num_train=200", "data.num_train"),
 ])
-def test_every_trajectory_setting_is_refused_then_allowed(tmp_path, override, key):
-    run = tmp_path / "run"
-    experiment.run(tiny_config("training.steps=8", 'schedule.name="cosine"'), run, verbose=False)
-    config = tiny_config("training.steps=8", 'schedule.name="cosine"', "training.resume=true", override)
+def test_every_trajectory_setting_is_refused_then_allowed(cosine_run, override, key):
+    run = cosine_run
+    config = tiny_config(*COSINE, "training.resume=true", override)
     with pytest.raises(cfg.ConfigError, match=f"--allow-change {key}"):
         experiment.run(config, run, verbose=False)
     section = key.split(".")[0]
@@ -100,20 +112,18 @@ def test_every_trajectory_setting_is_refused_then_allowed(tmp_path, override, ke
 
 
 @pytest.mark.slow
-def test_structure_changes_are_refused_even_when_allowed(tmp_path):
-    experiment.run(tiny_config("training.steps=4"), tmp_path, verbose=False)
+def test_structure_changes_are_refused_even_when_allowed(cosine_run):
     for override in ("model.hidden=[8]", 'optimizer.name="sgd"', 'training.nan_policy="skip"'):
         with pytest.raises(cfg.ConfigError, match="changes the model, the optimiser's kind or the train state"):
-            experiment.run(tiny_config("training.steps=4", "training.resume=true", override), tmp_path,
+            experiment.run(tiny_config(*COSINE, "training.resume=true", override), cosine_run,
                            verbose=False, allow_changes=["model", "optimizer", "training"])
 
 
 @pytest.mark.slow
-def test_cosmetic_changes_need_no_flag(tmp_path):
-    experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), tmp_path, verbose=False)
-    summary = experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=2", "training.resume=true",
+def test_cosmetic_changes_need_no_flag(cosine_run):  # saved with checkpoint_every=4
+    summary = experiment.run(tiny_config(*COSINE, "training.checkpoint_every=2", "training.resume=true",
                                          "training.log_every=2", "training.progress=false", "data.prefetch=0",
-                                         "training.steps_per_call=2"), tmp_path, verbose=False)
+                                         "training.steps_per_call=2"), cosine_run, verbose=False)
     assert summary["final_step"] == 8
 
 
@@ -124,9 +134,8 @@ def test_unknown_allow_change_names_are_errors(tmp_path):
     assert r.returncode == 2 and "--allow-change applies to a resumed run" in r.stderr
 
 
-def test_a_saved_loader_position_that_disagrees_with_the_step_is_an_error(tmp_path):
-    experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
-    path = ckpt.latest_valid(tmp_path / "checkpoints")
+def test_a_saved_loader_position_that_disagrees_with_the_step_is_an_error(cosine_run):
+    path = ckpt.latest_valid(cosine_run / "checkpoints")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["extras"]["loader"] == {"epoch": 1, "index": 0, "seed": 0, "batch_size": 32,
                                             "num_examples": 256}
@@ -134,21 +143,20 @@ def test_a_saved_loader_position_that_disagrees_with_the_step_is_an_error(tmp_pa
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match=r"data position saved in .* does not match .* \(index: saved 3, "
                                                    r"recomputed 0\)"):
-        experiment.run(tiny_config("training.steps=8", "training.resume=true"), tmp_path, verbose=False)
+        experiment.run(tiny_config(*COSINE, "training.resume=true"), cosine_run, verbose=False)
 
 
 @pytest.mark.slow
-def test_a_checkpoint_without_a_recorded_config_is_compared_with_config_toml(tmp_path):
+def test_a_checkpoint_without_a_recorded_config_is_compared_with_config_toml(cosine_run):
     """Checkpoints written before configs were recorded in them still resume, and are still checked."""
-    experiment.run(tiny_config("training.steps=8"), tmp_path, verbose=False)
-    path = ckpt.latest_valid(tmp_path / "checkpoints")
+    path = ckpt.latest_valid(cosine_run / "checkpoints")
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["extras"]["config"]
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(cfg.ConfigError, match="optimizer.learning_rate: 0.01 -> 0.02"):
-        experiment.run(tiny_config("training.steps=8", "training.resume=true", "optimizer.learning_rate=0.02"),
-                       tmp_path, verbose=False)
-    assert experiment.run(tiny_config("training.steps=8", "training.resume=true"), tmp_path,
+        experiment.run(tiny_config(*COSINE, "training.resume=true", "optimizer.learning_rate=0.02"),
+                       cosine_run, verbose=False)
+    assert experiment.run(tiny_config(*COSINE, "training.resume=true"), cosine_run,
                           verbose=False)["final_step"] == 8
 
 

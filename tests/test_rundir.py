@@ -3,6 +3,7 @@ and keep-K pruning only ever deletes this run's own checkpoints."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from fundl.run import experiment
 from fundl.run.rundir import RunDir, RunDirInUse, RunDirNotEmpty, read_metrics
 from fundl.train import checkpoint as ckpt
 from fundl.train.state import create_train_state
+from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
 TINY = "configs/tiny_synthetic.toml"
@@ -40,14 +42,31 @@ def snapshot(path: Path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of the tiny config (24 steps, checkpoints at 12 and 24), trained once per module."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert experiment.run(tiny_config(), run, verbose=False)["final_step"] == 24
+    return run
+
+
+@pytest.fixture
+def earlier_run(finished, tmp_path):
+    """This test's copy of the finished run, in tmp_path/run."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    return run
+
+
 # ----------------------------------------------------- a fresh run refuses
 @pytest.mark.slow
-def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tmp_path):
+def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(earlier_run, capsys, train_here):
     """The README's flow: train, then train again into the same (default) run directory."""
-    run = tmp_path / "run"
-    assert cli("--config", TINY, "--run-dir", str(run), "--quiet").returncode == 0
+    from fundl.run.cli import evaluate_main
+
+    run = earlier_run
     before = snapshot(run)
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.steps=8")
+    r = train_here("--config", TINY, "--run-dir", str(run), "--quiet", "--set", "training.steps=8")
     assert r.returncode == 2, r.stderr
     msg = r.stderr
     assert f"run directory {run} already holds a run (2 checkpoint(s), steps 12..24" in msg
@@ -57,15 +76,15 @@ def test_a_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tmp_path):
     after = snapshot(run)
     before.pop(".lock"), after.pop(".lock")  # names whoever claimed the directory last
     assert after == before  # the earlier run is untouched
-    # evaluate.py still reports the earlier run's model
-    out = json.loads(cli(str(run), script="scripts/evaluate.py").stdout.strip().splitlines()[-1])
+    # evaluate.py's main still reports the earlier run's model
+    assert evaluate_main([str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["step"] == 24
 
 
 @pytest.mark.slow
-def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(tmp_path):
-    run = tmp_path / "run"
-    experiment.run(tiny_config("training.steps=24"), run, verbose=False)
+def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(earlier_run, tmp_path):
+    run = earlier_run  # 24 steps
     before = snapshot(run)
     before.pop(".lock")
     summary = experiment.run(tiny_config("training.steps=8", "training.checkpoint_every=4"), run,
@@ -78,10 +97,10 @@ def test_overwrite_moves_the_earlier_run_aside_and_starts_afresh(tmp_path):
 
 
 @pytest.mark.slow
-def test_overwrite_through_the_cli_says_where_the_old_run_went(tmp_path):
-    run = tmp_path / "run"
-    experiment.run(tiny_config("training.steps=4"), run, verbose=False)
-    r = cli("--config", TINY, "--run-dir", str(run), "--quiet", "--overwrite", "--set", "training.steps=4")
+def test_overwrite_through_the_cli_says_where_the_old_run_went(earlier_run, tmp_path, train_here):
+    run = earlier_run
+    r = train_here("--config", TINY, "--run-dir", str(run), "--quiet", "--overwrite", "--set", "training.steps=4",
+            "--set", "logging.plots=false")
     assert r.returncode == 0, r.stderr
     aside = next(p for p in tmp_path.iterdir() if p.name.startswith("run.old-"))
     assert f"moved the earlier run in {run} aside to {aside}" in r.stderr
