@@ -18,6 +18,9 @@ from fundl.run import config as cfg
 from fundl.run import schema
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_bad_input_cli")
+
 TINY = str(ROOT / "configs" / "tiny_synthetic.toml")
 
 

@@ -846,6 +846,9 @@ print("OK")
 # captured; a failure of one is reported and the other still runs.
 FOUR_DEVICES = """
 import contextlib, io, json, sys, traceback, jax
+
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
 jax.config.update("jax_num_cpu_devices", 4)
 results = {}
 for name, code, argv in [("SHARDINGS", sys.argv[1], sys.argv[3:4]), ("PLACEMENTS", sys.argv[2], sys.argv[3:])]:

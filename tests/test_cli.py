@@ -8,6 +8,9 @@ import sys
 import pytest
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_cli")
+
 
 
 def run(*args, timeout=300):

@@ -31,6 +31,9 @@ from fundl.train.step import make_train_step
 from test_checkpoint import data_file  # the biggest array-data file under state/
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_errors")
+
 TINY = "configs/tiny_synthetic.toml"
 
 

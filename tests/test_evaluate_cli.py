@@ -9,6 +9,9 @@ import pytest
 from fundl.run.cli import evaluate_main, train_main
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_evaluate_cli")
+
 
 
 @pytest.fixture(scope="module")

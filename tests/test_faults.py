@@ -36,6 +36,9 @@ from fundl.train.step import make_train_step
 from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_faults")
+
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
 STEPS = 60
 BASE = ["--config", "configs/tiny_synthetic.toml", "--quiet", "--set", "logging.plots=false",

@@ -25,6 +25,10 @@ from fundl.run.build import placement_from_config
 from fundl.train.placement import make_placement, state_bytes
 from fundl.train.placement.rules import PartitionRules
 
+# One xdist worker runs this file and its siblings that share test_parallel.shared_run's reference runs
+# (made once per process), so `make test` (--dist loadgroup) makes each once.
+pytestmark = pytest.mark.xdist_group("parallel-reference")
+
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
     """The 1-device reference and the 4-device runs (fsdp, fused, fsdp_tp, dropout, fsdp_memory), each

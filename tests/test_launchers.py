@@ -50,6 +50,10 @@ from test_parallel import KINDS, WORKER, assert_same_training, clean_env, sectio
 from fundl.run import distributed, launch_local
 from conftest import ROOT
 
+# One xdist worker runs this file and its siblings that share test_parallel.shared_run's reference runs
+# (made once per process), so `make test` (--dist loadgroup) makes each once.
+pytestmark = pytest.mark.xdist_group("parallel-reference")
+
 
 TRAIN = ROOT / "scripts" / "train.py"
 TINY = ROOT / "configs" / "tiny_synthetic.toml"

@@ -25,6 +25,10 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+# One xdist worker runs this file and its siblings that share test_parallel.shared_run's reference runs
+# (made once per process), so `make test` (--dist loadgroup) makes each once.
+pytestmark = pytest.mark.xdist_group("parallel-reference")
+
 WORKER = ROOT / "tests" / "parallel_worker.py"
 RTOL = 1e-5
 KINDS = ("mlp", "cnn_bn", "lstm")

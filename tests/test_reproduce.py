@@ -9,6 +9,9 @@ import pytest
 from fundl.run import reproduce_mnist1d
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_reproduce")
+
 PAPER = {"logistic": 32, "gru": 91, "fundl_cnn": 94}  # a paper model, a recurrent one, one of fundl's own
 REFERENCE = ("logistic", "gru")
 PAPER_LOGS = ("logistic", "gru")  # the paper's models among them

@@ -18,6 +18,9 @@ from fundl.train import checkpoint as ckpt
 from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_resume")
+
 TINY = "configs/tiny_synthetic.toml"
 
 

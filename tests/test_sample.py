@@ -14,7 +14,8 @@ from fundl.run.cli import train_main
 from fundl.run.sample import main as sample_main
 from fundl.run.sample import sample_run
 
-pytestmark = pytest.mark.slow  # each module trains two tiny runs first
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_sample")]  # slow: the module trains two tiny runs first
 
 TINY = ["--set", "data.seq_len=16", "--set", "training.steps=3", "--set", "training.batch_size=8",
         "--set", "schedule.warmup_steps=1", "--set", "training.eval_every=0", "--set", "training.checkpoint_every=0",
