@@ -49,7 +49,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "momentum": 0.0,          # sgd / rmsprop (an error elsewhere: see docs/optimizers.md)
         "nesterov": False,        # sgd / rmsprop (with momentum) and the adam family
+        "b1": "auto",             # adam family and lion: the first moment's decay ("auto": optax's default)
+        "b2": "auto",             # adam family and lion: the second moment's decay ("auto": optax's default)
         "weight_decay": 0.0,      # decoupled, scaled by the learning rate, for every optimiser
+        "decay_matrices_only": False,  # weight decay on parameters with >= 2 dimensions only (nanoGPT's rule)
         "clip_norm": 0.0,         # global-norm clipping (0: off)
         "accumulate_steps": 1,    # gradient accumulation via optax.MultiSteps
     },
@@ -123,6 +126,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 
 # Keys that take "auto" or an int (their default is "auto").
 AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
+# Keys that take "auto" or a float in [0, 1) (their default is "auto").
+AUTO_OR_FRACTION = {("optimizer", "b1"), ("optimizer", "b2")}
 # Keys that take a positive int or a non-empty list of them (their default is an int).
 INT_OR_INT_LIST = {("model", "kernel_size")}
 # Keys that take one of their CHOICES or an int >= 0 (their default is a string).
@@ -164,7 +169,8 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
     "data": {"name": "structure", "seq_len": "structure", "flatten": "structure", "shuffle": "trajectory",
              "num_train": "trajectory", "num_test": "trajectory", "dir": "cosmetic", "prefetch": "cosmetic"},
     "optimizer": {"name": "structure", "momentum": "structure", "accumulate_steps": "structure",
-                  "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",
+                  "decay_matrices_only": "structure",  # the weight decay's mask is part of the optimiser state
+                  "b1": "trajectory", "b2": "trajectory", "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",
                   "clip_norm": "trajectory"},
     "schedule": "trajectory",
     "training": {"seed": "trajectory", "batch_size": "trajectory", "epochs": "trajectory",
