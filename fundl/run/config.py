@@ -197,6 +197,8 @@ def check_config(config: dict, *, overwrite: bool = False) -> None:
         if t["compute_dtype"] == "float16":
             raise ConfigError("privacy.enabled with training.compute_dtype = 'float16': DP-SGD does not support "
                               "float16 loss scaling; use 'float32' or 'bfloat16'")
+    # LoRA fine-tuning (fundl/run/lora.py)
+    _check_lora(config["lora"])
     # the command line's --overwrite
     if overwrite and t["resume"]:
         raise ConfigError("--overwrite starts afresh and --resume continues the run: choose one")
@@ -223,6 +225,22 @@ def _check_momentum(o: dict) -> None:
     if o["nesterov"] and "momentum" in takes and not o["momentum"]:
         raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 for optax.{name} "
                           "(with no momentum optax ignores nesterov); set e.g. optimizer.momentum=0.9")
+
+
+def _check_lora(c: dict) -> None:
+    """``[lora]`` keys take effect only with ``lora.init_from``; ``lora.targets`` must be a regex."""
+    if not c["init_from"]:
+        set_ = [f"lora.{k}" for k in ("rank", "alpha", "targets") if c[k] != SCHEMA["lora"][k]]
+        if set_:
+            raise ConfigError(f"{', '.join(set_)} set without lora.init_from: name the run directory to fine-tune "
+                              f"(lora.init_from = \"runs/NAME\")")
+        return
+    import re
+
+    try:
+        re.compile(c["targets"])
+    except re.error as e:
+        raise ConfigError(f"lora.targets = {c['targets']!r} is not a regular expression ({e})") from None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -106,6 +106,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "sampling": "poisson",    # each example in each step's batch with probability batch_size / N
         "accountant": "pld",      # pld | rdp (dp-accounting)
     },
+    "lora": {                     # fine-tune a trained run through low-rank adapters (docs/transforms.md, "LoRA")
+        "init_from": "",          # the run directory whose newest valid checkpoint's params are frozen ("": off)
+        "rank": 8,                # the adapters' rank r
+        "alpha": 16.0,            # the adapters' scale is alpha / rank
+        "targets": ".*",          # regex searched in each parameter's path (e.g. blocks_0/attn/qkv/w); >= 2-D only
+    },
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -138,7 +144,7 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("optimizer", "accumulate_steps"), ("model", "stride"),
             ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
-            ("privacy", "clip_norm"), ("privacy", "delta")}
+            ("privacy", "clip_norm"), ("privacy", "delta"), ("lora", "rank"), ("lora", "alpha")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
@@ -186,6 +192,7 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
     # changing those mid-run would make the reported epsilon wrong, so they are refused.
     "privacy": {"enabled": "structure", "sampling": "structure", "noise_multiplier": "structure",
                 "clip_norm": "trajectory", "delta": "cosmetic", "accountant": "cosmetic"},
+    "lora": "structure",  # which params train, and their frozen base
 }
 
 
