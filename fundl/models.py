@@ -1,8 +1,8 @@
 """Ready-made models, each an ordinary :class:`fundl.nn.Layer`.
 
 They are short compositions of ``fundl.nn`` layers, meant to be read and
-copied: MLP, 2D CNN for images, 1D CNN for sequences, an RNN classifier and
-a character-level language model.  ``build_model`` makes one from a config's
+copied: MLP, 2D CNN for images, 1D CNN for sequences, an RNN classifier,
+a character-level language model and a GPT.  ``build_model`` makes one from a config's
 ``[model]`` section.
 
 Initialisation (``init``, every model): ``"default"`` is fundl's — dense and
@@ -17,6 +17,7 @@ these defaults, so reproducing them needs ``init="torch"``.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from fundl import nn
@@ -280,3 +281,52 @@ def char_lm(vocab_size: int, *, embed_dim: int = 64, cell: str = "lstm", hidden:
     return nn.serial(nn.embedding(vocab_size, embed_dim),
                      *_sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout, remat=remat, init=init),
                      _dense(vocab_size, init), name="char_lm")
+
+
+def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, dropout: float = 0.0,
+        bias: bool = True, num_kv_heads: int | None = None, mlp: str = "gelu", norm: str = "layer",
+        rope: bool = False) -> nn.Layer:
+    """A GPT: ids (B, T <= context) -> logits (B, T, vocab), nanoGPT's architecture and initialisation.
+
+    Token embedding plus learned position embedding (``context`` rows), dropout,
+    ``layers`` pre-norm blocks (:func:`fundl.nn.transformer_block`: causal
+    attention with ``heads`` heads, a 4x exact-GELU MLP, LayerNorm), a final
+    LayerNorm and the output head tied to the token embedding
+    (:func:`fundl.nn.tied_embedding`).  ``bias=False`` drops the biases of
+    every dense layer and LayerNorm.  Init as nanoGPT's: every weight normal
+    with std 0.02, the two projections into the residual stream per block with
+    std ``0.02 / sqrt(2 * layers)``, biases zero, norms one.  The model state is
+    ``{}``.  Its decoder (:mod:`fundl.nn.decoding`) keeps a KV cache for
+    ``fundl.generate``.
+
+    Beyond nanoGPT: ``num_kv_heads`` (grouped-query attention), ``mlp="swiglu"``,
+    ``norm="rms"`` and ``rope=True`` (rotary embeddings in every attention layer,
+    instead of the learned positions).
+
+    Params: ``embedding`` (``w`` (vocab, width)), ``positions`` (``w`` (context,
+    width); none with ``rope``), ``block_0`` .. ``block_{layers-1}``
+    (``norm_1``, ``attention`` {``qkv``, ``out``}, ``norm_2``, ``mlp`` {``fc``, ``proj``}),
+    ``norm``.  ``fundl.interop.from_nanogpt`` maps nanoGPT's state_dict onto them.
+
+    Examples:
+        >>> model = models.gpt(65, context=64, layers=4, heads=4, width=128)   # nanoGPT's "baby" GPT
+        >>> params, state, out_shape = nn.abstract_init(model, (1, 64))
+        >>> sorted(params)[:3], state, out_shape
+        (['block_0', 'block_1', 'block_2'], {}, (1, 64, 65))
+        >>> sum(p.size for p in jax.tree.leaves(params))
+        809856
+    """
+    for key, value in (("context", context), ("layers", layers), ("heads", heads), ("width", width)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"gpt: {key} must be a positive int, got {value!r}")
+    if width % heads:
+        raise ValueError(f"gpt: heads={heads} must divide width={width}")
+    std = nn.init.normal(0.02)
+    residual_std = nn.init.normal(0.02 / math.sqrt(2 * layers))
+    blocks = [nn.named(f"block_{i}", nn.transformer_block(
+        heads, num_kv_heads=num_kv_heads, mlp=mlp, norm=norm, use_bias=bias, dropout=dropout, rope=rope,
+        w_init=std, out_init=residual_std)) for i in range(layers)]
+    final_norm = nn.layer_norm(use_bias=bias) if norm == "layer" else nn.rms_norm(eps=1e-5)
+    positions = [] if rope else [nn.named("positions", nn.learned_positions(context, w_init=std))]
+    return nn.tied_embedding(vocab_size, width, *positions, *_dropout(dropout), *blocks,
+                             nn.named("norm", final_norm), w_init=std, name="gpt")

@@ -39,6 +39,8 @@ class Layer(NamedTuple):
       (``{}`` when there are none).
     * ``apply(params, state, x, *, key=None, train=False) -> (y, new_state)``: pure;
       ``x`` may have any batch size.
+    * ``decoder``: None, or a :class:`fundl.nn.decoding.Decoder` for layers that
+      generate one position at a time with a cache (attention, GPT, the char LM).
 
     Examples:
         >>> layer = nn.dense(3)
@@ -55,6 +57,8 @@ class Layer(NamedTuple):
     name: str = "layer"
     # When False, combinators use ``name`` as is instead of ``name_<k>``.
     auto_name: bool = True
+    # Incremental decoding with a cache (fundl.nn.decoding); None for layers that have none.
+    decoder: Any = None
 
 
 # --------------------------------------------------------------------------

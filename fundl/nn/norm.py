@@ -1,4 +1,4 @@
-"""Normalisation layers: layer norm, group norm and batch norm (channels-last).
+"""Normalisation layers: layer norm, RMS norm, group norm and batch norm (channels-last).
 
 All compute their statistics in float32 (float64 when ``x`` is float64) even
 when ``x`` is bfloat16 or float16, and return ``y`` in ``x``'s dtype.
@@ -108,6 +108,45 @@ def layer_norm(axis=-1, eps: float = 1e-5, use_scale: bool = True, use_bias: boo
             y = y * get_param(params, "scale").astype(y.dtype).reshape(bshape)
         if use_bias:
             y = y + get_param(params, "bias").astype(y.dtype).reshape(bshape)
+        return y.astype(x.dtype), {}
+
+    return Layer(init, apply, name)
+
+
+def rms_norm(eps: float = 1e-6, use_scale: bool = True, *, dtype=jnp.float32) -> Layer:
+    """Normalise each position over the last axis by its root mean square (no centring):
+
+    ``y = x / sqrt(mean(x ** 2) + eps) * scale``
+
+    as ``torch.nn.RMSNorm(C, eps)``; the norm of Llama-style transformers.
+    Params: ``scale`` (ones), shape (C,).  Statistics in float32, ``y`` in ``x``'s dtype.
+
+    Examples:
+        >>> norm = nn.rms_norm()
+        >>> params, _, _ = norm.init(jax.random.key(0), (1, 2))
+        >>> x = jnp.array([[3.0, 4.0]])
+        >>> y, _ = norm.apply(params, {}, x)
+        >>> bool(jnp.allclose(y, x / jnp.sqrt(12.5)))      # the root mean square of (3, 4)
+        True
+    """
+    name = "rms_norm"
+
+    def init(key, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2:
+            raise ShapeError(f"{name} expected input of shape (batch, ..., features) (rank >= 2), "
+                             f"got shape {format_shape(input_shape)}")
+        return ({"scale": jnp.ones((input_shape[-1],), dtype)} if use_scale else {}), {}, input_shape
+
+    def apply(params, state, x, *, key=None, train=False):
+        if use_scale:
+            c = jnp.shape(get_param(params, "scale"))[0]
+            if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != c:
+                raise ShapeError(f"{name} expected input of shape (..., {c}), got shape {format_shape(jnp.shape(x))}")
+        x32 = x.astype(_stat_dtype(x.dtype))
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+        if use_scale:
+            y = y * get_param(params, "scale").astype(y.dtype)
         return y.astype(x.dtype), {}
 
     return Layer(init, apply, name)

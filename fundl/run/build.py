@@ -74,8 +74,11 @@ def total_steps_of(config: dict, steps_per_epoch: int) -> int:
 
 
 # ---------------------------------------------------------------- model
-def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = None) -> Layer:
+def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = None,
+                context: int | None = None) -> Layer:
     """The model a config's ``[model]`` section describes (checked by ``fundl.run.config.check_config``).
+
+    ``context``: a GPT's most positions (``data.seq_len``).
 
     ``axis_name``: the ``pmap`` axis over which batch-norm statistics are
     averaged (``placement.axis_name``; None on one device or with sharding).
@@ -99,6 +102,9 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
         return models.char_lm(num_outputs, embed_dim=m["embed_dim"], cell=m["cell"],
                               hidden=m["rnn_hidden"], num_layers=m["num_layers"], dropout=m["dropout"],
                               remat=m["remat"], init=m["init"])
+    if kind == "gpt":
+        return models.gpt(num_outputs, context=context, layers=m["layers"], heads=m["heads"], width=m["width"],
+                          dropout=m["dropout"], bias=m["bias"])
     raise ConfigError(f"model.kind {kind!r} is not one of {CHOICES[('model', 'kind')]}")
 
 
@@ -108,7 +114,7 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
     template its checkpoints restore into).  An ensemble or one-program sweep
     (``fundl.run.sweeps``) gets a state with a leading member axis: member ``i``'s
     slice is what a run of its own config would start from."""
-    model = build_model(config["model"], data.num_classes, axis_name=axis_name)
+    model = build_model(config["model"], data.num_classes, axis_name=axis_name, context=config["data"]["seq_len"])
     base = None
     if lora.enabled(config):  # params: the adapters; the base run's params frozen in the model state
         base = lora.base_params(config, model, (1,) + tuple(data.input_shape))

@@ -168,6 +168,9 @@ def check_config(config: dict, *, overwrite: bool = False) -> None:
     if m["residual"] and not m["hidden"]:
         raise ConfigError(f"model.residual = {m['residual']} blocks need a hidden layer of the width they keep, "
                           f"got model.hidden = []; give e.g. model.hidden = [100]")
+    if kind == "gpt" and m["width"] % m["heads"]:
+        raise ConfigError(f"model.heads = {m['heads']} must divide model.width = {m['width']} (each head gets "
+                          f"width / heads features)")
     sizes = m["kernel_size"]
     if isinstance(sizes, list) and kind in ("cnn", "cnn1d") and len(sizes) != len(m["channels"]):
         raise ConfigError(f"model.kernel_size must be an int or one size per conv layer: expected "

@@ -13,7 +13,7 @@ from typing import Any
 # (ints are accepted where floats are expected; a list default takes lists).
 SCHEMA: dict[str, dict[str, Any]] = {
     "model": {
-        "kind": "mlp",            # mlp | cnn (2D) | cnn1d | rnn | char_lm
+        "kind": "mlp",            # mlp | cnn (2D) | cnn1d | rnn | char_lm | gpt
         "hidden": [128],          # mlp widths / dense widths after the conv stack
         "residual": 0,            # mlp: blocks h + activation(dense(h)) of the last hidden width, after it
         "channels": [32, 64],     # conv channels per block
@@ -33,6 +33,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "readout": "last",        # rnn: last | mean (over all outputs) | flatten (all outputs, flattened)
         "embed_dim": 64,          # char_lm
         "init": "default",        # default (fundl's) | torch (PyTorch's defaults; fundl/models.py)
+        "layers": 4,              # gpt: transformer blocks (its context is data.seq_len)
+        "heads": 4,               # gpt: attention heads (dividing width)
+        "width": 128,             # gpt: embedding width
+        "bias": True,             # gpt: biases in the dense layers and LayerNorms (nanoGPT's bias)
     },
     "data": {
         "name": "mnist1d",        # mnist1d | mnist | fashion_mnist | shakespeare | synthetic
@@ -115,7 +119,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "kind"): ("mlp", "cnn", "cnn1d", "rnn", "char_lm"),
+    ("model", "kind"): ("mlp", "cnn", "cnn1d", "rnn", "char_lm", "gpt"),
     ("model", "pool"): ("avg", "max", "none"),
     ("model", "padding"): ("SAME", "VALID"),
     ("model", "cell"): ("lstm", "gru"),
@@ -144,6 +148,7 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("optimizer", "accumulate_steps"), ("model", "stride"),
             ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
+            ("model", "layers"), ("model", "heads"), ("model", "width"),
             ("privacy", "clip_norm"), ("privacy", "delta"), ("lora", "rank"), ("lora", "alpha")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
