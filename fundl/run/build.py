@@ -104,7 +104,7 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
                               remat=m["remat"], init=m["init"])
     if kind == "gpt":
         return models.gpt(num_outputs, context=context, layers=m["layers"], heads=m["heads"], width=m["width"],
-                          dropout=m["dropout"], bias=m["bias"])
+                          dropout=m["dropout"], bias=m["bias"], remat=m["remat"])
     raise ConfigError(f"model.kind {kind!r} is not one of {CHOICES[('model', 'kind')]}")
 
 

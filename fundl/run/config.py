@@ -160,8 +160,8 @@ def check_config(config: dict, *, overwrite: bool = False) -> None:
     if m["input_dropout"] and kind != "mlp":
         raise ConfigError(f"model.input_dropout applies to model.kind='mlp' only, got kind={kind!r}; "
                           f"use model.dropout (on hidden features) instead")
-    if m["remat"] and kind not in ("mlp", "rnn", "char_lm"):
-        raise ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn' and 'char_lm', got {kind!r}")
+    if m["remat"] and kind not in ("mlp", "rnn", "char_lm", "gpt"):
+        raise ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn', 'char_lm' and 'gpt', got {kind!r}")
     if m["residual"] and kind != "mlp":
         raise ConfigError(f"model.residual applies to model.kind='mlp' only, got kind={kind!r}; "
                           f"set model.residual = 0")

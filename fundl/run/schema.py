@@ -24,7 +24,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "batch_norm": False,
         "dropout": 0.0,           # drop probability after each hidden layer (not on the raw inputs)
         "input_dropout": 0.0,     # mlp: drop probability on the inputs (0: inputs are never dropped)
-        "remat": False,           # mlp / rnn / char_lm: recompute activations in the backward pass (less memory)
+        "remat": False,           # mlp / rnn / char_lm / gpt (per block): recompute activations in the backward pass (less memory)
         "activation": "relu",
         "cell": "lstm",           # rnn / char_lm: lstm | gru
         "rnn_hidden": 128,
