@@ -202,7 +202,6 @@ GPT_RULES = [["attention/qkv/w$", ["", "model"]], ["attention/out/w$", ["model",
 WORKER = """
 import json, sys
 import jax
-import jax.extend
 jax.config.update("jax_num_cpu_devices", 4)
 import numpy as np, optax
 from fundl import models
