@@ -211,3 +211,30 @@ def test_fine_tune_a_trained_run_from_the_command_line(tmp_path):
     summary = json.loads((ft / "summary.json").read_text())
     assert summary["num_params"] == 16 * 2 + 2 * 16
     assert summary["test_loss"] < json.loads((base / "summary.json").read_text())["test_loss"]
+
+
+@pytest.mark.slow  # a GPT train step compiled: seconds
+def test_lora_on_a_gpts_attention_in_bfloat16():
+    """Adapters on every block's attention projections, trained with bfloat16 compute: the float32 base
+    stays bit-identical, the optimiser holds the adapters alone, and the merge predicts as the model."""
+    from fundl.train.optim import matrices_only
+
+    model = models.gpt(11, context=8, layers=2, heads=2, width=16)
+    params, state0 = init(model, (1, 8))
+    adapted = lora.adapt(model, rank=RANK, alpha=ALPHA, targets=r"attention/(qkv|out)/w$")
+    opt = make_optimizer("adamw", 1e-2, b2=0.99, weight_decay=0.1, decay_mask=matrices_only)
+    state = create_train_state(adapted, opt, jax.random.key(1), (1, 8))
+    state = state.replace(model_state=lora.set_base(state.model_state, params))
+    assert sorted(lora.target_paths(params, r"attention/(qkv|out)/w$")) == [
+        f"block_{i}/attention/{n}/w" for i in range(2) for n in ("out", "qkv")]
+    step = jax.jit(make_train_step(adapted, opt, compute_dtype="bfloat16"))
+    ids = jax.random.randint(jax.random.key(2), (4, 9), 0, 11)
+    for _ in range(2):
+        state, metrics = step(state, {"x": ids[:, :-1], "y": ids[:, 1:]})
+    assert bits(state.model_state["base"]) == bits(params)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    moments = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert moments == sorted([x.shape for x in jax.tree.leaves(state.params)] * 2)
+    y, _ = jax.jit(adapted.apply)(state.params, state.model_state, ids[:, :-1])
+    merged = lora.merge(params, state.params, alpha=ALPHA)
+    np.testing.assert_array_equal(jax.jit(model.apply)(merged, state0, ids[:, :-1])[0], y)
