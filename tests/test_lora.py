@@ -178,12 +178,13 @@ def test_lora_keys_without_init_from_are_a_config_error():
 
 FINE_TUNE = """
 import sys
-from fundl.run.cli import train_main
+from fundl.run.cli import evaluate_main, train_main
 base, ft = sys.argv[1:]
 common = ["--config", "configs/tiny_synthetic.toml", "--quiet", "--set", "logging.plots=false"]
 assert train_main(common + ["--run-dir", base]) == 0
 assert train_main(common + ["--run-dir", ft, "--set", f"lora.init_from={base!r}", "--set", "lora.rank=2",
                             "--set", "lora.targets='dense_0'", "--set", "optimizer.learning_rate=0.05"]) == 0
+assert evaluate_main([ft]) == 0  # rebuilds the adapted model, its base from lora.init_from
 assert train_main(common + ["--run-dir", ft + "-bad", "--set", "lora.init_from='" + ft + "'"]) == 2
 """
 
@@ -210,6 +211,8 @@ def test_fine_tune_a_trained_run_from_the_command_line(tmp_path):
     assert moments == sorted(adapter_shapes * 2)
     summary = json.loads((ft / "summary.json").read_text())
     assert summary["num_params"] == 16 * 2 + 2 * 16
+    evaluated = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert evaluated["step"] == 24 and evaluated["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
     assert summary["test_loss"] < json.loads((base / "summary.json").read_text())["test_loss"]
 
 
