@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_nanogpt --nanogpt DIR [--steps 2000] [--chunk 100] [--eval-every 500]
                                        [--config configs/shakespeare_char_gpt.toml] [--set KEY=VALUE ...]
-                                       [--quick] [--out DIR]
+                                       [--torch-threads N] [--quick] [--out DIR]
 
 ``DIR`` is a checkout of karpathy/nanoGPT (or ``$NANOGPT_DIR``): its ``model.py`` is imported from
 there (MIT; fundl does not copy it).  Both sides train the recipe of ``--config`` (fundl's shipped
@@ -20,7 +20,8 @@ clipping 1.0, no dropout, no biases) on the same data:
   ``clip_grad_norm_`` as nanoGPT's train.py; fundl's from the config (``fundl.run.build``).
 
 fundl runs its step as ``fit`` does (fused: ``fundl.train.fusion.resolve`` picks K steps per dispatch
-for the step); PyTorch runs nanoGPT's train loop body eagerly, ``torch.set_num_threads(cores)``.
+for the step); PyTorch runs nanoGPT's train loop body eagerly, ``torch.set_num_threads(cores)``
+(``--torch-threads``).
 Timing: ``--chunk`` steps of one side, then of the other, the order rotated each round
 (``benchmarks.harness.interleaved``), until both have trained ``--steps`` steps; the ratio of
 PyTorch's time per step to fundl's is the median of the per-round ratios (> 1: fundl faster).
@@ -202,6 +203,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=0, help="steps per side (default: the config's training.steps)")
     p.add_argument("--chunk", type=int, default=100, help="steps per side per interleaved round")
     p.add_argument("--eval-every", type=int, default=500, help="steps between validation losses (and the last)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: the cores)")
     p.add_argument("--quick", action="store_true",
                    help="20 steps (warm-up 5), chunks of 10, 64 validation windows")
     harness.add_out(p)
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     val = {k: v[:64] for k, v in data.test.items()} if args.quick else data.test
     batches = Batches(data, config["training"]["batch_size"], config["training"]["seed"], steps)
     schedule = schedule_from_config(config, total_steps_of(config, batches.steps_per_epoch))
-    torch.set_num_threads(harness.cpu_count())
+    torch.set_num_threads(args.torch_threads or harness.cpu_count())
 
     fundl_side = FundlSide(config, data, batches, val)
     torch_side = TorchSide(module, config, data, batches, val, schedule)
