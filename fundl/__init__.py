@@ -25,6 +25,7 @@ _EXPORTS = {
     "evaluate": "fundl.train.loop", "fit": "fundl.train.loop",
     "make_optimizer": "fundl.train.optim", "make_schedule": "fundl.train.optim",
     "make_eval_step": "fundl.train.step", "make_train_step": "fundl.train.step",
+    "generate": "fundl.generation",
     "losses": None, "metrics": None, "models": None, "nn": None,
 }
 
@@ -47,6 +48,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from fundl import losses, metrics, models, nn
+    from fundl.generation import generate
     from fundl.train.loop import evaluate, fit
     from fundl.train.optim import make_optimizer, make_schedule
     from fundl.train.state import TrainState, create_train_state

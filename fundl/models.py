@@ -20,7 +20,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
+
 from fundl import nn
+from fundl.nn.decoding import Decoder
 from fundl.nn.remat import remat_cell, remat_serial
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": nn.tanh, "silu": nn.silu,
@@ -278,9 +282,35 @@ def char_lm(vocab_size: int, *, embed_dim: int = 64, cell: str = "lstm", hidden:
         (['dense_0', 'embedding_0', 'lstm'], (1, 64, 65))
     """
     _check_init(init)
-    return nn.serial(nn.embedding(vocab_size, embed_dim),
-                     *_sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout, remat=remat, init=init),
-                     _dense(vocab_size, init), name="char_lm")
+    model = nn.serial(nn.embedding(vocab_size, embed_dim),
+                      *_sequence_layer(cell, hidden, num_layers=num_layers, dropout=dropout, remat=remat, init=init),
+                      _dense(vocab_size, init), name="char_lm")
+    return model._replace(decoder=_char_lm_decoder(cell, hidden, num_layers))
+
+
+def _char_lm_decoder(cell: str, hidden: int, num_layers: int) -> Decoder:
+    """:func:`char_lm`'s decoder (:mod:`fundl.nn.decoding`): the cache is the recurrent carry of
+    every layer, and a step scans the cells over the new ids from it (dropout is off in a step)."""
+    step_cell = nn.lstm_cell(hidden) if cell == "lstm" else nn.gru_cell(hidden)
+
+    def layer_params(params, k):
+        p = params[cell]
+        return p if num_layers == 1 else p[f"layer_{k}"]
+
+    def init_cache(params, batch_size, max_len, dtype):
+        return tuple(step_cell.initial_carry((batch_size,), dtype) for _ in range(num_layers))
+
+    def step(params, cache, ids, position):
+        x = jnp.take(params["embedding_0"]["w"], ids, axis=0)
+        xs, carries = jnp.swapaxes(x, 0, 1), []                      # time-major for the scan
+        for k, carry in enumerate(cache):
+            p = layer_params(params, k)
+            carry, xs = jax.lax.scan(lambda c, x_t, p=p: step_cell.step(p, c, x_t), carry, xs)
+            carries.append(carry)
+        head = params["dense_0"]
+        return jnp.swapaxes(xs, 0, 1) @ head["w"] + head["b"], tuple(carries)
+
+    return Decoder(init_cache, step)
 
 
 def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, dropout: float = 0.0,
@@ -297,7 +327,7 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     with std 0.02, the two projections into the residual stream per block with
     std ``0.02 / sqrt(2 * layers)``, biases zero, norms one.  The model state is
     ``{}``.  Its decoder (:mod:`fundl.nn.decoding`) keeps a KV cache for
-    ``fundl.generate``.
+    :func:`fundl.generation.generate`.
 
     Beyond nanoGPT: ``num_kv_heads`` (grouped-query attention), ``mlp="swiglu"``,
     ``norm="rms"`` and ``rope=True`` (rotary embeddings in every attention layer,
@@ -307,7 +337,7 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     Params: ``embedding`` (``w`` (vocab, width)), ``positions`` (``w`` (context,
     width); none with ``rope``), ``block_0`` .. ``block_{layers-1}``
     (``norm_1``, ``attention`` {``qkv``, ``out``}, ``norm_2``, ``mlp`` {``fc``, ``proj``}),
-    ``norm``.  ``fundl.interop.from_nanogpt`` maps nanoGPT's state_dict onto them.
+    ``norm``.  :func:`fundl.interop.nanogpt.from_nanogpt` maps nanoGPT's state_dict onto them.
 
     Examples:
         >>> model = models.gpt(65, context=64, layers=4, heads=4, width=128)   # nanoGPT's "baby" GPT
@@ -330,5 +360,6 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     blocks = [nn.remat(b) for b in blocks] if remat else blocks  # name, params, decoder unchanged
     final_norm = nn.layer_norm(use_bias=bias) if norm == "layer" else nn.rms_norm(eps=1e-5)
     positions = [] if rope else [nn.named("positions", nn.learned_positions(context, w_init=std))]
-    return nn.tied_embedding(vocab_size, width, *positions, *_dropout(dropout), *blocks,
-                             nn.named("norm", final_norm), w_init=std, name="gpt")
+    model = nn.tied_embedding(vocab_size, width, *positions, *_dropout(dropout), *blocks,
+                              nn.named("norm", final_norm), w_init=std, name="gpt")
+    return model._replace(decoder=model.decoder._replace(max_len=context))  # it reads <= context tokens, rope or not

@@ -12,6 +12,20 @@ from layer_checks import check_layer
 
 F32, I32 = jnp.float32, jnp.int32
 
+
+def cross_attention(layer: nn.Layer, t: int) -> nn.Layer:
+    """Cross-attention as a one-input layer for the table: the first ``t`` positions attend to the rest."""
+    split = lambda x: {"x": x[:, :t], "context": x[:, t:]}
+
+    def init(key, shape):
+        return layer.init(key, {"x": (shape[0], t, shape[2]), "context": (shape[0], shape[1] - t, shape[2])})
+
+    def apply(params, state, x, *, key=None, train=False):
+        return layer.apply(params, state, split(x), key=key, train=train)
+
+    return nn.Layer(init, apply, "cross_attention")
+
+
 # name -> (layer, input shape incl. batch, dtype, kwargs for check_layer)
 TABLE = {
     "dense": (nn.dense(7), (3, 5), F32, {}),
@@ -38,6 +52,16 @@ TABLE = {
     "group_norm": (nn.group_norm(2), (2, 5, 4), F32, {}),
     "batch_norm_train": (nn.batch_norm(), (6, 4), F32, {"train": True}),
     "batch_norm_eval": (nn.batch_norm(), (6, 4), F32, {}),
+    "rms_norm": (nn.rms_norm(), (3, 4, 6), F32, {}),
+    "multi_head_attention": (nn.multi_head_attention(4, num_kv_heads=2, causal=True, rope=True), (2, 5, 8), F32, {}),
+    "multi_head_attention_dropout": (nn.multi_head_attention(2, dropout=0.3), (2, 5, 8), F32, {"train": True}),
+    "cross_attention": (cross_attention(nn.multi_head_attention(2, num_kv_heads=1), 3), (2, 7, 8), F32, {}),
+    "learned_positions": (nn.learned_positions(8), (2, 5, 4), F32, {}),
+    "rotary": (nn.rotary(), (2, 5, 2, 4), F32, {}),
+    "transformer_block": (nn.transformer_block(2, dropout=0.1), (2, 5, 8), F32, {"train": True}),
+    "transformer_block_llama": (nn.transformer_block(4, num_kv_heads=1, mlp="swiglu", norm="rms", rope=True),
+                                (2, 5, 8), F32, {}),
+    "tied_embedding": (nn.tied_embedding(11, 6, nn.dense(6), nn.layer_norm()), (2, 5), I32, {"maxval": 11}),
     "lstm": (nn.lstm(8), (2, 5, 3), F32, {}),
     "gru": (nn.gru(8), (2, 5, 3), F32, {}),
     "lstm_bidirectional_stacked": (nn.lstm(6, num_layers=2, bidirectional=True), (2, 5, 3), F32, {}),
@@ -50,10 +74,16 @@ TABLE = {
     "cnn1d": (models.cnn1d([4, 4], [], 10, stride=2, pool="none"), (2, 40, 1), F32, {}),
     "rnn_classifier": (models.rnn_classifier("gru", 8, 10, readout="mean"), (2, 6, 1), F32, {}),
     "char_lm": (models.char_lm(13, embed_dim=4, hidden=8), (2, 6), I32, {"maxval": 13}),
+    "gpt": (models.gpt(13, context=8, layers=2, heads=2, width=16, dropout=0.1), (2, 6), I32,
+            {"maxval": 13, "train": True}),
 }
 
 
-@pytest.mark.parametrize("name", sorted(TABLE))
+# Entries whose checks compile the most (a whole GPT, a block with dropout): in `make test`, not test-fast.
+SLOW = {"gpt", "transformer_block"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(TABLE)])
 def test_layer_contract(name):
     layer, shape, dtype, kw = TABLE[name]
     check_layer(layer, shape, dtype=dtype, **kw)

@@ -11,7 +11,7 @@ A layer that can generate carries a :class:`Decoder` in ``Layer.decoder``:
 
 One ``step`` serves the prefill (the whole prompt at position 0) and each new
 token (``T = 1``): attention keeps its keys and values in a fixed-size cache
-updated in place; a recurrent layer keeps its carry.  ``fundl.generate``
+updated in place; a recurrent layer keeps its carry.  :func:`fundl.generation.generate`
 asks nothing else of a model.  Layers without a decoder that act on each
 position on its own (dense, norms, activations, dropout in evaluation) are
 stepped by :func:`step_children` through their ``apply``.
