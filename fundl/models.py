@@ -332,7 +332,7 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     Beyond nanoGPT: ``num_kv_heads`` (grouped-query attention), ``mlp="swiglu"``,
     ``norm="rms"`` and ``rope=True`` (rotary embeddings in every attention layer,
     instead of the learned positions).  ``remat=True`` recomputes each block in
-    the backward pass (:func:`fundl.nn.remat`, per block: same params and values).
+    the backward pass (:func:`fundl.nn.remat.remat`, per block: same params and values).
 
     Params: ``embedding`` (``w`` (vocab, width)), ``positions`` (``w`` (context,
     width); none with ``rope``), ``block_0`` .. ``block_{layers-1}``
