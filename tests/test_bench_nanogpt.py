@@ -20,7 +20,7 @@ NANOGPT = os.environ.get("NANOGPT_DIR", "")
 def test_quick_side_by_side_reports_both_sides(tmp_path):
     pytest.importorskip("torch")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_nanogpt", "--nanogpt", NANOGPT, "--quick",
-                           "--set", "model.layers=1", "--set", "model.width=32", "--out", tmp_path],
+                           "--set", "model.layers=1", "--set", "model.width=32", "--torch-threads", "1", "--out", tmp_path],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "nanogpt.json").read_text())
