@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from fundl.nn.core import Layer
 from fundl.nn.decoding import Decoder, decoder_of
 
-__all__ = ["generate", "GenerationError"]
+__all__ = ["generate", "GenerationError", "decode_loop"]
 
 
 class GenerationError(ValueError):
@@ -40,8 +40,10 @@ def _sample(logits, key, temperature, greedy: bool, top_k: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "num_tokens", "greedy", "top_k"))
-def _generate(decoder: Decoder, params, prompt, key, temperature, *, num_tokens: int, greedy: bool,
-              top_k: int | None):
+def decode_loop(decoder: Decoder, params, prompt, key, temperature, *, num_tokens: int, greedy: bool,
+                top_k: int | None):
+    """The one jitted program :func:`generate` runs (its arguments checked there): the prefill,
+    then the loop; public so that its compiled form can be inspected (``decode_loop.lower(...)``)."""
     b, tp = prompt.shape
     total = tp + num_tokens
     max_len = decoder.max_len
@@ -112,5 +114,5 @@ def generate(model: Layer | Decoder, params, prompt, num_tokens: int, *, key, te
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise GenerationError(f"generate: expected top_k None or an int >= 1, got {top_k!r}")
     greedy = temperature == 0.0
-    return _generate(decoder, params, prompt, key, jnp.float32(1.0 if greedy else temperature),
-                     num_tokens=num_tokens, greedy=greedy, top_k=top_k)
+    return decode_loop(decoder, params, prompt, key, jnp.float32(1.0 if greedy else temperature),
+                       num_tokens=num_tokens, greedy=greedy, top_k=top_k)

@@ -142,6 +142,7 @@ def test_learned_positions_add_one_row_per_position():
         layer.apply(params, {}, jnp.ones((1, 7, 3)))
 
 
+@pytest.mark.slow
 def test_tied_embedding_head_is_the_tables_transpose_and_gets_both_gradients():
     model = nn.tied_embedding(9, 4, nn.layer_norm())
     params, _, _ = model.init(jax.random.key(0), (1, 3))
@@ -163,6 +164,7 @@ def jitted(layer):
     return jax.jit(layer.apply, static_argnames="train")
 
 
+@pytest.mark.slow
 def test_transformer_block_dropout_acts_in_training_only():
     block = nn.transformer_block(2, dropout=0.5)
     params, _, _ = block.init(jax.random.key(0), (1, T, C))
@@ -186,6 +188,7 @@ DECODING = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DECODING))
 def test_decoder_steps_equal_apply_on_the_whole_sequence(name):
     layer, shape, dtype = DECODING[name]

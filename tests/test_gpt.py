@@ -108,6 +108,7 @@ def test_from_nanogpt_takes_compiled_checkpoints_numpy_and_names_what_is_wrong()
         from_nanogpt(sd, heads=3)
 
 
+@pytest.mark.slow
 def test_gpt_initialisation_is_nanogpts():
     model = models.gpt(64, context=16, layers=4, heads=2, width=64)
     params, state, _ = jax.jit(model.init, static_argnums=1)(jax.random.key(0), (1, 16))
@@ -209,3 +210,19 @@ def test_config_builds_the_gpt_with_the_datas_context():
     assert sorted(params) == ["block_0", "embedding", "norm", "positions"] and "bias" not in params["norm"]
     with pytest.raises(cfg.ConfigError, match="model.heads = 3 must divide model.width = 8"):
         cfg.load_config(None, ['model.kind="gpt"', "model.heads=3", "model.width=8"])
+
+
+@pytest.mark.slow
+def test_generation_is_one_loop_that_updates_the_cache_in_place():
+    """The compiled program: one while loop, and no copy of a cache-sized array (the KV cache is
+    written with dynamic-update-slice where it lies)."""
+    from fundl.generation import decode_loop
+
+    model, params = lm("gpt")
+    text = decode_loop.lower(model.decoder, params, jnp.zeros((1, 3), jnp.int32), jax.random.key(0),
+                                   jnp.float32(1.0), num_tokens=5, greedy=True, top_k=None).compile().as_text()
+    cache = f"f32[1,{CONTEXT},{HEADS},{WIDTH // HEADS}]"
+    lines = text.splitlines()
+    assert text.count(" while(") == 1
+    assert any("dynamic-update-slice" in line and cache in line for line in lines)
+    assert not [line for line in lines if " copy(" in line and cache in line]
