@@ -5,6 +5,8 @@
     python -m benchmarks.benchmark --end-to-end [--steps 600] [--rounds 2] [--configs ...] [--out DIR]
 
 (``--end-to-end``: the shipped configs through the real ``fit``; see benchmarks/bench_end_to_end.py.)
+With a nanoGPT checkout (``--nanogpt DIR`` or ``$NANOGPT_DIR``) the run ends with nanoGPT's CPU baby
+recipe in fundl and in nanoGPT's model.py side by side (benchmarks/bench_nanogpt.py; ``--quick``: its quick mode).
 
 The models and implementations are ``benchmarks.peers``' (its docstring says how each is
 written).  ``--impls`` defaults to fundl's four rows and every peer; ``fundl_loss_only`` and
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -260,6 +263,8 @@ def parse_args(argv):
     harness.add_out(p)
     p.add_argument("--render", type=Path, default=None,
                    help="re-render the tables of an earlier benchmark.json (to --out) without running")
+    p.add_argument("--nanogpt", default=os.environ.get("NANOGPT_DIR", ""),
+                   help="a karpathy/nanoGPT checkout: then also run benchmarks/bench_nanogpt.py (default $NANOGPT_DIR)")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--end-to-end", action="store_true",
                    help="every shipped config through the real fit beside its bare step and a hand-written "
@@ -403,7 +408,21 @@ def main(argv=None) -> int:
     md = markdown(result)
     print(md)
     harness.write_result(args.out, "benchmark", result, md)
-    return 0
+    return nanogpt_side_by_side(args)
+
+
+def nanogpt_side_by_side(args) -> int:
+    """nanoGPT's baby recipe in fundl and in nanoGPT's model.py (benchmarks/bench_nanogpt.py), in a fresh
+    process, when a nanoGPT checkout is named (``--nanogpt DIR`` or ``NANOGPT_DIR``); else a note."""
+    if not args.nanogpt:
+        print("benchmark: skipping the nanoGPT side by side (no nanoGPT checkout: set NANOGPT_DIR or --nanogpt DIR)",
+              file=sys.stderr)
+        return 0
+    extra = ["--quick"] if args.quick else []
+    extra += ["--out", args.out] if args.out else []
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_nanogpt", "--nanogpt", args.nanogpt, *extra],
+                          cwd=harness.REPO_ROOT, text=True)
+    return proc.returncode
 
 
 if __name__ == "__main__":

@@ -315,7 +315,7 @@ def _char_lm_decoder(cell: str, hidden: int, num_layers: int) -> Decoder:
 
 def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, dropout: float = 0.0,
         bias: bool = True, num_kv_heads: int | None = None, mlp: str = "gelu", norm: str = "layer",
-        rope: bool = False) -> nn.Layer:
+        rope: bool = False, remat: bool = False) -> nn.Layer:
     """A GPT: ids (B, T <= context) -> logits (B, T, vocab), nanoGPT's architecture and initialisation.
 
     Token embedding plus learned position embedding (``context`` rows), dropout,
@@ -331,7 +331,8 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
 
     Beyond nanoGPT: ``num_kv_heads`` (grouped-query attention), ``mlp="swiglu"``,
     ``norm="rms"`` and ``rope=True`` (rotary embeddings in every attention layer,
-    instead of the learned positions).
+    instead of the learned positions).  ``remat=True`` recomputes each block in
+    the backward pass (:func:`fundl.nn.remat.remat`, per block: same params and values).
 
     Params: ``embedding`` (``w`` (vocab, width)), ``positions`` (``w`` (context,
     width); none with ``rope``), ``block_0`` .. ``block_{layers-1}``
@@ -356,6 +357,7 @@ def gpt(vocab_size: int, *, context: int, layers: int, heads: int, width: int, d
     blocks = [nn.named(f"block_{i}", nn.transformer_block(
         heads, num_kv_heads=num_kv_heads, mlp=mlp, norm=norm, use_bias=bias, dropout=dropout, rope=rope,
         w_init=std, out_init=residual_std)) for i in range(layers)]
+    blocks = [nn.remat(b) for b in blocks] if remat else blocks  # name, params, decoder unchanged
     final_norm = nn.layer_norm(use_bias=bias) if norm == "layer" else nn.rms_norm(eps=1e-5)
     positions = [] if rope else [nn.named("positions", nn.learned_positions(context, w_init=std))]
     model = nn.tied_embedding(vocab_size, width, *positions, *_dropout(dropout), *blocks,

@@ -133,7 +133,7 @@ def test_model_remat_is_wired_and_changes_no_value():
     ({"schedule": {"name": "piecewise", "boundaries": [10], "scales": []}},
      r"schedule\.boundaries \(1 values\) and schedule\.scales \(0 values\)"),
     ({"model": {"kind": "rnn", "input_dropout": 0.1}}, r"model\.input_dropout applies to model\.kind='mlp' only"),
-    ({"model": {"kind": "cnn", "remat": True}}, r"model\.remat applies to model\.kind 'mlp', 'rnn' and 'char_lm'"),
+    ({"model": {"kind": "cnn", "remat": True}}, r"model\.remat applies to model\.kind 'mlp', 'rnn', 'char_lm' and 'gpt'"),
     ({"model": {"kind": "cnn1d", "residual": 1}}, r"model\.residual applies to model\.kind='mlp' only"),
     ({"model": {"hidden": [], "residual": 2}}, r"model\.residual = 2 blocks need a hidden layer"),
     ({"model": {"kind": "cnn", "channels": [4, 8], "kernel_size": [3]}}, r"model\.kernel_size must be an int or one"),

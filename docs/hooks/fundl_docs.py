@@ -71,6 +71,8 @@ def config_schema() -> str:
             elif (section, key) in cfg.CHOICES:
                 allowed = " ".join(f"`{cfg.toml_value(c)}`" for c in cfg.CHOICES[section, key])
                 allowed += " or an int ≥ 0" if (section, key) in cfg.CHOICE_OR_INT else ""
+            elif (section, key) in cfg.AUTO_OR_FRACTION:
+                allowed = '`"auto"` or a float in [0, 1)'
             elif (section, key) in cfg.AUTO_OR_INT:
                 allowed = '`"auto"` or an int' + (" ≥ 0" if (section, key) in cfg.NON_NEGATIVE else " > 0")
             else:

@@ -19,7 +19,7 @@ from fundl.data import DataError, Dataset, load_dataset
 from fundl.losses import softmax_cross_entropy
 from fundl.metrics import classification_metrics
 from fundl.nn import Layer
-from fundl.run import sweeps
+from fundl.run import lora, sweeps
 from fundl.run.config import CHOICES, ConfigError
 from fundl.run.optimizer import optimizer_from_config
 from fundl.train.placement import make_placement, state_bytes
@@ -104,7 +104,7 @@ def build_model(model_cfg: dict, num_outputs: int, *, axis_name: str | None = No
                               remat=m["remat"], init=m["init"])
     if kind == "gpt":
         return models.gpt(num_outputs, context=context, layers=m["layers"], heads=m["heads"], width=m["width"],
-                          dropout=m["dropout"], bias=m["bias"])
+                          dropout=m["dropout"], bias=m["bias"], remat=m["remat"])
     raise ConfigError(f"model.kind {kind!r} is not one of {CHOICES[('model', 'kind')]}")
 
 
@@ -115,6 +115,10 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
     (``fundl.run.sweeps``) gets a state with a leading member axis: member ``i``'s
     slice is what a run of its own config would start from."""
     model = build_model(config["model"], data.num_classes, axis_name=axis_name, context=config["data"]["seq_len"])
+    base = None
+    if lora.enabled(config):  # params: the adapters; the base run's params frozen in the model state
+        base = lora.base_params(config, model, (1,) + tuple(data.input_shape))
+        model = lora.adapted_model(config, model)
     inject = sweeps.injected(config)
     optimizer = optimizer_from_config(config, total_steps_of(config, steps_per_epoch), inject=inject)
     t = config["training"]
@@ -124,6 +128,7 @@ def initial_state(config: dict, data: Dataset, steps_per_epoch: int, *, axis_nam
         state = create_train_state(model, optimizer, jax.random.key(seed), (1,) + tuple(data.input_shape),
                                    compute_dtype=t["compute_dtype"], loss_scale=t["loss_scale"] or None)
         values = {k: member.get(f"optimizer.{k}", config["optimizer"][k]) for k in inject}
+        state = state if base is None else lora.with_base(state, base)
         return state.replace(opt_state=set_hyperparams(state.opt_state, **values)) if values else state
 
     members = sweeps.members(config)

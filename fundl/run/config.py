@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fundl.run.schema import (  # noqa: F401 - the schema's names, re-exported for config users
-    AUTO_OR_INT, CHOICE_OR_INT, CHOICES, INT_OR_INT_LIST, NON_NEGATIVE, OPTIMIZERS, POSITIVE, RESUME_KINDS, SCHEMA,
-    resume_kind,
+    AUTO_OR_FRACTION, AUTO_OR_INT, CHOICE_OR_INT, CHOICES, INT_OR_INT_LIST, NON_NEGATIVE, OPTIMIZERS, POSITIVE,
+    RESUME_KINDS, SCHEMA, resume_kind,
 )
 
 
@@ -68,6 +68,12 @@ def _check_value(section: str, key: str, value, source: str):
         return _check_int_or_list(where, value)
     if (section, key) in CHOICE_OR_INT:
         return _check_choice_or_int(where, value, CHOICES[(section, key)])
+    if (section, key) in AUTO_OR_FRACTION:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where} must be \"auto\" or a number in [0, 1), got {type_name(value)} {value!r}")
+        return float(value)
     if (section, key) in AUTO_OR_INT:
         if value == "auto":
             return value
@@ -154,8 +160,8 @@ def check_config(config: dict, *, overwrite: bool = False) -> None:
     if m["input_dropout"] and kind != "mlp":
         raise ConfigError(f"model.input_dropout applies to model.kind='mlp' only, got kind={kind!r}; "
                           f"use model.dropout (on hidden features) instead")
-    if m["remat"] and kind not in ("mlp", "rnn", "char_lm"):
-        raise ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn' and 'char_lm', got {kind!r}")
+    if m["remat"] and kind not in ("mlp", "rnn", "char_lm", "gpt"):
+        raise ConfigError(f"model.remat applies to model.kind 'mlp', 'rnn', 'char_lm' and 'gpt', got {kind!r}")
     if m["residual"] and kind != "mlp":
         raise ConfigError(f"model.residual applies to model.kind='mlp' only, got kind={kind!r}; "
                           f"set model.residual = 0")
@@ -170,7 +176,7 @@ def check_config(config: dict, *, overwrite: bool = False) -> None:
         raise ConfigError(f"model.kernel_size must be an int or one size per conv layer: expected "
                           f"{len(m['channels'])} sizes (model.channels = {m['channels']}), got {len(sizes)}: "
                           f"{sizes}")
-    # momentum and nesterov reach the optimiser named, or are errors
+    # momentum, nesterov and Adam's betas reach the optimiser named, or are errors
     _check_momentum(o)
     # ensembles and sweeps
     if t["sweep"] and t["ensemble"] > 1:
@@ -194,22 +200,26 @@ def check_config(config: dict, *, overwrite: bool = False) -> None:
         if t["compute_dtype"] == "float16":
             raise ConfigError("privacy.enabled with training.compute_dtype = 'float16': DP-SGD does not support "
                               "float16 loss scaling; use 'float32' or 'bfloat16'")
+    # LoRA fine-tuning (fundl/run/lora.py)
+    _check_lora(config["lora"])
     # the command line's --overwrite
     if overwrite and t["resume"]:
         raise ConfigError("--overwrite starts afresh and --resume continues the run: choose one")
 
 
 def _check_momentum(o: dict) -> None:
-    """``optimizer.momentum`` / ``nesterov``, when set, must be arguments of ``optax.<optimizer.name>``."""
+    """``optimizer.momentum`` / ``nesterov`` / ``b1`` / ``b2``, when set, must be arguments of
+    ``optax.<optimizer.name>``."""
     name = o["name"]
-    if name not in OPTIMIZERS or not (o["momentum"] or o["nesterov"]):
+    betas = [key for key in ("b1", "b2") if o[key] != "auto"]
+    if name not in OPTIMIZERS or not (o["momentum"] or o["nesterov"] or betas):
         return  # an unknown name is refused when the optimiser is built (fundl.run.optimizer)
     from fundl.train.optim import accepted_options  # imports optax: only for configs that set these
 
     takes = accepted_options(name)
-    for key in ("momentum", "nesterov"):
+    for key in ("momentum", "nesterov", *betas):
         value = o[key]
-        if value and key not in takes:
+        if (value or key in betas) and key not in takes:
             hint = " (it takes b1 for its first moment)" if key == "momentum" and "b1" in takes else ""
             takers = [n for n in OPTIMIZERS if key in accepted_options(n)]
             shown = str(value).lower() if isinstance(value, bool) else value
@@ -218,6 +228,22 @@ def _check_momentum(o: dict) -> None:
     if o["nesterov"] and "momentum" in takes and not o["momentum"]:
         raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 for optax.{name} "
                           "(with no momentum optax ignores nesterov); set e.g. optimizer.momentum=0.9")
+
+
+def _check_lora(c: dict) -> None:
+    """``[lora]`` keys take effect only with ``lora.init_from``; ``lora.targets`` must be a regex."""
+    if not c["init_from"]:
+        set_ = [f"lora.{k}" for k in ("rank", "alpha", "targets") if c[k] != SCHEMA["lora"][k]]
+        if set_:
+            raise ConfigError(f"{', '.join(set_)} set without lora.init_from: name the run directory to fine-tune "
+                              f"(lora.init_from = \"runs/NAME\")")
+        return
+    import re
+
+    try:
+        re.compile(c["targets"])
+    except re.error as e:
+        raise ConfigError(f"lora.targets = {c['targets']!r} is not a regular expression ({e})") from None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

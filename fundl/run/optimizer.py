@@ -14,12 +14,13 @@ import optax
 
 from fundl.run.config import ConfigError
 from fundl.run.schema import OPTIMIZERS
-from fundl.train.optim import OptimizerError, accepted_options, make_optimizer, make_schedule
+from fundl.train.optim import OptimizerError, accepted_options, make_optimizer, make_schedule, matrices_only
 
 # make_optimizer / make_schedule argument -> the config key that sets it
 CONFIG_KEYS = {"name": "optimizer.name", "learning_rate": "optimizer.learning_rate",
                "momentum": "optimizer.momentum", "nesterov": "optimizer.nesterov",
                "weight_decay": "optimizer.weight_decay", "clip_norm": "optimizer.clip_norm",
+               "b1": "optimizer.b1", "b2": "optimizer.b2", "decay_mask": "optimizer.decay_matrices_only",
                "accumulate_steps": "optimizer.accumulate_steps", "boundaries": "schedule.boundaries",
                "scales": "schedule.scales", "warmup_steps": "schedule.warmup_steps"}
 
@@ -54,8 +55,10 @@ def injectable(config: dict) -> tuple[str, ...]:
 
 
 def momentum_options(optimizer: dict) -> dict:
-    """``optimizer.momentum`` / ``nesterov`` as ``optax.<name>`` keywords (those set: non-zero / true)."""
-    return {key: optimizer[key] for key in ("momentum", "nesterov") if optimizer[key]}
+    """``optimizer.momentum`` / ``nesterov`` / ``b1`` / ``b2`` as ``optax.<name>`` keywords (those set:
+    non-zero / true / not ``"auto"``)."""
+    out = {key: optimizer[key] for key in ("momentum", "nesterov") if optimizer[key]}
+    return out | {key: optimizer[key] for key in ("b1", "b2") if optimizer[key] != "auto"}
 
 
 def optimizer_from_config(config: dict, total_steps: int, *, inject: tuple[str, ...] = ()) -> optax.GradientTransformation:
@@ -64,7 +67,9 @@ def optimizer_from_config(config: dict, total_steps: int, *, inject: tuple[str, 
     ``optimizer.name`` must be one of OPTIMIZERS.  Every setting reaches optax
     or is a ConfigError naming it: momentum and nesterov go to optimisers that
     take them (sgd, rmsprop; nesterov also to the adam family) and are errors
-    elsewhere; weight decay is as in ``fundl.train.optim.make_optimizer``.
+    elsewhere, as are ``b1`` / ``b2`` (the adam family and lion); weight decay is as in
+    ``fundl.train.optim.make_optimizer``, on every leaf or (``decay_matrices_only``) on those
+    with >= 2 dimensions.
 
     ``inject``: ``[optimizer]`` keys (of :func:`injectable`) kept as arrays in
     the optimiser state (``optax.inject_hyperparams``) instead of constants,
@@ -83,7 +88,8 @@ def optimizer_from_config(config: dict, total_steps: int, *, inject: tuple[str, 
         schedule = schedule_from_config(config, total_steps, learning_rate=learning_rate)
         try:
             return make_optimizer(o["name"], schedule, clip_norm=o["clip_norm"], weight_decay=weight_decay,
-                                  accumulate_steps=o["accumulate_steps"], **momentum_options(o))
+                                  accumulate_steps=o["accumulate_steps"], **momentum_options(o),
+                                  decay_mask=matrices_only if o["decay_matrices_only"] else None)
         except OptimizerError as e:
             raise _config_error(e) from None
 

@@ -138,7 +138,7 @@ def describe_effects(changes: Sequence[Change], saved: dict, config: dict, *, st
                      f"recomputed from the step); params, optimiser state and PRNG key come from the checkpoint")
     if "data.num_test" in names:
         lines.append("evaluations from now on use a different test set")
-    for key in ("optimizer.weight_decay", "optimizer.clip_norm", "optimizer.nesterov"):
+    for key in ("optimizer.weight_decay", "optimizer.clip_norm", "optimizer.nesterov", "optimizer.b1", "optimizer.b2"):
         if key in names:
             lines.append(f"{key} takes its new value from step {step} on")
     return lines

@@ -24,7 +24,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "batch_norm": False,
         "dropout": 0.0,           # drop probability after each hidden layer (not on the raw inputs)
         "input_dropout": 0.0,     # mlp: drop probability on the inputs (0: inputs are never dropped)
-        "remat": False,           # mlp / rnn / char_lm: recompute activations in the backward pass (less memory)
+        "remat": False,           # mlp / rnn / char_lm / gpt (per block): recompute activations in the backward pass (less memory)
         "activation": "relu",
         "cell": "lstm",           # rnn / char_lm: lstm | gru
         "rnn_hidden": 128,
@@ -53,7 +53,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-3,
         "momentum": 0.0,          # sgd / rmsprop (an error elsewhere: see docs/optimizers.md)
         "nesterov": False,        # sgd / rmsprop (with momentum) and the adam family
+        "b1": "auto",             # adam family and lion: the first moment's decay ("auto": optax's default)
+        "b2": "auto",             # adam family and lion: the second moment's decay ("auto": optax's default)
         "weight_decay": 0.0,      # decoupled, scaled by the learning rate, for every optimiser
+        "decay_matrices_only": False,  # weight decay on parameters with >= 2 dimensions only (nanoGPT's rule)
         "clip_norm": 0.0,         # global-norm clipping (0: off)
         "accumulate_steps": 1,    # gradient accumulation via optax.MultiSteps
     },
@@ -107,6 +110,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "sampling": "poisson",    # each example in each step's batch with probability batch_size / N
         "accountant": "pld",      # pld | rdp (dp-accounting)
     },
+    "lora": {                     # fine-tune a trained run through low-rank adapters (docs/transforms.md, "LoRA")
+        "init_from": "",          # the run directory whose newest valid checkpoint's params are frozen ("": off)
+        "rank": 8,                # the adapters' rank r
+        "alpha": 16.0,            # the adapters' scale is alpha / rank
+        "targets": ".*",          # regex searched in each parameter's path (e.g. blocks_0/attn/qkv/w); >= 2-D only
+    },
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -127,6 +136,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 
 # Keys that take "auto" or an int (their default is "auto").
 AUTO_OR_INT = {("training", "steps_per_call"), ("training", "unroll")}
+# Keys that take "auto" or a float in [0, 1) (their default is "auto").
+AUTO_OR_FRACTION = {("optimizer", "b1"), ("optimizer", "b2")}
 # Keys that take a positive int or a non-empty list of them (their default is an int).
 INT_OR_INT_LIST = {("model", "kernel_size")}
 # Keys that take one of their CHOICES or an int >= 0 (their default is a string).
@@ -138,7 +149,7 @@ POSITIVE = {("training", "batch_size"), ("training", "eval_batch_size"), ("train
             ("training", "ensemble"), ("parallel", "member_devices"), ("parallel", "model_devices"),
             ("model", "rnn_hidden"), ("model", "num_layers"), ("model", "embed_dim"), ("data", "seq_len"),
             ("model", "layers"), ("model", "heads"), ("model", "width"),
-            ("privacy", "clip_norm"), ("privacy", "delta")}
+            ("privacy", "clip_norm"), ("privacy", "delta"), ("lora", "rank"), ("lora", "alpha")}
 NON_NEGATIVE = {("training", "epochs"), ("training", "steps"), ("training", "eval_every"), ("model", "residual"),
                 ("training", "checkpoint_every"), ("training", "unroll"), ("training", "loss_scale"),
                 ("optimizer", "weight_decay"), ("optimizer", "clip_norm"), ("optimizer", "momentum"),
@@ -169,7 +180,8 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
     "data": {"name": "structure", "seq_len": "structure", "flatten": "structure", "shuffle": "trajectory",
              "num_train": "trajectory", "num_test": "trajectory", "dir": "cosmetic", "prefetch": "cosmetic"},
     "optimizer": {"name": "structure", "momentum": "structure", "accumulate_steps": "structure",
-                  "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",
+                  "decay_matrices_only": "structure",  # the weight decay's mask is part of the optimiser state
+                  "b1": "trajectory", "b2": "trajectory", "nesterov": "trajectory", "learning_rate": "trajectory", "weight_decay": "trajectory",
                   "clip_norm": "trajectory"},
     "schedule": "trajectory",
     "training": {"seed": "trajectory", "batch_size": "trajectory", "epochs": "trajectory",
@@ -185,6 +197,7 @@ RESUME_KINDS: dict[str, str | dict[str, str]] = {
     # changing those mid-run would make the reported epsilon wrong, so they are refused.
     "privacy": {"enabled": "structure", "sampling": "structure", "noise_multiplier": "structure",
                 "clip_norm": "trajectory", "delta": "cosmetic", "accountant": "cosmetic"},
+    "lora": "structure",  # which params train, and their frozen base
 }
 
 

@@ -87,15 +87,29 @@ def accepted_options(name: str) -> frozenset:
     return frozenset(inspect.signature(_optax_factory(name)).parameters)
 
 
-def decoupled_weight_decay(weight_decay: float, learning_rate) -> optax.GradientTransformation:
+def matrices_only(params):
+    """The weight-decay mask of nanoGPT (and GPT-2): True for parameters with >= 2 dimensions
+    (weights, embeddings), False for vectors and scalars (biases, norm scales).
+
+    Examples:
+        >>> from fundl.train.optim import matrices_only
+        >>> matrices_only({"w": jnp.ones((3, 4)), "b": jnp.ones(4)})
+        {'b': False, 'w': True}
+    """
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def decoupled_weight_decay(weight_decay: float, learning_rate, mask=None) -> optax.GradientTransformation:
     """Adds ``-lr(t) * weight_decay * params`` to the updates it receives.
 
     Chained after an optimiser, this is decoupled weight decay (Loshchilov &
     Hutter): the decay bypasses the optimiser's preconditioning and momentum
     and is scaled by the learning rate (a float or a schedule of the applied
-    update count ``t``), as in ``optax.adamw``.
+    update count ``t``), as in ``optax.adamw``.  ``mask`` (as in
+    ``optax.add_decayed_weights``: a tree of bools or a function of the params
+    giving one) limits the decay to the leaves marked True.
     """
-    decay = optax.chain(optax.set_to_zero(), optax.add_decayed_weights(weight_decay),
+    decay = optax.chain(optax.set_to_zero(), optax.add_decayed_weights(weight_decay, mask),
                         optax.scale_by_learning_rate(learning_rate))
 
     def update(updates, state, params=None):
@@ -106,7 +120,7 @@ def decoupled_weight_decay(weight_decay: float, learning_rate) -> optax.Gradient
 
 
 def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_decay: float = 0.0,
-                   accumulate_steps: int = 1, **options) -> optax.GradientTransformation:
+                   accumulate_steps: int = 1, decay_mask=None, **options) -> optax.GradientTransformation:
     """Any Optax optimiser by name, e.g. ``make_optimizer("sgd", 0.1, momentum=0.9, nesterov=True)``.
 
     ``learning_rate`` is a float or a schedule; ``options`` go to
@@ -119,6 +133,11 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
       rather than Optax's default decay);
     * the others (sgd, adam, rmsprop, ...) are chained with
       :func:`decoupled_weight_decay` after their own update.
+
+    ``decay_mask`` (a tree of bools like the params, or a function of the
+    params returning one, e.g. :func:`matrices_only`) decays only the leaves
+    marked True; None decays every leaf.  Adam's betas are ``options``
+    (``b1=0.9, b2=0.99``) of the optimisers that take them.
 
     ``accumulate_steps = k > 1`` wraps it all in ``optax.MultiSteps``: the
     gradients of k micro-batches are averaged and applied once.
@@ -143,10 +162,15 @@ def make_optimizer(name: str, learning_rate, *, clip_norm: float = 0.0, weight_d
     kwargs = dict(options)
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = weight_decay
+        if decay_mask is not None:
+            if "mask" not in accepted:
+                raise OptimizerError("decay_mask", f"make_optimizer(decay_mask=...): optax.{name} takes weight_decay "
+                                                   f"but no mask")
+            kwargs["mask"] = decay_mask
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(_optax_factory(name)(learning_rate=learning_rate, **kwargs))
     if "weight_decay" not in accepted and weight_decay:
-        parts.append(decoupled_weight_decay(weight_decay, learning_rate))
+        parts.append(decoupled_weight_decay(weight_decay, learning_rate, decay_mask))
     opt = optax.chain(*parts) if len(parts) > 1 else parts[0]
     if accumulate_steps > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=accumulate_steps)
