@@ -2,13 +2,14 @@
 
     python -m benchmarks.bench_nanogpt --nanogpt DIR [--steps 2000] [--chunk 100] [--eval-every 500]
                                        [--config configs/shakespeare_char_gpt.toml] [--set KEY=VALUE ...]
-                                       [--torch-threads N] [--quick] [--out DIR]
+                                       [--shipped] [--torch-threads N] [--quick] [--out DIR]
 
 ``DIR`` is a checkout of karpathy/nanoGPT (or ``$NANOGPT_DIR``): its ``model.py`` is imported from
-there (MIT; fundl does not copy it).  Both sides train the recipe of ``--config`` (fundl's shipped
-``configs/shakespeare_char_gpt.toml``: 4 layers, 4 heads, width 128, context 64, batch 12, AdamW 1e-3
-with betas (0.9, 0.99), weight decay 0.1 on >= 2-D parameters, warm-up 100 then cosine to 1e-4,
-clipping 1.0, no dropout, no biases) on the same data:
+there (MIT; fundl does not copy it).  Both sides train nanoGPT's baby recipe: ``--config`` (fundl's shipped
+``configs/shakespeare_char_gpt.toml``) with the overrides ``BABY`` (then ``--set``), that is 4 layers,
+4 heads, width 128, context 64, batch 12, 2000 steps, AdamW 1e-3 with betas (0.9, 0.99), weight decay 0.1
+on >= 2-D parameters, warm-up 100 then cosine to 1e-4, clipping 1.0, no dropout, no biases
+(``--shipped``: the shipped config's own recipe instead), on the same data:
 
 * the split: the first 90% of Tiny Shakespeare trains, the rest validates (``fundl.data``'s
   ``shakespeare``: non-overlapping windows of the context's length);
@@ -52,6 +53,10 @@ if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only a
 from benchmarks import harness
 
 CONFIG = harness.CONFIGS / "shakespeare_char_gpt.toml"
+# nanoGPT's baby recipe is the shipped config (same model, optimiser and schedule shape) with nanoGPT's context,
+# batch, rate and length: applied before --set, skipped with --shipped (the shipped recipe itself).
+BABY = ("data.seq_len=64", "training.batch_size=12", "optimizer.learning_rate=1e-3", "training.steps=2000",
+        "schedule.warmup_steps=100")
 
 
 def nanogpt_module(directory: str | os.PathLike):
@@ -200,6 +205,8 @@ def parse_args(argv):
                    help="a checkout of karpathy/nanoGPT (default $NANOGPT_DIR)")
     p.add_argument("--config", type=Path, default=CONFIG)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--shipped", action="store_true",
+                   help="the config as it is, without the baby recipe's overrides (BABY)")
     p.add_argument("--steps", type=int, default=0, help="steps per side (default: the config's training.steps)")
     p.add_argument("--chunk", type=int, default=100, help="steps per side per interleaved round")
     p.add_argument("--eval-every", type=int, default=500, help="steps between validation losses (and the last)")
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
     from fundl.run.optimizer import schedule_from_config
 
     started = harness.start()
-    overrides = list(args.set) + ([f"training.steps={args.steps}"] if args.steps else [])
+    overrides = ([] if args.shipped else list(BABY)) + list(args.set) + ([f"training.steps={args.steps}"] if args.steps else [])
     if args.quick:
         overrides.append("schedule.warmup_steps=5")
     config = load_config(args.config, overrides)

@@ -88,7 +88,7 @@ def test_transforms_notebook_runs_and_its_numbers_hold(tmp_path, monkeypatch):
     assert images(nb) >= 6
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "transforms.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "transforms.ipynb", "gpt.ipynb"])
 def test_committed_notebooks_carry_the_outputs_of_a_complete_run(name):
     """The .ipynb files are what researchers open: they keep the outputs (plots included) of one
     uninterrupted run at the default settings, with no errors; re-run a notebook after editing it."""
@@ -100,3 +100,26 @@ def test_committed_notebooks_carry_the_outputs_of_a_complete_run(name):
     default = re.search(r'FUNDL_NOTEBOOK_STEPS", (\d+)\)', "".join(c.source for c in code)).group(1)
     printed = "".join(o.get("text", "") for c in code[:3] for o in c.outputs)
     assert f"{default} steps" in printed, f"the saved outputs are not from a run at the default {default} steps"
+
+
+@pytest.mark.slow
+def test_gpt_notebook_trains_samples_and_its_cache_agrees(tmp_path, monkeypatch):
+    nb, r = execute("gpt.ipynb", tmp_path, monkeypatch)
+    assert r["steps"] == STEPS
+    vocab = r["vocab_chars"]
+    assert r["vocab_size"] == len(vocab) == len(set(vocab))
+    # 30 AdamW steps already beat the uniform prediction's loss, log(vocab) (measured about 3.3 vs 4.17)
+    assert finite(r["val_loss"], *r["val_losses"]) and r["val_loss"] < math.log(r["vocab_size"])
+    assert 0.0 <= r["val_accuracy"] <= 1.0
+    # three samples: the prompt followed by SAMPLE_TOKENS new ids, decoded to text of the vocabulary
+    batch, length = r["sample_shape"]
+    assert batch == 3 and length == len("ROMEO:") + 500 and r["sample_prefix_ok"]
+    assert len(r["sample_text"]) == length and r["sample_text"].startswith("ROMEO:")
+    assert set(r["sample_text"]) <= set(vocab)
+    # greedy decoding through the KV cache gives the tokens of recomputing the whole context each step
+    assert r["greedy_matches_recompute"] and r["greedy_length"] > len("ROMEO:")
+    # per-position losses average to the evaluated loss (same windows; evaluate pads, this drops the tail)
+    by_position = r["loss_by_position"]
+    assert len(by_position) > 1 and finite(*by_position)
+    assert abs(sum(by_position) / len(by_position) - r["val_loss"]) < 0.05
+    assert images(nb) >= 3  # the learning curves, the schedule, the loss by position

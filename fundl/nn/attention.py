@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from fundl.nn import init as initializers
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
 from fundl.nn.decoding import Decoder
+from fundl.nn.linear import matmul
 from fundl.nn.positional import apply_rotary
 
 __all__ = ["multi_head_attention", "dot_product_attention"]
@@ -162,7 +163,7 @@ def multi_head_attention(num_heads: int, *, num_kv_heads: int | None = None, hea
         w = get_param(p, "w")
         if x.shape[-1] != w.shape[0]:
             raise ShapeError(f"{name} expected input of shape (..., {w.shape[0]}), got shape {format_shape(x.shape)}")
-        y = x @ w.astype(x.dtype)
+        y = matmul(x, w.astype(x.dtype))
         return y + get_param(p, "b").astype(x.dtype) if use_bias else y
 
     def head_size(params):

@@ -9,6 +9,16 @@ from fundl.nn import init as initializers
 from fundl.nn.core import Layer, ShapeError, check_last_dim, get_param
 
 
+def matmul(x, w):
+    """``x @ w`` over the last axis of ``x`` (any leading axes), computed as one 2-D product.
+
+    The leading axes are merged first: XLA:CPU runs the backward pass of an N-D by 2-D
+    ``dot`` several times slower than that of the 2-D one (docs/benchmarks.md, "2-D products").
+    """
+    y = jnp.reshape(x, (-1, x.shape[-1])) @ w
+    return jnp.reshape(y, (*x.shape[:-1], w.shape[-1]))
+
+
 def dense(features: int, *, use_bias: bool = True, w_init=None, b_init=None,
           dtype=jnp.float32) -> Layer:
     """``y = x @ w + b`` over the last axis; any number of leading axes.

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from fundl.nn import init as initializers
 from fundl.nn.children import apply_child, check_children, child_key, child_names, init_child, put_nonempty
 from fundl.nn.core import Layer, ShapeError, get_param
+from fundl.nn.linear import matmul
 from fundl.nn.decoding import Decoder, children_bound, init_children_cache, step_children
 
 __all__ = ["tied_embedding"]
@@ -54,7 +55,7 @@ def tied_embedding(num_embeddings: int, features: int, *layers: Layer, w_init=No
         if h.shape[-1] != w.shape[1]:
             raise ShapeError(f"{name}: the layers must return vectors of the embedding's width {w.shape[1]}, "
                              f"got shape {tuple(h.shape)}")
-        return h @ w.T.astype(h.dtype)
+        return matmul(h, w.T.astype(h.dtype))
 
     def init(key, input_shape):
         params, state = {EMBEDDING: {"w": w_init(jax.random.fold_in(key, 0), (num_embeddings, features), dtype)}}, {}

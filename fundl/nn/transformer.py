@@ -16,6 +16,7 @@ from fundl.nn import init as initializers
 from fundl.nn.attention import multi_head_attention
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
 from fundl.nn.decoding import Decoder
+from fundl.nn.linear import matmul
 from fundl.nn.norm import layer_norm, rms_norm
 
 __all__ = ["transformer_block"]
@@ -75,7 +76,7 @@ def transformer_block(num_heads: int, *, num_kv_heads: int | None = None, mlp: s
         return p
 
     def linear(p, x):
-        y = x @ get_param(p, "w").astype(x.dtype)
+        y = matmul(x, get_param(p, "w").astype(x.dtype))
         return y + get_param(p, "b").astype(x.dtype) if use_bias else y
 
     def init(key, input_shape):
