@@ -38,6 +38,9 @@ from fundl.train.state import create_train_state, is_prng_key
 from fundl.train.step import make_train_step
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 FORMAT1 = ROOT / "tests" / "data" / "checkpoint_format1"  # written by fundl's format-1 save (commit 344f934)
 FORMAT2 = ROOT / "tests" / "data" / "checkpoint_format2"  # format 2 before Orbax's manager (commit 4d9dde7)
 TMP = ".orbax-checkpoint-tmp"  # the suffix of Orbax's temporary folder of a save in flight
@@ -846,9 +849,6 @@ print("OK")
 # captured; a failure of one is reported and the other still runs.
 FOUR_DEVICES = """
 import contextlib, io, json, sys, traceback, jax
-
-# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_checkpoint")
 jax.config.update("jax_num_cpu_devices", 4)
 results = {}
 for name, code, argv in [("SHARDINGS", sys.argv[1], sys.argv[3:4]), ("PLACEMENTS", sys.argv[2], sys.argv[3:])]:

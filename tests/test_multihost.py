@@ -30,6 +30,10 @@ from test_parallel import KINDS, WORKER, assert_same_training, clean_env, sectio
 from fundl.run import distributed, launch_local
 from conftest import ROOT
 
+# One xdist worker runs this file and its siblings that share test_parallel.shared_run's reference runs
+# (made once per process), so `make test` (--dist loadgroup) makes each once.
+pytestmark = pytest.mark.xdist_group("parallel-reference")
+
 
 TIMEOUTS = {"FUNDL_INIT_TIMEOUT": 5, "FUNDL_HEARTBEAT_TIMEOUT": 5, "FUNDL_SHUTDOWN_TIMEOUT": 5}
 
@@ -206,10 +210,6 @@ import os, sys, time
 from fundl.run import distributed
 distributed.initialize(distributed.settings_from())
 import jax, numpy as np
-
-# One xdist worker runs this file and its siblings that share test_parallel.shared_run's reference runs
-# (made once per process), so `make test` (--dist loadgroup) makes each once.
-pytestmark = pytest.mark.xdist_group("parallel-reference")
 f = jax.pmap(lambda a: jax.lax.psum(a, "i"), axis_name="i")
 f(np.ones((1, 3), np.float32)).block_until_ready()
 print("joined", flush=True)

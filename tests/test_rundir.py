@@ -23,6 +23,9 @@ from fundl.train.state import create_train_state
 from test_errors import train_here  # noqa: F401 - a fixture: fundl-train's main in this process
 from conftest import ROOT
 
+# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_rundir")
+
 TINY = "configs/tiny_synthetic.toml"
 
 
@@ -203,9 +206,6 @@ def test_a_live_processes_temp_folder_is_left_alone(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import time, numpy as np
 from fundl.train import checkpoint as ckpt
-
-# One xdist worker runs this file, so its module-scoped fixtures run once under `make test` (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_rundir")
 saver = ckpt.Checkpointer({str(tmp_path)!r})
 saver._commit = lambda: time.sleep(60)  # a slow save, in progress
 saver.save({{"w": np.ones(3, np.float32)}}, step=9)
