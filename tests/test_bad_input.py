@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -219,12 +220,18 @@ def test_disk_full_while_config_toml_is_written_leaves_nothing_that_blocks_the_s
 
 
 # ---------------------------------------------------------------------------- Ctrl-C
+LOADING_JAX = "while importing JAX"
+
+
 def _interrupt(args, when):
-    """Start ``scripts/train.py args``, send SIGINT once ``when(stdout line or None)`` says so; the result."""
+    """Start ``scripts/train.py args``; send SIGINT while it imports JAX (``LOADING_JAX``) or once
+    its stdout prints a line containing ``when``; the exit code and stderr."""
     proc = subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=ROOT, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if isinstance(when, float):
-        time.sleep(when)
+    if when == LOADING_JAX:  # the moment the process maps JAX's native library, whatever the machine's load
+        maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+        while "jaxlib" not in maps.read_text() and time.monotonic() < deadline:
+            time.sleep(0.005)
     else:
         for line in proc.stdout:
             if when in line:
@@ -238,7 +245,7 @@ def _interrupt(args, when):
 def test_ctrl_c_during_start_up_exits_130_and_the_same_command_works(tmp_path):
     args = ("--config", TINY, "--run-dir", str(tmp_path / "run"), "--set", "logging.plots=false",
             "--set", "training.steps=12")
-    code, err = _interrupt(args + ("--quiet",), 0.6)  # importing JAX, or reading the config
+    code, err = _interrupt(args + ("--quiet",), LOADING_JAX)
     assert_one_error(code, err, 130, "fundl: interrupted (SIGINT)")
     # later: once the banner is out (the data loaded, the state built), while it compiles or trains
     code, err = _interrupt(args, "fundl: synthetic")

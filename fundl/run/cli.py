@@ -17,7 +17,7 @@ from pathlib import Path
 from fundl.run import distributed
 from fundl.run.config import load_config
 from fundl.run.errors import is_known, one_line_warnings, report_error
-from fundl.run.interrupts import Interrupts, exit_with, stopped_by_signal
+from fundl.run.interrupts import Interrupts, exit_with, held_while_loading, stopped_by_signal
 from fundl.run.hugepages import reexec_with_huge_pages
 from fundl.run.rundir import RunDirError
 
@@ -156,14 +156,16 @@ def _train(argv, where: dict) -> int:
     config = load_config(config_path, overrides)
     # multi-process set-up (flags, FUNDL_*, or a launcher JAX detects) and fake CPU devices,
     # before anything touches JAX devices
-    settings = distributed.initialize(distributed.settings_from(args))
+    with held_while_loading():  # JAX's native libraries load here
+        settings = distributed.initialize(distributed.settings_from(args))
     where.update(run_dir=run_dir, multi_process=settings.multi_process)
     launcher = distributed.describe_launcher(settings)
     if launcher and settings.process_id == 0:
         print(launcher, file=sys.stderr, flush=True)  # how the run was formed: srun, mpirun, flags, ...
-    from fundl.run.experiment import run  # heavy imports after validation
-    from fundl.run.summary import published_reference
-    from fundl.train.compile_cache import enable_compilation_cache
+    with held_while_loading():  # heavy imports after validation (Optax, Orbax, TensorStore)
+        from fundl.run.experiment import run
+        from fundl.run.summary import published_reference
+        from fundl.train.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()  # before the first compile: every program of the run is cached
 
@@ -202,8 +204,9 @@ def evaluate_main(argv=None) -> int:
             run_dir = Path(args.run_dir)
             if not (run_dir / "config.toml").is_file():
                 raise RunDirError(f"{run_dir} has no config.toml; is it a fundl run directory?")
-            from fundl.run.evaluator import evaluate_run  # heavy imports after the check
-            from fundl.train.compile_cache import enable_compilation_cache
+            with held_while_loading():  # heavy imports after the check
+                from fundl.run.evaluator import evaluate_run
+                from fundl.train.compile_cache import enable_compilation_cache
 
             enable_compilation_cache()
 

@@ -8,6 +8,7 @@ step boundary with a checkpoint (``fundl.train.signals``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -59,6 +60,24 @@ class Interrupts:
         self.done = True
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+@contextlib.contextmanager
+def held_while_loading():
+    """Hold a SIGINT until the block ends: Python raises KeyboardInterrupt wherever the main thread
+    is, and one raised while a native library (jaxlib, tensorstore) initialises can crash the
+    process (SIGSEGV) instead of stopping it.  The held signal then goes to the handler before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, None)
 
 
 def stopped_by_signal(e: BaseException) -> bool:
