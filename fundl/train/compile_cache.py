@@ -2,7 +2,7 @@
 
 Research runs are short and repeated, so compile time is much of what one waits for.
 :func:`enable_compilation_cache` points JAX's persistent compilation cache at
-``<cache>/compilation/``, where ``<cache>`` is the user cache of :mod:`fundl.data.paths`
+``<cache>/compilation/``, where ``<cache>`` is the user cache of ``fundl.data.paths``
 (``$FUNDL_CACHE_DIR``, else ``$XDG_CACHE_HOME/fundl``, else ``~/.cache/fundl``): never the
 repository or a run directory.  ``fit``, ``evaluate`` and the command-line entry points call it,
 so it is on by default; a second run of the same config loads its programs instead of
