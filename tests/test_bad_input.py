@@ -226,8 +226,10 @@ LOADING_JAX = "while importing JAX"
 def _interrupt(args, when):
     """Start ``scripts/train.py args``; send SIGINT while it imports JAX (``LOADING_JAX``) or once
     its stdout prints a line containing ``when``; the exit code and stderr."""
+    # SIGINT handled as in a terminal's process: a pytest-xdist worker may ignore it, and children inherit that
     proc = subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=ROOT, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if when == LOADING_JAX:  # the moment the process maps JAX's native library, whatever the machine's load
         maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
         while "jaxlib" not in maps.read_text() and time.monotonic() < deadline:
