@@ -49,15 +49,10 @@ def make_evaluator(config: dict, model, data: Dataset, placement, num_members: i
     return eval_fn
 
 
-def evaluate_run(run_dir: str | Path) -> dict:
-    """The newest valid checkpoint of ``run_dir`` evaluated on the test split of its config's data, on
-    one device: ``{"checkpoint", "step", "test_accuracy", "test_loss"}`` (and ``members`` for an
-    ensemble).  Corrupt newer checkpoints are skipped with a warning on stderr."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.toml")
-    t = config["training"]
-    data = load_data(config)
-    steps_per_epoch = len(Loader(data.train, t["batch_size"], drop_last=True, prefetch=0))
+def restore_newest(run_dir: Path, config: dict, data: Dataset):
+    """The run's model and the train state of its newest valid checkpoint: ``(model, state, manifest,
+    path)``.  Corrupt newer checkpoints are skipped with one warning line each on stderr."""
+    steps_per_epoch = len(Loader(data.train, config["training"]["batch_size"], drop_last=True, prefetch=0))
     model, _, template = initial_state(config, data, steps_per_epoch)
     with warnings.catch_warnings(record=True) as skipped:  # corrupt newer checkpoints, printed plainly
         warnings.simplefilter("always")
@@ -66,10 +61,21 @@ def evaluate_run(run_dir: str | Path) -> dict:
         print(f"fundl: warning: {w.message}", file=sys.stderr)
     if path is None:
         if (run_dir / "members").is_dir():
-            raise ckpt.CheckpointError(f"{run_dir} is a sweep of separate runs: evaluate each of "
+            raise ckpt.CheckpointError(f"{run_dir} is a sweep of separate runs: use each of "
                                        f"{run_dir / 'members'}/<k>")
         raise ckpt.CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
     state, manifest = ckpt.restore(path, template)
+    return model, state, manifest, path
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """The newest valid checkpoint of ``run_dir`` evaluated on the test split of its config's data, on
+    one device: ``{"checkpoint", "step", "test_accuracy", "test_loss"}`` (and ``members`` for an
+    ensemble).  Corrupt newer checkpoints are skipped with a warning on stderr."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.toml")
+    data = load_data(config)
+    model, state, manifest, path = restore_newest(run_dir, config, data)
     num_members = len(sweeps.members(config))
     results = make_evaluator(config, model, data, single_device(), num_members)(state)
     out = {"checkpoint": str(path), "step": manifest["step"],

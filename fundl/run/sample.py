@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from fundl.run.errors import report_error
@@ -40,12 +39,12 @@ def sample_run(run_dir: str | Path, prompt: str, tokens: int, *, temperature: fl
     import jax
     import jax.numpy as jnp
 
-    from fundl.data import DataError, Loader
+    from fundl.data import DataError
     from fundl.generation import generate
     from fundl.run import sweeps
-    from fundl.run.build import initial_state, load_data
+    from fundl.run.build import load_data
     from fundl.run.config import ConfigError, load_config
-    from fundl.train import checkpoint as ckpt
+    from fundl.run.evaluator import restore_newest
 
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.toml")
@@ -62,16 +61,7 @@ def sample_run(run_dir: str | Path, prompt: str, tokens: int, *, temperature: fl
         raise DataError(f"--prompt: {e}") from None
     if ids.size == 0:
         raise DataError("--prompt: expected at least one character, got an empty prompt")
-    steps_per_epoch = len(Loader(data.train, config["training"]["batch_size"], drop_last=True, prefetch=0))
-    model, _, template = initial_state(config, data, steps_per_epoch)
-    with warnings.catch_warnings(record=True) as skipped:  # corrupt newer checkpoints, printed plainly
-        warnings.simplefilter("always")
-        path = ckpt.latest_valid(run_dir / "checkpoints")
-    for w in skipped:
-        print(f"warning: {w.message}", file=sys.stderr)
-    if path is None:
-        raise ckpt.CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    state, _ = ckpt.restore(path, template)
+    model, state, _, _ = restore_newest(run_dir, config, data)
     params = state.params
     if len(sweeps.members(config)) > 1:
         params = jax.tree.map(lambda a: a[0], params)
