@@ -452,6 +452,38 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_earlier_checkpoints(
     leaves_equal(ckpt.restore(paths[-1], state)[0], bump(state, 2))
 
 
+def _orphaned_task_logs(filename, caplog) -> list[str]:
+    """What asyncio logs when the garbage collector meets a failed task nobody awaited, its
+    coroutine defined in ``filename`` (as Orbax's write tasks are, when one fragment of a save fails)."""
+    import asyncio
+    import gc
+
+    namespace = {}
+    exec(compile("async def write_fragment():\n    raise ValueError('No space left on device')\n",
+                 filename, "exec"), namespace)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(namespace["write_fragment"]())
+    loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody retrieves its error
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        del task
+        loop.close()
+        gc.collect()
+    return [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_failed_save_silences_asyncio_logs_of_its_orphaned_orbax_tasks_only(tmp_path, monkeypatch, caplog):
+    """CI once printed such a log, with a traceback, after the command's one-line error (issue 24)."""
+    def full_disk(self):
+        raise ValueError("No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(Checkpointer, "_commit", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError):
+        ckpt.save(tmp_path, {"step": np.int32(1), "w": np.ones(3, np.float32)}, step=1)
+    assert _orphaned_task_logs("/site-packages/orbax/checkpoint/_src/serialization/serialization.py", caplog) == []
+    assert len(_orphaned_task_logs(str(tmp_path / "user_code.py"), caplog)) == 1  # other tasks still log
+
+
 @pytest.mark.slow
 def test_a_real_write_error_from_tensorstore_is_a_checkpoint_write_error(tmp_path):
     """The file size limit (RLIMIT_FSIZE) makes the kernel fail Orbax's write with EFBIG, as a

@@ -264,6 +264,7 @@ class Checkpointer:
                 os.replace(pending.aside, pending.final)
             self._empty_trash()
         logging.getLogger("absl").removeFilter(self._quiet)
+        _quiet_orphaned_orbax_tasks()
         return write_error(error, pending.final, self.directory)
 
 
@@ -322,6 +323,29 @@ class _QuietOrbaxErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+class _OrphanedOrbaxTasks(logging.Filter):
+    """When one fragment of a save fails, Orbax stops waiting for the others; the ones that fail
+    too are never awaited, and asyncio logs each, with a traceback, whenever the garbage
+    collector meets it (``Task exception was never retrieved``), often after the command has
+    printed its error.  The save's error was raised already (:class:`CheckpointWriteError`), so
+    this filter drops those logs, and only those: tasks of other code still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not ("never retrieved" in text and "orbax" in text)
+
+
+_ORPHANED_ORBAX_TASKS = _OrphanedOrbaxTasks()
+
+
+def _quiet_orphaned_orbax_tasks() -> None:
+    """After a failed save: asyncio drops the logs of that save's unawaited tasks, for as long as
+    the process lives (they are collected whenever the garbage collector runs)."""
+    logger = logging.getLogger("asyncio")
+    if _ORPHANED_ORBAX_TASKS not in logger.filters:
+        logger.addFilter(_ORPHANED_ORBAX_TASKS)
 
 
 def _import_orbax_in_background() -> None:
