@@ -36,12 +36,28 @@ def pytest_configure(config):
     # Cache every program, however quick to compile: the suite compiles thousands of small ones.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    _check_loadgroup(config)
 
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (a stable sort, so each file keeps its order): under xdist the long ones
     start early instead of leaving one worker busy at the end while the other idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _check_loadgroup(config) -> None:
+    """``--dist loadgroup`` (``make test``) keeps each ``xdist_group`` on one worker by putting the
+    group in each test's id; pytest 9.2 ignores pytest-xdist 3.8's way of doing so (pytest-xdist#1386),
+    so every module-scoped run is made once per worker and the suite runs far longer, silently."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    from importlib.metadata import version
+
+    numbers = lambda name: tuple(int(p) for p in version(name).split(".")[:2] if p.isdigit())  # noqa: E731
+    if numbers("pytest") >= (9, 2) and numbers("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(f"--dist loadgroup does not group tests with pytest {version('pytest')} and "
+                                f"pytest-xdist {version('pytest-xdist')} (pytest-xdist#1386): install the "
+                                f"versions pyproject.toml names: pip install -e '.[dev]'")
 
 
 def pytest_unconfigure(config):
