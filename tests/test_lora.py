@@ -3,9 +3,6 @@ the adapters alone (base params bit-identical, optimiser state of the adapters o
 and a fine-tune of a trained run through the command line's ``[lora]`` section."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -176,29 +173,25 @@ def test_lora_keys_without_init_from_are_a_config_error():
         validate({"lora": {"init_from": "runs/x", "targets": "a("}})
 
 
-FINE_TUNE = """
-import sys
-from fundl.run.cli import evaluate_main, train_main
-base, ft = sys.argv[1:]
-common = ["--config", "configs/tiny_synthetic.toml", "--quiet", "--set", "logging.plots=false"]
-assert train_main(common + ["--run-dir", base]) == 0
-assert train_main(common + ["--run-dir", ft, "--set", f"lora.init_from={base!r}", "--set", "lora.rank=2",
-                            "--set", "lora.targets='dense_0'", "--set", "optimizer.learning_rate=0.05"]) == 0
-assert evaluate_main([ft]) == 0  # rebuilds the adapted model, its base from lora.init_from
-assert train_main(common + ["--run-dir", ft + "-bad", "--set", "lora.init_from='" + ft + "'"]) == 2
-"""
-
-
-@pytest.mark.slow  # three runs in one process: seconds
-def test_fine_tune_a_trained_run_from_the_command_line(tmp_path):
+@pytest.mark.slow  # three runs: seconds
+def test_fine_tune_a_trained_run_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """``[lora]`` through the command line's entry points, in this process (the command line itself,
+    exit codes and one-line errors, is tests/test_cli.py's)."""
+    from fundl.run.cli import evaluate_main, train_main
     from fundl.train import checkpoint as ckpt
 
+    monkeypatch.chdir(ROOT)
     base, ft = tmp_path / "base", tmp_path / "ft"
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    r = subprocess.run([sys.executable, "-c", FINE_TUNE, str(base), str(ft)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "its checkpoint step_00000024 does not hold the params" in r.stderr  # a LoRA run is no base
+    common = ["--config", "configs/tiny_synthetic.toml", "--quiet", "--set", "logging.plots=false"]
+    assert train_main(common + ["--run-dir", str(base)]) == 0
+    assert train_main(common + ["--run-dir", str(ft), "--set", f"lora.init_from={str(base)!r}", "--set",
+                                "lora.rank=2", "--set", "lora.targets='dense_0'", "--set",
+                                "optimizer.learning_rate=0.05"]) == 0
+    capsys.readouterr()
+    assert evaluate_main([str(ft)]) == 0  # rebuilds the adapted model, its base from lora.init_from
+    evaluated = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert train_main(common + ["--run-dir", str(ft) + "-bad", "--set", f"lora.init_from={str(ft)!r}"]) == 2
+    assert "its checkpoint step_00000024 does not hold the params" in capsys.readouterr().err  # a LoRA run is no base
     b = ckpt.load_arrays(ckpt.latest_valid(base / "checkpoints"))
     f = ckpt.load_arrays(ckpt.latest_valid(ft / "checkpoints"))
     base_params = {k[len("params/"):]: v for k, v in b.items() if k.startswith("params/")}
@@ -211,7 +204,6 @@ def test_fine_tune_a_trained_run_from_the_command_line(tmp_path):
     assert moments == sorted(adapter_shapes * 2)
     summary = json.loads((ft / "summary.json").read_text())
     assert summary["num_params"] == 16 * 2 + 2 * 16
-    evaluated = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
     assert evaluated["step"] == 24 and evaluated["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
     assert summary["test_loss"] < json.loads((base / "summary.json").read_text())["test_loss"]
 
