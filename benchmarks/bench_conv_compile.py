@@ -2,6 +2,7 @@
 lowering: the trade behind ``fundl.nn.conv_lowering``.
 
     python -m benchmarks.bench_conv_compile [--rounds 3] [--variants weight,weight:8,all,whole] [--slot 1]
+                                            [--step-rounds N] [--out DIR]
 
 Variants (each applied to every convolution that ``conv_lowering.cpu_chunks`` splits; the
 others stay whole):
@@ -16,7 +17,8 @@ The variant reaches the model by replacing ``fundl.nn.conv.convolve``, the name 
 convolution layers call at trace time, while that variant's step is built and traced.
 First, interleaved rounds of compiling the jitted step (``jit(step).lower(...).compile()``,
 no persistent cache; the convolutions in its StableHLO are counted too); then every
-variant's step is run in interleaved rounds of ``--slot`` seconds.  Reported: convolutions,
+variant's step is run in ``--step-rounds`` interleaved rounds (default 3 x ``--rounds``; 0: compile
+only) of ``--slot`` seconds.  Reported: convolutions,
 compile seconds (median and range), ms per step (median) and the speed against the first
 variant (median over rounds of its step time / this one's; > 1 = faster).  The runs are in
 docs/benchmarks.md, "First step".
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     harness.add_rounds(parser, 3)
     parser.add_argument("--variants", default="weight,weight:8,weight:4,all,whole")
     parser.add_argument("--slot", type=float, default=1.0, help="seconds of steps per variant per round")
+    parser.add_argument("--step-rounds", type=int, default=None, help="step rounds (default 3 x --rounds; 0: none)")
     harness.add_out(parser)
     args = parser.parse_args(argv)
     variants = harness.names(args.variants)
@@ -115,19 +118,22 @@ def main(argv=None) -> int:
 
     compiles = harness.interleaved({v: compile_seconds(v) for v in variants}, args.rounds,
                                    on_round=lambda r, f: print(f"compile round {r}", file=sys.stderr))
-    runners = {v: build(v, run=True)[0] for v in variants}
+    step_rounds = args.rounds * 3 if args.step_rounds is None else args.step_rounds
+    runners = {v: build(v, run=True)[0] for v in variants} if step_rounds else {}
     steps = harness.interleaved({v: (lambda r=runners[v]: harness.seconds_per_call(
-        r.step, args.slot, lambda _, r=r: r.block())) for v in variants}, args.rounds * 3)
+        r.step, args.slot, lambda _, r=r: r.block())) for v in runners}, step_rounds)
     record = harness.finish(started, __spec__.name, argv)
     base = variants[0]
     rows = []
     for v in variants:
         c = harness.spread(compiles[v])
+        timed = bool(steps.get(v))
         rows.append([v, convolutions[v], f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f})",
-                     f"{statistics.median(steps[v]) * 1e3:.1f}", f"{harness.median_ratio(steps[base], steps[v]):.2f}"])
+                     f"{statistics.median(steps[v]) * 1e3:.1f}" if timed else "",
+                     f"{harness.median_ratio(steps[base], steps[v]):.2f}" if timed else ""])
     markdown = harness.markdown_table(
         ["lowering", "convolutions", "compile s (range)", "ms per step", f"speed vs {base}"], rows, "lrrrr")
-    print(f"{args.rounds} compile rounds, {args.rounds * 3} step rounds of {args.slot} s; " + harness.header(record))
+    print(f"{args.rounds} compile rounds, {step_rounds} step rounds of {args.slot} s; " + harness.header(record))
     print(markdown)
     record.update(compile_seconds=compiles, step_seconds=steps, convolutions=convolutions)
     harness.write_result(args.out, "conv_compile", record, markdown)
