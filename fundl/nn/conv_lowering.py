@@ -3,10 +3,10 @@ in chunks on CPU.
 
 XLA:CPU (jaxlib 0.10.2, whose convolutions are YNNPACK fusions) computes a large 2D
 convolution's weight gradient faster as a sum over chunks of about 8 examples, each
-convolved on its own, than as one contraction over the whole batch (on the Intel Xeon where
-it was found: 2-3x for the benchmark CNN's second layer).  The forward convolution and the
-input gradient gain little from chunks, and every chunk is one more convolution for XLA to
-compile, so only the weight gradient is chunked: :func:`convolve` is a ``jax.custom_jvp``
+convolved on its own, than as one contraction over the whole batch.  The forward convolution
+and the input gradient gained nothing from chunks (a step with them chunked too ran slower),
+and every chunk is one more convolution for XLA to compile, so only the weight gradient is
+chunked: :func:`convolve` is a ``jax.custom_jvp``
 whose primal is the whole convolution and whose tangent is ``conv(dx, w) + conv(x, dw)``
 with the second term over interleaved batch chunks; ``grad`` transposes it into one input
 gradient and one weight gradient per chunk.  Small 1D convolutions (MNIST-1D's) get slower
