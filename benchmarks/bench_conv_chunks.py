@@ -6,8 +6,9 @@
 For each layer shape (the benchmark's and the shipped configs' convolutions, and a few
 larger ones), one jitted gradient of ``<conv(x, w), r>`` with respect to ``w`` and, except
 for a first layer, ``x`` (a training step's convolution work: forward, weight gradient and
-input gradient), computed whole and in chunks of 64, 32, ... examples
-(``fundl.nn.conv_lowering.convolve(..., chunks=k)``).  Interleaved rounds of ``--slot``
+input gradient), computed whole and with the weight gradient in chunks of 64, 32, ... examples
+(``fundl.nn.conv_lowering.convolve(..., chunks=k)``; before issue 26 the forward and the input
+gradient were chunked too: ``benchmarks.bench_conv_compile`` compares both lowerings per step).  Interleaved rounds of ``--slot``
 seconds per variant; reported: the whole-batch time (ms) and each chunk size's speed-up
 (median over rounds of whole time / chunked time, > 1 = chunking is faster), beside what
 the rule picks.  docs/benchmarks.md, "CNN", records the runs.

@@ -112,3 +112,18 @@ def test_conv_chunk_table_reports_speedups_and_the_rules_pick():
     assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0  # whole ms, 64, 8
     proc = _run("bench_conv_chunks", "--only", "nothing", timeout=120)
     assert proc.returncode == 2 and "matches none of" in proc.stderr
+
+
+@pytest.mark.slow
+def test_conv_compile_table_counts_the_convolutions_of_each_lowering(tmp_path):
+    """The benchmark CNN (two chunked 2D layers, the first with no input gradient) in 2 chunks:
+    weight gradient only, 2 forward + 1 input gradient + 2 x 2 weight gradients; everything,
+    2 x 2 forward + 2 x 2 weight gradients + 2 input gradients."""
+    out = _run_ok("bench_conv_compile", "--rounds", "1", "--step-rounds", "0", "--variants", "weight:2,all:2",
+                  "--out", tmp_path)
+    result = json.loads((tmp_path / "conv_compile.json").read_text())
+    assert result["convolutions"] == {"weight:2": 2 + 1 + 4, "all:2": 4 + 4 + 2}, out
+    assert set(result["compile_seconds"]) == {"weight:2", "all:2"}
+    assert all(s[0] > 0 for s in result["compile_seconds"].values())
+    proc = _run("bench_conv_compile", "--variants", "weight,some:3", timeout=120)
+    assert proc.returncode != 0 and "unknown variant 'some:3'" in proc.stderr

@@ -1,5 +1,6 @@
-"""The CPU lowering of convolutions in batch chunks (fundl.nn.conv_lowering): the rule, the
-numerics against one whole convolution, the compiled program, and every transform."""
+"""The CPU lowering of convolutions (fundl.nn.conv_lowering): one convolution forward, the weight
+gradient in batch chunks.  The rule, the numerics against ``lax.conv_general_dilated``, the
+compiled program (chunks in the weight gradient only), and every transform."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from jax import lax
 
 from fundl import nn
 from fundl.nn import conv_lowering
-from fundl.nn.conv_lowering import convolve, cpu_chunks
+from fundl.nn.conv_lowering import convolve, cpu_chunks, in_chunks
 from conftest import ROOT
 
 MiB = 2**20
@@ -80,7 +81,7 @@ def test_chunks_equal_one_convolution_forward_and_gradients(args):
 
 
 @pytest.mark.slow
-def test_the_bias_is_added_to_every_chunk():
+def test_the_bias_is_added_with_and_without_chunks():
     x, w = _data()
     b = jnp.arange(6.0)
     _close(convolve(x, w, b, chunks=4, **ARGS_2D), _whole(x, w) + b)
@@ -92,7 +93,12 @@ def test_grouped_convolution_in_chunks():
     x, _ = _data(cin=4)
     w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
     args = dict(ARGS_2D, feature_group_count=2)
-    np.testing.assert_allclose(convolve(x, w, chunks=8, **args), _whole(x, w, **args), rtol=1e-6, atol=1e-6)
+    y_chunk, vjp_chunk = jax.vjp(lambda a, b: convolve(a, b, chunks=8, **args), x, w)
+    y_whole, vjp_whole = jax.vjp(lambda a, b: _whole(a, b, **args), x, w)
+    np.testing.assert_allclose(y_chunk, y_whole, rtol=1e-6, atol=1e-6)
+    dy = jax.random.normal(jax.random.key(3), y_whole.shape)
+    for got, want in zip(vjp_chunk(dy), vjp_whole(dy)):
+        _close(got, want)
 
 
 @pytest.mark.slow
@@ -101,10 +107,17 @@ def test_chunk_i_holds_examples_i_plus_multiples_of_the_chunk_count():
     the output comes back in the input's order (each example is convolved on its own)."""
     x, w = _data(batch=12)
     x = x.at[5].set(100.0)  # one loud example: its output must land at index 5 only
-    y = convolve(x, w, chunks=3, **ARGS_2D)
+    seen = []
+
+    def conv(a, b):
+        seen.append(a)
+        return _whole(a, b)
+
+    y = in_chunks(conv, x, w, 3)
     np.testing.assert_allclose(y, _whole(x, w), rtol=1e-6, atol=1e-4)
     loud = jnp.abs(y).reshape(12, -1).max(axis=1)
     assert int(jnp.argmax(loud)) == 5
+    np.testing.assert_array_equal(seen[2], x[2::3])  # chunk 2: examples 2, 5, 8, 11
 
 
 # ---------------------------------------------------------------- the compiled program
@@ -114,15 +127,24 @@ def _convolutions_in(fn, *args) -> int:
 
 
 @pytest.mark.slow
-def test_on_cpu_the_lowered_program_has_one_convolution_per_chunk():
+def test_on_cpu_only_the_weight_gradient_is_split_into_chunks():
+    """The forward convolution and the input gradient are one convolution each; the weight
+    gradient is one per chunk, and a tangent that is not asked for costs nothing."""
     x = jnp.zeros((32, 28, 28, 1))
     layer = nn.conv2d(32, 3)
     params, state, _ = layer.init(jax.random.key(0), x.shape)  # output 3.1 MiB: chunked
     assert cpu_chunks(32, 32 * 28 * 28 * 32 * 4, 2) == 4
-    assert _convolutions_in(lambda p, a: layer.apply(p, state, a)[0], params, x) == 4
-    # forward and both gradients: 4 each
-    grad = jax.value_and_grad(lambda p, a: layer.apply(p, state, a)[0].sum(), argnums=(0, 1))
-    assert _convolutions_in(grad, params, x) == 12
+    out = lambda p, a: layer.apply(p, state, a)[0]
+    loss = lambda p, a: out(p, a).sum()
+    assert _convolutions_in(out, params, x) == 1
+    assert _convolutions_in(jax.value_and_grad(loss), params, x) == 1 + 4  # a first layer: no input gradient
+    assert _convolutions_in(jax.value_and_grad(loss, argnums=(0, 1)), params, x) == 1 + 1 + 4
+    assert _convolutions_in(jax.value_and_grad(loss, argnums=1), params, x) == 1 + 1
+    # forward mode: the tangent in x is whole, the tangent in w in chunks
+    jvp_x = lambda p, a: jax.jvp(lambda b: out(p, b), (a,), (a,))
+    jvp_w = lambda p, a: jax.jvp(lambda q: out(q, a), (p,), (p,))
+    assert _convolutions_in(jvp_x, params, x) == 1 + 1
+    assert _convolutions_in(jvp_w, params, x) == 1 + 4
 
 
 def test_small_convolutions_lower_to_one_convolution():
@@ -132,9 +154,10 @@ def test_small_convolutions_lower_to_one_convolution():
     assert _convolutions_in(lambda p, a: layer.apply(p, state, a)[0], params, x) == 1
 
 
+@pytest.mark.slow
 def test_other_platforms_get_the_whole_convolution(monkeypatch):
-    """The chunked form is the ``cpu`` branch of ``lax.platform_dependent``; every other
-    platform lowers the default branch: one convolution."""
+    """The chunked weight gradient is the ``cpu`` branch of ``lax.platform_dependent``; every
+    other platform lowers the default branch: one convolution."""
     seen = {}
     real = lax.platform_dependent
 
@@ -143,8 +166,8 @@ def test_other_platforms_get_the_whole_convolution(monkeypatch):
         return real(*args, cpu=cpu, default=default)
 
     monkeypatch.setattr(conv_lowering.lax, "platform_dependent", spy)
-    x, w = _data()
-    convolve(x, w, chunks=4, **ARGS_2D)
+    x, w = _data(batch=8, size=6)
+    jax.grad(lambda b: convolve(x, b, chunks=4, **ARGS_2D).sum())(w)
     assert _convolutions_in(seen["default"], x, w) == 1
     np.testing.assert_array_equal(seen["default"](x, w), _whole(x, w))
 
@@ -172,9 +195,10 @@ def test_jit_vmap_grad_jvp_and_hessian_vector_compose_with_chunks():
 
 @pytest.mark.slow
 def test_a_batch_sharded_over_two_devices_stays_local_in_chunks():
-    """Under ``jit`` with the batch split over 2 (fake CPU) devices, the chunked convolution
-    equals one convolution and the compiled program moves no activations between devices
-    (interleaved chunks split evenly over the blocks)."""
+    """Under ``jit`` with the batch split over 2 (fake CPU) devices, the loss and gradients
+    through the chunked weight gradient equal one convolution's, and the compiled program
+    moves no activations between devices (interleaved chunks split evenly over the blocks;
+    only the weight gradient is summed over them)."""
     code = """
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update('jax_num_cpu_devices', 2)
@@ -185,13 +209,43 @@ args = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=('NHWC', 'H
 mesh = Mesh(np.array(jax.devices()), ('data',))
 x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 12, 12, 4)), NamedSharding(mesh, P('data')))
 w = jax.device_put(jax.random.normal(jax.random.key(1), (3, 3, 4, 6)), NamedSharding(mesh, P()))
-f = jax.jit(lambda a, b: convolve(a, b, chunks=4, **args), out_shardings=NamedSharding(mesh, P('data')))
-y = f(x, w)
-np.testing.assert_allclose(y, lax.conv_general_dilated(x, w, **args), rtol=1e-6, atol=1e-6)
+loss = lambda c: lambda a, b: jnp.sum(jnp.tanh(c(a, b)) ** 2)
+f = jax.jit(jax.value_and_grad(loss(lambda a, b: convolve(a, b, chunks=4, **args)), argnums=(0, 1)),
+            out_shardings=(NamedSharding(mesh, P()), (NamedSharding(mesh, P('data')), NamedSharding(mesh, P()))))
+got, want = f(x, w), jax.value_and_grad(loss(lambda a, b: lax.conv_general_dilated(a, b, **args)), argnums=(0, 1))(x, w)
+for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
 hlo = f.lower(x, w).compile().as_text()
-moves = [op for op in ('all-gather', 'all-to-all', 'collective-permute', 'all-reduce') if op in hlo]
+moves = [op for op in ('all-gather', 'all-to-all', 'collective-permute') if op in hlo]
 print('MOVES', moves)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MOVES []" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_values_gradients_tangents_and_second_derivatives_equal_lax_with_a_bias():
+    """Against ``lax.conv_general_dilated`` + bias: the value, the gradient in every argument,
+    tangents in every argument together, forward-over-reverse and reverse-over-reverse second
+    derivatives, and per-example gradients by ``vmap``."""
+    x, w = _data(batch=8, size=6, cin=2, cout=3)
+    b = jnp.linspace(-1.0, 1.0, 3)
+    whole = lambda a, c, d: jnp.sum(jnp.tanh(_whole(a, c) + d) ** 2)
+    chunk = lambda a, c, d: jnp.sum(jnp.tanh(convolve(a, c, d, chunks=4, **ARGS_2D)) ** 2)
+    args = (x, w, b)
+    _close(chunk(*args), whole(*args))
+    for got, want in zip(jax.grad(chunk, (0, 1, 2))(*args), jax.grad(whole, (0, 1, 2))(*args)):
+        _close(got, want, rel=1e-5)
+    tangents = tuple(jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(args))
+    _close(jax.jvp(chunk, args, tangents)[1], jax.jvp(whole, args, tangents)[1], rel=1e-5)
+    for argnum in (0, 1):  # Hessian-vector products in x and in w, both ways round
+        fwd_rev = lambda f: jax.jvp(lambda a: jax.grad(f, argnum)(*args[:argnum], a, *args[argnum + 1:]),
+                                    (args[argnum],), (tangents[argnum],))[1]
+        _close(fwd_rev(chunk), fwd_rev(whole), rel=1e-4)
+        rev_rev = lambda f: jax.grad(lambda *a: jnp.vdot(jax.grad(f, argnum)(*a), tangents[argnum]), argnum)(*args)
+        _close(rev_rev(chunk), rev_rev(whole), rel=1e-4)
+    per_example = lambda f: jax.vmap(jax.grad(lambda c, a: f(a[None], c, b)), in_axes=(None, 0))(w, x)
+    whole_one = lambda a, c, d: whole(a, c, d)  # one example: below any chunk count, compare to lax
+    _close(per_example(lambda a, c, d: chunk(jnp.tile(a, (4, 1, 1, 1)), c, d) / 4),
+           per_example(whole_one), rel=1e-5)

@@ -3,7 +3,7 @@
 Convolutions are ``jax.lax.conv_general_dilated`` with dimension numbers
 NWC/WIO (1D) and NHWC/HWIO (2D); the weight ``w`` has shape
 ``(*kernel_size, in_channels // feature_group_count, features)``.  On CPU a
-large convolution runs over the batch in chunks (``fundl.nn.conv_lowering``:
+large convolution's weight gradient runs over the batch in chunks (``fundl.nn.conv_lowering``:
 faster for large 2D layers on XLA:CPU, same results; figures in docs/benchmarks.md, "CNN").
 
 ``padding`` (convolutions and pooling alike) is one of
