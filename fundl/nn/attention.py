@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from fundl.nn import init as initializers
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
 from fundl.nn.decoding import Decoder
+from fundl.nn.attention_lowering import attend, batched_attention
 from fundl.nn.linear import matmul
 from fundl.nn.positional import apply_rotary
 
@@ -68,25 +69,8 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, lengths=None, dro
     needed) the weights are computed explicitly and dropped.
     """
     if not dropout:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=lengths,
-                                            implementation=implementation)
-    b, t, n, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    k = jnp.repeat(k, n // kh, axis=2)
-    v = jnp.repeat(v, n // kh, axis=2)
-    logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) / math.sqrt(d)
-    allowed = jnp.ones((1, 1, t, s), bool)
-    if causal:
-        allowed = allowed & jnp.tril(jnp.ones((t, s), bool))[None, None]
-    if lengths is not None:
-        allowed = allowed & (jnp.arange(s)[None, None, None, :] < jnp.asarray(lengths)[:, None, None, None])
-    if mask is not None:
-        allowed = allowed & mask
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(key, 1.0 - dropout, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout), 0.0).astype(v.dtype)
-    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+        return attend(q, k, v, mask=mask, causal=causal, lengths=lengths, implementation=implementation)
+    return batched_attention(q, k, v, mask=mask, causal=causal, lengths=lengths, dropout=dropout, key=key)
 
 
 def multi_head_attention(num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
