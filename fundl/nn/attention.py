@@ -1,8 +1,10 @@
 """Multi-head attention: self- and cross-attention, masks, grouped-query heads, a KV cache.
 
 The scores and weighted sums are ``jax.nn.dot_product_attention``'s, so a GPU
-gets its fused kernel; only dropout on the attention weights (training with
-``dropout > 0``) takes the explicit softmax path, since that function has none.
+gets its fused kernel; on CPU the same values are computed as 3-D batched
+products (:mod:`fundl.nn.attention_lowering`, faster there).  Dropout on the
+attention weights (training with ``dropout > 0``) takes that explicit path on
+every platform, since ``jax.nn`` has none.
 
 Inputs: ``x`` (B, T, C) for self-attention, or a dict
 ``{"x": x, "context": c, "mask": m, "lengths": n}`` (every key but ``x``
@@ -14,15 +16,13 @@ valid key lengths (padding after them is ignored).  The output is (B, T, F).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from fundl.nn import init as initializers
+from fundl.nn.attention_lowering import attend, batched_attention
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
 from fundl.nn.decoding import Decoder
-from fundl.nn.attention_lowering import attend, batched_attention
 from fundl.nn.linear import matmul
 from fundl.nn.positional import apply_rotary
 
@@ -65,8 +65,9 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, lengths=None, dro
 
     ``mask`` (4-D boolean, broadcastable to (B, N, T, S)), ``causal`` and
     ``lengths`` (valid key lengths) combine.  Without dropout this is
-    ``jax.nn.dot_product_attention``; with ``dropout > 0`` (then ``key`` is
-    needed) the weights are computed explicitly and dropped.
+    ``jax.nn.dot_product_attention`` (on CPU computed as 3-D batched products,
+    :func:`fundl.nn.attention_lowering.attend`); with ``dropout > 0`` (then ``key``
+    is needed) the weights are computed explicitly and dropped.
     """
     if not dropout:
         return attend(q, k, v, mask=mask, causal=causal, lengths=lengths, implementation=implementation)
@@ -202,8 +203,7 @@ def multi_head_attention(num_heads: int, *, num_kv_heads: int | None = None, hea
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), position, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), position, axis=1)
         visible = jnp.arange(ck.shape[1])[None, :] <= (positions[:, None] if causal else position + t - 1)
-        y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=visible[None, None],
-                                         implementation=implementation)
+        y = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=visible[None, None], implementation=implementation)
         return linear(get_param(params, "out"), y.reshape(b, t, -1)), {"k": ck, "v": cv}
 
     return Layer(init, apply, name, decoder=Decoder(init_cache, step))

@@ -1,14 +1,15 @@
 """How fundl computes softmax attention: as 3-D batched products on CPU, ``jax.nn.dot_product_attention`` elsewhere.
 
-XLA:CPU (jaxlib 0.10.2) runs the backward pass of ``jax.nn.dot_product_attention``
-(4-D ``einsum``s over (B, T, N, D) vmapped over the query groups) several times
-slower than the same arithmetic written as products of 3-D arrays with the heads
-merged into the batch: queries (B K, G T, D), keys and values (B K, S, D), for K
-key/value heads of G query heads each, so grouped-query attention never copies
-the keys.  The masks (causal, boolean, key lengths) are applied as ``jax.nn``
-applies them: ``where(allowed, logits, -0.7 * float32 max)``, then a float32
-softmax, so the two agree to rounding.  Measured by ``benchmarks/bench_nanogpt.py``;
-the figures are in docs/benchmarks.md, "Attention on CPU".
+XLA:CPU (jaxlib 0.10.2) runs the forward and backward passes of
+``jax.nn.dot_product_attention`` (4-D ``einsum``s over (B, T, N, D), vmapped over
+the query groups) slower than the same arithmetic written as products of 3-D
+arrays with the heads merged into the batch: queries (B K, G T, D), keys and
+values (B K, S, D), for K key/value heads of G query heads each (grouped-query
+attention never copies the keys), with the softmax over rows of a 2-D array.
+The masks (causal, boolean, key lengths) are applied as ``jax.nn`` applies them:
+``where(allowed, logits, -0.7 * float32 max)``, then a float32 softmax, so the
+two agree to rounding.  Measured by ``benchmarks/bench_gpt_step.py``; the figures
+are in docs/benchmarks.md, "Attention on CPU".
 
 ``lax.platform_dependent`` picks the 3-D form only when the computation is
 lowered for CPU: a GPU keeps ``jax.nn.dot_product_attention`` and whatever fused

@@ -31,7 +31,7 @@ def exact_gelu(x):
     """GELU, ``x * Phi(x)``, exactly (not the tanh approximation), as PyTorch writes it:
     ``0.5 x (1 + erf(x / sqrt 2))``.  Equal to ``jax.nn.gelu(x, approximate=False)`` to rounding,
     which goes through ``erfc``: XLA:CPU expands that into several times the work of ``erf``
-    (docs/benchmarks.md, "nanoGPT side by side")."""
+    (docs/benchmarks.md, "Attention on CPU")."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
 
 
