@@ -10,6 +10,7 @@ import pytest
 from fundl import nn
 from fundl.nn.attention import dot_product_attention
 from fundl.nn.positional import apply_rotary
+from fundl.nn.transformer import exact_gelu
 
 B, T, S, C = 2, 5, 7, 8
 RNG = np.random.default_rng(0)
@@ -115,6 +116,20 @@ def test_rms_norm_matches_torch():
         ref.weight.normal_()
     y, _ = nn.rms_norm(eps=1e-6).apply({"scale": jnp.asarray(ref.weight.detach().numpy())}, {}, jnp.asarray(x))
     np.testing.assert_allclose(y, ref(torch.from_numpy(x)).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_exact_gelu_matches_torch_and_jax_nn_values_and_gradients():
+    """The transformer MLP's GELU (through erf) is PyTorch's exact GELU and jax.nn.gelu(approximate=False)."""
+    torch = pytest.importorskip("torch")
+    x = np.concatenate([np.linspace(-9, 9, 181), RNG.normal(size=200) * 3]).astype(np.float32)
+    y, grad, y_jax = jax.jit(lambda a: (exact_gelu(a), jax.grad(lambda b: exact_gelu(b).sum())(a),
+                                        jax.nn.gelu(a, approximate=False)))(x)
+    tx = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    ty = torch.nn.functional.gelu(tx)
+    ty.sum().backward()
+    np.testing.assert_allclose(y, ty.detach().numpy(), atol=2e-6, rtol=1e-6)
+    np.testing.assert_allclose(grad, tx.grad.numpy(), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(y, y_jax, atol=2e-6, rtol=1e-6)
 
 
 def test_rotary_matches_complex_rotation_and_depends_on_relative_position():

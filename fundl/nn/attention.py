@@ -1,8 +1,10 @@
 """Multi-head attention: self- and cross-attention, masks, grouped-query heads, a KV cache.
 
 The scores and weighted sums are ``jax.nn.dot_product_attention``'s, so a GPU
-gets its fused kernel; only dropout on the attention weights (training with
-``dropout > 0``) takes the explicit softmax path, since that function has none.
+gets its fused kernel; on CPU the same values are computed as 3-D batched
+products (:mod:`fundl.nn.attention_lowering`, faster there).  Dropout on the
+attention weights (training with ``dropout > 0``) takes that explicit path on
+every platform, since ``jax.nn`` has none.
 
 Inputs: ``x`` (B, T, C) for self-attention, or a dict
 ``{"x": x, "context": c, "mask": m, "lengths": n}`` (every key but ``x``
@@ -14,12 +16,11 @@ valid key lengths (padding after them is ignored).  The output is (B, T, F).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from fundl.nn import init as initializers
+from fundl.nn.attention_lowering import attend, batched_attention
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
 from fundl.nn.decoding import Decoder
 from fundl.nn.linear import matmul
@@ -64,29 +65,13 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, lengths=None, dro
 
     ``mask`` (4-D boolean, broadcastable to (B, N, T, S)), ``causal`` and
     ``lengths`` (valid key lengths) combine.  Without dropout this is
-    ``jax.nn.dot_product_attention``; with ``dropout > 0`` (then ``key`` is
-    needed) the weights are computed explicitly and dropped.
+    ``jax.nn.dot_product_attention`` (on CPU computed as 3-D batched products,
+    :func:`fundl.nn.attention_lowering.attend`); with ``dropout > 0`` (then ``key``
+    is needed) the weights are computed explicitly and dropped.
     """
     if not dropout:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=lengths,
-                                            implementation=implementation)
-    b, t, n, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    k = jnp.repeat(k, n // kh, axis=2)
-    v = jnp.repeat(v, n // kh, axis=2)
-    logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) / math.sqrt(d)
-    allowed = jnp.ones((1, 1, t, s), bool)
-    if causal:
-        allowed = allowed & jnp.tril(jnp.ones((t, s), bool))[None, None]
-    if lengths is not None:
-        allowed = allowed & (jnp.arange(s)[None, None, None, :] < jnp.asarray(lengths)[:, None, None, None])
-    if mask is not None:
-        allowed = allowed & mask
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(key, 1.0 - dropout, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout), 0.0).astype(v.dtype)
-    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+        return attend(q, k, v, mask=mask, causal=causal, lengths=lengths, implementation=implementation)
+    return batched_attention(q, k, v, mask=mask, causal=causal, lengths=lengths, dropout=dropout, key=key)
 
 
 def multi_head_attention(num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
@@ -218,8 +203,7 @@ def multi_head_attention(num_heads: int, *, num_kv_heads: int | None = None, hea
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), position, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), position, axis=1)
         visible = jnp.arange(ck.shape[1])[None, :] <= (positions[:, None] if causal else position + t - 1)
-        y = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=visible[None, None],
-                                         implementation=implementation)
+        y = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=visible[None, None], implementation=implementation)
         return linear(get_param(params, "out"), y.reshape(b, t, -1)), {"k": ck, "v": cv}
 
     return Layer(init, apply, name, decoder=Decoder(init_cache, step))

@@ -9,6 +9,8 @@ with its ``"x"`` replaced, so blocks chain in ``nn.serial`` with their masks.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -19,10 +21,18 @@ from fundl.nn.decoding import Decoder
 from fundl.nn.linear import matmul
 from fundl.nn.norm import layer_norm, rms_norm
 
-__all__ = ["transformer_block"]
+__all__ = ["transformer_block", "exact_gelu"]
 
 MLPS = ("gelu", "swiglu")
 NORMS = ("layer", "rms")
+
+
+def exact_gelu(x):
+    """GELU, ``x * Phi(x)``, exactly (not the tanh approximation), as PyTorch writes it:
+    ``0.5 x (1 + erf(x / sqrt 2))``.  Equal to ``jax.nn.gelu(x, approximate=False)`` to rounding,
+    which goes through ``erfc``: XLA:CPU expands that into several times the work of ``erf``
+    (docs/benchmarks.md, "Attention on CPU")."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype)))
 
 
 def _drop(x, rate, key):
@@ -100,7 +110,7 @@ def transformer_block(num_heads: int, *, num_kv_heads: int | None = None, mlp: s
 
     def mlp_apply(p, x):
         if mlp == "gelu":
-            return linear(p["proj"], jax.nn.gelu(linear(p["fc"], x), approximate=False))
+            return linear(p["proj"], exact_gelu(linear(p["fc"], x)))
         return linear(p["proj"], jax.nn.silu(linear(p["gate"], x)) * linear(p["up"], x))
 
     def apply(params, state, x, *, key=None, train=False):
