@@ -9,8 +9,8 @@ marker and one JAX compilation cache per test session.
 - The session's JAX compilation cache: one temporary directory, set through
   ``JAX_COMPILATION_CACHE_DIR`` before JAX is imported, so the xdist workers and every process
   the tests start (the command line, multi-process runs, notebooks) reuse each other's compiled
-  programs instead of compiling them again (locked, as fundl's own cache is). It is removed at
-  the end of the session; a cache directory already set in the environment is used as it is.
+  programs instead of compiling them again. It is removed at the end of the session; a cache
+  directory already set in the environment is used as it is.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ def pytest_configure(config):
     # Cache every program, however quick to compile: the suite compiles thousands of small ones.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    # A size bound makes JAX lock the folder around each read and write (as fundl's own cache does:
-    # fundl/train/compile_cache.py), so no worker reads an entry another is still writing.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
+    # No size bound: with one, JAX locks the folder and scans every entry on each write (eviction),
+    # which serialised the workers and slowed the suite down several times over (docs/benchmarks.md).
     _check_loadgroup(config)
 
 
