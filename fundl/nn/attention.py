@@ -66,7 +66,7 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, lengths=None, dro
     ``mask`` (4-D boolean, broadcastable to (B, N, T, S)), ``causal`` and
     ``lengths`` (valid key lengths) combine.  Without dropout this is
     ``jax.nn.dot_product_attention`` (on CPU computed as 3-D batched products,
-    :func:`fundl.nn.attention_lowering.attend`); with ``dropout > 0`` (then ``key``
+    ``fundl.nn.attention_lowering.attend``); with ``dropout > 0`` (then ``key``
     is needed) the weights are computed explicitly and dropped.
     """
     if not dropout:
