@@ -18,13 +18,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 # -n auto: one pytest worker per core (pytest-xdist); tests/conftest.py shares one JAX compilation
-# cache between the workers and the processes they start. Durations: docs/benchmarks.md, "Test suite".
+# cache between the workers and the processes they start. --dist loadgroup keeps each xdist_group
+# (a file's module-scoped runs) on one worker. Durations: docs/benchmarks.md, "Test suite".
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
-# The tests not marked slow: the inner loop while you work.
+# The tests not marked slow: the inner loop while you work. --dist load: none of them shares an
+# expensive run, so spreading every test evenly over the workers is quicker than keeping groups.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist load -m "not slow"
 
 # --overwrite: running the main job again moves the previous run aside (runs/NAME.old-<time>), never deletes it.
 train: $(STAMP)
