@@ -30,26 +30,12 @@ CONFIGS = {"lstm": harness.CONFIGS / "shakespeare_char_lm.toml", "gpt": harness.
 
 def step_of(path, overrides):
     """``(call, steps)``: one training step of the config at ``path`` on its first batch, and its steps."""
-    import jax
-
-    from fundl.data import Loader
-    from fundl.run.build import initial_state, load_data, total_steps_of, train_step_for
+    from fundl.run.build import total_steps_of
     from fundl.run.config import load_config
 
     config = load_config(path, overrides)
-    data = load_data(config)
-    loader = Loader(data.train, config["training"]["batch_size"], seed=0, drop_last=True, prefetch=0)
-    model, optimizer, state = initial_state(config, data, loader.steps_per_epoch)
-    step = jax.jit(train_step_for(config, model, optimizer), donate_argnums=0)
-    batch = jax.device_put(loader.batch(0, 0))
-    box = [state]
-
-    def call():
-        box[0], metrics = step(box[0], batch)
-        return metrics
-
-    jax.block_until_ready(call())  # compile
-    return call, total_steps_of(config, loader.steps_per_epoch)
+    call, steps_per_epoch = harness.config_step(config)
+    return call, total_steps_of(config, steps_per_epoch)
 
 
 def main(argv=None) -> int:

@@ -68,27 +68,7 @@ def _before():
 
 def fundl_step(config, before: bool):
     """One jitted training step on the first batch (compiled here, under ``_before`` if ``before``)."""
-    import contextlib
-
-    import jax
-
-    from fundl.data import Loader
-    from fundl.run.build import initial_state, load_data, train_step_for
-
-    data = load_data(config)
-    loader = Loader(data.train, config["training"]["batch_size"], seed=0, drop_last=True, prefetch=0)
-    model, optimizer, state = initial_state(config, data, loader.steps_per_epoch)
-    step = jax.jit(train_step_for(config, model, optimizer), donate_argnums=0)
-    batch = jax.device_put(loader.batch(0, 0))
-    box = [state]
-
-    def call():
-        box[0], metrics = step(box[0], batch)
-        return metrics
-
-    with _before() if before else contextlib.nullcontext():
-        jax.block_until_ready(call())  # trace and compile
-    return call
+    return harness.config_step(config, _before() if before else None)[0]
 
 
 def torch_step(config, directory, threads: int):

@@ -164,6 +164,33 @@ def interleaved(measures: dict[str, Callable[[], float]], rounds: int,
     return figures
 
 
+def config_step(config: dict, compiling=None) -> tuple[Callable[[], object], int]:
+    """``(call, steps_per_epoch)``: one jitted training step of ``config`` (built as
+    ``scripts/train.py`` builds it) on its first batch, the state carried from call to call;
+    compiled here, inside the context manager ``compiling`` if one is given."""
+    import contextlib
+
+    import jax
+
+    from fundl.data import Loader
+    from fundl.run.build import initial_state, load_data, train_step_for
+
+    data = load_data(config)
+    loader = Loader(data.train, config["training"]["batch_size"], seed=0, drop_last=True, prefetch=0)
+    model, optimizer, state = initial_state(config, data, loader.steps_per_epoch)
+    step = jax.jit(train_step_for(config, model, optimizer), donate_argnums=0)
+    batch = jax.device_put(loader.batch(0, 0))
+    box = [state]
+
+    def call():
+        box[0], metrics = step(box[0], batch)
+        return metrics
+
+    with compiling if compiling is not None else contextlib.nullcontext():
+        jax.block_until_ready(call())  # trace and compile
+    return call, loader.steps_per_epoch
+
+
 def seconds_per_call(fn: Callable[[], object], seconds: float, wait: Callable[[object], object]) -> float:
     """Call ``fn`` again and again for about ``seconds`` (at least once), then ``wait`` for its last
     result (``jax.block_until_ready``): the mean seconds per call."""

@@ -32,7 +32,7 @@ from conftest import ROOT
 
 from fundl.train import checkpoint as ckpt
 
-# Long enough that the kill (polled every 10 ms once checkpoint 2 * EVERY is committed) lands
+# Long enough that the kill (sent once checkpoint 2 * EVERY is committed) lands
 # well before the end; short, since every step of two processes costs collectives over loopback.
 STEPS, EVERY = 100, 10
 ARGS = ["--config", str(TINY), "--quiet", "--set", "logging.plots=false", "--set", f"training.steps={STEPS}",
