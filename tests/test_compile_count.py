@@ -145,3 +145,37 @@ def test_members_of_an_ensemble_share_one_init_program():
     plain = create_train_state(model, Unhashable(opt.init, opt.update), 3, (1, 7))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(states[3])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "float16"])
+def test_create_train_state_from_an_int_seed_is_one_program(compute_dtype):
+    """The key from the seed, the params, the optimiser state, the step and (float16) the loss
+    scale come from one compiled program: eagerly, each small array would compile on its own, and
+    a warm start (every program loaded from the persistent cache) pays for each.  The state equals
+    the one built from the typed key of the same seed."""
+    import jax
+    import numpy as np
+    import optax
+    from jax import monitoring
+
+    from fundl import models
+    from fundl.train.state import create_train_state
+
+    names: list[str] = []
+
+    def on_compile(event, seconds, fun_name="?", **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(fun_name)
+
+    model, opt = models.mlp([6], 2), optax.sgd(0.1)
+    shape = (1, 11 if compute_dtype == "float32" else 13)  # a shape no other test builds: nothing cached
+    monitoring.register_event_duration_secs_listener(on_compile)
+    try:
+        state = create_train_state(model, opt, 5, shape, compute_dtype=compute_dtype)
+    finally:
+        monitoring.unregister_event_duration_listener(on_compile)
+    assert names == ["jit(_build)"], names
+    assert (state.loss_scale is not None) == (compute_dtype == "float16")
+    typed = create_train_state(model, opt, jax.random.key(5), shape, compute_dtype=compute_dtype)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(typed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

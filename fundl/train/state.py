@@ -82,39 +82,49 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     See :class:`TrainState` for an example.
     """
     enable_compilation_cache()  # the first program of most runs (fundl.train.compile_cache)
-    if not is_prng_key(key):
+    dynamic = uses_dynamic_loss_scale(compute_dtype, loss_scale)
+    seed = _int32_seed(key)
+    if seed is None and not is_prng_key(key):
         key = jax.random.wrap_key_data(key) if hasattr(key, "shape") and key.shape == (2,) else jax.random.key(key)
 
-    # One compiled program (run eagerly, every initialiser op compiles on its own), and on
-    # XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves
+    # One compiled program builds the whole state, the PRNG key from an int seed included (run
+    # eagerly, every initialiser op and every small array of the state compiles on its own), and
+    # on XLA:CPU without LLVM's optimisations, which cost more than this run-once code saves
     # (docs/benchmarks.md, "Start-up").  One jit for every call, the model and optimiser static:
     # the members of an ensemble share one compiled program.
     # Under an outer transform (jit, vmap, grad) the key is a tracer: build inline, since
     # compiler_options are accepted only by a top-level jit.
+    static = (model, optimizer, tuple(input_shape), dynamic)
     if isinstance(key, jax.core.Tracer):
-        params, model_state, opt_state, base_key = _build(key, model, optimizer, tuple(input_shape))
-    else:
-        cpu, static = jax.default_backend() == "cpu", (model, optimizer, tuple(input_shape))
-        if _hashable(static):
-            params, model_state, opt_state, base_key = _shared_init_program(cpu)(key, *static)
-        else:
-            params, model_state, opt_state, base_key = jax.jit(
-                lambda k: _build(k, *static), compiler_options=_init_options(cpu))(key)
+        return _build(key, *static)
+    cpu = jax.default_backend() == "cpu"
+    if _hashable(static):
+        return _shared_init_program(cpu)(key if seed is None else seed, *static)
+    return jax.jit(lambda k: _build(k, *static), compiler_options=_init_options(cpu))(key if seed is None else seed)
+
+
+def _int32_seed(key) -> np.int32 | None:
+    """An int seed that fits int32, as one (the init program then makes the key itself); else None."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and -2**31 <= int(key) < 2**31:
+        return np.int32(key)
+    return None
+
+
+def _build(key, model: Layer, optimizer: optax.GradientTransformation, input_shape: tuple,
+           dynamic_loss_scale: bool) -> TrainState:
+    """The initial train state from ``key`` (a typed key, or an int32 seed made into one here)."""
+    if not is_prng_key(key):
+        key = jax.random.key(key)
+    init_key, base_key = jax.random.split(key)
+    params, model_state, _ = model.init(init_key, input_shape)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         model_state=model_state,
-        opt_state=opt_state,
+        opt_state=optimizer.init(params),
         key=jax.random.key_data(base_key),
-        loss_scale=LossScale.create() if uses_dynamic_loss_scale(compute_dtype, loss_scale) else None,
+        loss_scale=LossScale.create() if dynamic_loss_scale else None,
     )
-
-
-def _build(key, model: Layer, optimizer: optax.GradientTransformation, input_shape: tuple):
-    """The initial params, model state, optimiser state and base key from ``key``."""
-    init_key, base_key = jax.random.split(key)
-    params, model_state, _ = model.init(init_key, input_shape)
-    return params, model_state, optimizer.init(params), base_key
 
 
 def _hashable(value) -> bool:
@@ -133,7 +143,7 @@ def _init_options(cpu: bool) -> dict | None:
 def _shared_init_program(cpu: bool):
     """``_build`` jitted once per process, the model, optimiser and shape static: calls with the
     same three (an ensemble's members) share one compiled program."""
-    return jax.jit(_build, static_argnums=(1, 2, 3), compiler_options=_init_options(cpu))
+    return jax.jit(_build, static_argnums=(1, 2, 3, 4), compiler_options=_init_options(cpu))
 
 
 def uses_dynamic_loss_scale(compute_dtype, loss_scale: float | None) -> bool:
