@@ -127,3 +127,28 @@ def test_conv_compile_table_counts_the_convolutions_of_each_lowering(tmp_path):
     assert all(s[0] > 0 for s in result["compile_seconds"].values())
     proc = _run("bench_conv_compile", "--variants", "weight,some:3", timeout=120)
     assert proc.returncode != 0 and "unknown variant 'some:3'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_random_compile_table_times_both_forms_of_each_draw(tmp_path):
+    out = _run_ok("bench_random_compile", "--rounds", "1", "--only", "bernoulli rank 3", "--out", tmp_path)
+    assert "| bernoulli rank 3 |" in out
+    record = json.loads((tmp_path / "random_compile.json").read_text())
+    cell = record["programs"]["bernoulli rank 3"]
+    assert len(cell["shaped_s"]) == len(cell["flat_s"]) == 1 and cell["shaped_over_flat"] > 0
+
+
+def test_random_compile_shaped_form_draws_as_jax_random_does():
+    """The benchmark's premise: its "shaped" form is JAX's draw (no reshape), "flat" is fundl's."""
+    import jax
+
+    from benchmarks.bench_random_compile import form
+    from fundl.nn import flat_random
+
+    def reshapes(which):
+        with form(which):
+            jaxpr = jax.make_jaxpr(lambda k: flat_random.bernoulli(k, 0.5, (2, 3, 4)))(jax.random.key(0))
+        return sum(e.primitive.name == "reshape" for e in jaxpr.eqns)
+
+    assert reshapes("flat") == 1 and reshapes("shaped") == 0
+

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fundl.nn import flat_random
+
 __all__ = ["attend", "batched_attention"]
 
 
@@ -71,7 +73,7 @@ def batched_attention(q, k, v, *, mask=None, causal: bool = False, lengths=None,
         logits = jnp.where(allowed, logits, _large_negative())
     probs = jax.nn.softmax(logits.reshape(-1, s), axis=-1).reshape(b, kh, g, t, s)  # rows: faster reductions
     if dropout:
-        keep = jax.random.bernoulli(key, 1.0 - dropout, (b, n, t, s)).reshape(b, kh, g, t, s)
+        keep = flat_random.bernoulli(key, 1.0 - dropout, (b, n, t, s)).reshape(b, kh, g, t, s)
         probs = jnp.where(keep, probs / (1.0 - dropout), 0.0)
     probs = probs.astype(v.dtype).reshape(b * kh, g * t, s)
     y = lax.dot_general(probs, v3, (((2,), (1,)), ((0,), (0,))))  # (B K, G T, D)

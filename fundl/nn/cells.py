@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fundl.nn import flat_random
 from fundl.nn.core import ParamsError, get_param
 
 __all__ = ["Cell", "lstm_cell", "gru_cell", "check_hidden"]
@@ -78,7 +79,7 @@ def check_hidden(fn: str, hidden) -> None:
 
 
 def _uniform(key, shape, bound, dtype):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return flat_random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _weight(params, name, shape_hint: str):

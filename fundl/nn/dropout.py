@@ -1,8 +1,8 @@
 """Dropout: ``rate`` is the probability of *dropping* a unit."""
 
-import jax
 import jax.numpy as jnp
 
+from fundl.nn import flat_random
 from fundl.nn.core import KeyMissingError, Layer
 
 
@@ -37,7 +37,7 @@ def dropout(rate: float) -> Layer:
                 "apply(params, state, x, key=jax.random.key(...), train=True), "
                 "or pass train=False for evaluation"
             )
-        keep = jax.random.bernoulli(key, 1.0 - rate, jnp.shape(x))
+        keep = flat_random.bernoulli(key, 1.0 - rate, jnp.shape(x))
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)), {}
 
     return Layer(init, apply, "dropout")

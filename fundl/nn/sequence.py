@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fundl.nn import flat_random
 from fundl.nn.cells import Cell, check_hidden, gru_cell, lstm_cell
 from fundl.nn.children import apply_child, check_children, init_child
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
@@ -436,7 +437,7 @@ def stacked(*layers: Layer, dropout: float = 0.0, name: str = "stacked") -> Laye
         carries, y = [], xx
         for k, (layer, nm) in enumerate(zip(layers, names)):
             if k > 0 and train and dropout > 0:
-                keep = jax.random.bernoulli(jax.random.fold_in(key, 2 * k), 1.0 - dropout, y.shape)
+                keep = flat_random.bernoulli(jax.random.fold_in(key, 2 * k), 1.0 - dropout, y.shape)
                 y = jnp.where(keep, y / (1.0 - dropout), jnp.zeros((), y.dtype))
             k_layer = None if key is None else jax.random.fold_in(key, 2 * k + 1)
             out, _ = apply_child(layer, nm, params, {}, y if lengths is None else (y, lengths), k_layer, train)

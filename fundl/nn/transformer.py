@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fundl.nn import flat_random
 from fundl.nn import init as initializers
 from fundl.nn.attention import multi_head_attention
 from fundl.nn.core import KeyMissingError, Layer, ShapeError, format_shape, get_param
@@ -36,7 +37,7 @@ def exact_gelu(x):
 
 
 def _drop(x, rate, key):
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = flat_random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 
 from fundl.losses import softmax_cross_entropy
+from fundl.nn import flat_random
 from fundl.metrics import classification_metrics
 from fundl.train.step import base_key, forward, resolve_dtype
 from fundl.transforms.per_example import global_norms, per_example_grads
@@ -76,7 +77,7 @@ def gaussian_noise(key, tree, std):
     """``N(0, std^2)`` noise shaped like ``tree``; leaf j uses ``split(key, L)[j]`` (``jax.tree.leaves`` order)."""
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    noise = [std * jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    noise = [std * flat_random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, noise)
 
 

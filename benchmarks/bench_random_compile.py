@@ -1,0 +1,127 @@
+"""Compile time of random draws, shaped (``jax.random`` as called) against flat and reshaped
+(``fundl.nn.flat_random``, the same numbers): the trade behind that module.
+
+    python -m benchmarks.bench_random_compile [--rounds 5] [--only TEXT[,TEXT]] [--out DIR]
+
+Rows: a dropout mask (``bernoulli``) and a normal draw of 960 elements at ranks 1 to 4; and
+three programs of fundl's that draw, built with each form (``flat_random``'s draws replaced
+by JAX's shaped ones for "shaped"): a transformer block's training forward (dropout 0.1), the
+benchmark CNN's initialisation (``create_train_state``'s program: LeCun-normal kernels) and a
+dropout MLP's training step.  Each cell is ``jit(f).lower(...).compile()`` with no persistent
+cache, in interleaved rounds; medians, and shaped over flat (> 1: flat compiles quicker).
+``--only``: the rows whose name contains one of the texts.
+The runs are in docs/benchmarks.md, "Random draws".
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+from benchmarks import harness
+
+RANK_SHAPES = {1: (960,), 2: (32, 30), 3: (8, 12, 10), 4: (4, 8, 6, 5)}
+
+
+@contextmanager
+def form(name: str):
+    """``flat`` (fundl's draws as shipped) or ``shaped`` (JAX's draw called with the shape)."""
+    from fundl.nn import flat_random
+
+    shipped = flat_random._flat
+    if name == "shaped":
+        flat_random._flat = lambda draw, key, shape, *args, **kwargs: draw(key, *args, shape=tuple(shape), **kwargs)
+    try:
+        yield
+    finally:
+        flat_random._flat = shipped
+
+
+def programs() -> dict:
+    """name -> a function building ``(jitted function, arguments)`` (traced under the current form)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from benchmarks import peers
+    from fundl import models, nn
+    from fundl.nn import flat_random
+    from fundl.train.state import create_train_state
+    from fundl.train.step import make_train_step
+
+    key = jax.random.key(0)
+    out = {}
+    for rank, shape in RANK_SHAPES.items():
+        out[f"bernoulli rank {rank}"] = lambda s=shape: (jax.jit(lambda k: flat_random.bernoulli(k, 0.9, s)), (key,))
+        out[f"normal rank {rank}"] = lambda s=shape: (jax.jit(lambda k: flat_random.normal(k, s)), (key,))
+
+    def block():
+        layer = nn.transformer_block(4, dropout=0.1)
+        params, state, _ = layer.init(key, (8, 32, 64))
+        x = jnp.ones((8, 32, 64))
+        return jax.jit(lambda p, x, k: layer.apply(p, state, x, key=k, train=True)[0]), (params, x, key)
+
+    def cnn_init():  # as create_train_state compiles it: on XLA:CPU at LLVM optimisation level 0
+        spec = peers.SPECS["cnn"]
+        model, shape = peers.fundl_model(spec), (peers.BATCH,) + tuple(spec["x"])
+        options = {"xla_backend_optimization_level": 0}
+        return jax.jit(lambda k: model.init(k, shape)[:2], compiler_options=options), (key,)
+
+    def mlp_dropout_step():
+        model, opt = models.mlp([128], 10, dropout=0.1), optax.adam(1e-3)
+        state = create_train_state(model, opt, 0, (1, 784))
+        batch = {"x": np.zeros((128, 784), np.float32), "y": np.zeros((128,), np.int32)}
+        return jax.jit(make_train_step(model, opt)), (state, batch)
+
+    out.update({"transformer block, training forward": block, "CNN initialisation": cnn_init,
+                "MLP with dropout, training step": mlp_dropout_step})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = harness.parser(__doc__, __spec__.name)
+    harness.add_rounds(parser, 5)
+    parser.add_argument("--only", default="", help="comma-separated texts: the rows whose name contains one")
+    harness.add_out(parser)
+    args = parser.parse_args(argv)
+
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)
+
+    started = harness.start()
+    built = {n: b for n, b in programs().items() if not args.only or any(t in n for t in harness.names(args.only))}
+    if not built:
+        parser.error(f"--only {args.only!r} names no row; rows: {', '.join(programs())}")
+
+    def measure(name, which):
+        def run():
+            with form(which):
+                fn, fargs = built[name]()
+                lowered = fn.lower(*fargs)
+            t = time.perf_counter()
+            lowered.compile()
+            return time.perf_counter() - t
+        return run
+
+    cells = {(n, w): measure(n, w) for n in built for w in ("shaped", "flat")}
+    figures = harness.interleaved(cells, args.rounds, on_round=lambda r, f: print(f"round {r + 1}", file=sys.stderr))
+    rows, record = [], {}
+    for name in built:
+        shaped, flat = figures[(name, "shaped")], figures[(name, "flat")]
+        ratio = harness.median_ratio(shaped, flat)
+        record[name] = {"shaped_s": shaped, "flat_s": flat, "shaped_over_flat": ratio}
+        rows.append([name, f"{statistics.median(shaped):.3f}", f"{statistics.median(flat):.3f}", f"{ratio:.2f}"])
+    result = harness.finish(started, __spec__.name, argv)
+    result.update(rounds=args.rounds, only=args.only, programs=record)
+    md = "\n".join([harness.header(result), "", harness.markdown_table(
+        ["program", "shaped compile s", "flat compile s", "shaped / flat"], rows, "lrrr")])
+    print(md)
+    harness.write_result(args.out, "random_compile", result, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
