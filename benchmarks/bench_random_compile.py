@@ -20,6 +20,10 @@ import sys
 import time
 from contextlib import contextmanager
 
+if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only at start (see fundl/run/hugepages.py)
+    from fundl.run.hugepages import reexec_with_huge_pages
+    reexec_with_huge_pages()
+
 from benchmarks import harness
 
 RANK_SHAPES = {1: (960,), 2: (32, 30), 3: (8, 12, 10), 4: (4, 8, 6, 5)}

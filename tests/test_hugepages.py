@@ -25,7 +25,8 @@ ENTRY_SCRIPTS = ["scripts/train.py", "scripts/evaluate.py", "scripts/reproduce_m
     f"benchmarks/{name}.py" for name in ("benchmark", "bench_end_to_end", "bench_conv_chunks", "bench_page_faults",
                                          "bench_rnn_layouts", "bench_remat", "bench_loader", "bench_checkpoint",
                                          "bench_parallel", "profile_fit", "bench_nanogpt", "bench_generation",
-                                         "bench_char_lms", "bench_gpt_step", "bench_conv_compile")]
+                                         "bench_char_lms", "bench_gpt_step", "bench_conv_compile",
+                                         "bench_random_compile")]
 QUALIFIES = hp.tuned_environ(os.environ, system=sys.platform, libc=hp.libc_version(), thp=hp.thp_mode()) \
     is not None or "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
 
