@@ -49,8 +49,8 @@ if __name__ == "__main__":  # before JAX: glibc reads its malloc tunables only a
     reexec_with_huge_pages()
 
 from benchmarks import harness
-from benchmarks.peers import (ALL_IMPLS, ALL_MODELS, BATCH, DEFAULT_IMPLS, FUSED_UNROLL, IMPORTS, LR, SPECS,
-                              available, build, fundl_model, synthetic_batch)
+from benchmarks.peers import (ALL_IMPLS, ALL_MODELS, BATCH, DEFAULT_IMPLS, FUSED_UNROLL, LR, SPECS,
+                              available, build, fundl_model, library_modules, synthetic_batch)
 
 PEERS_JAX = ("linen", "nnx", "equinox", "haiku", "stax")
 PEERS = PEERS_JAX + ("torch", "torch_1t")
@@ -132,9 +132,8 @@ def _peak_rss_kib() -> int:
 def probe(model_name: str, impl: str, steps_per_call: int) -> dict:
     """Run in a fresh process: peak RSS growth and time to first step, cold."""
     spec = SPECS[model_name]
-    mod = IMPORTS.get(impl)
     import jax.numpy as jnp
-    if mod:
+    for mod in library_modules(impl):  # imports are not the first step's cost, for fundl as for the peers
         __import__(mod)
     (jnp.ones(3) + 1).block_until_ready()  # backend start-up is not the model's cost
     synthetic_batch(spec)

@@ -604,6 +604,21 @@ def build(impl: str, spec: dict, model_name: str, steps_per_call: int):
 IMPORTS = {"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox", "haiku": "haiku",
            "stax": "jax.example_libraries.stax", "torch": "torch", "torch_1t": "torch"}
 
+# What each implementation's builder imports besides its library (IMPORTS): a first-step probe
+# imports these before its clock starts, as it does the library (``library_modules``).
+BUILDER_IMPORTS = {"jax": ("optax",),
+                   "fundl": ("optax", "fundl.models", "fundl.nn", "fundl.train.state", "fundl.train.step",
+                             "fundl.train.fusion", "fundl.train.placement")}
+
+
+def library_modules(impl: str) -> tuple[str, ...]:
+    """Every module ``build(impl, ...)`` imports: the library and what its builder uses (optax)."""
+    if impl.startswith("fundl"):
+        return BUILDER_IMPORTS["fundl"]
+    if impl.startswith("torch"):
+        return (IMPORTS[impl],)
+    return (IMPORTS[impl],) + BUILDER_IMPORTS["jax"]
+
 
 def available(impl: str) -> str | None:
     """None when importable, else the reason."""
