@@ -1,14 +1,16 @@
 """Compile time of random draws, shaped (``jax.random`` as called) against flat and reshaped
 (``fundl.nn.flat_random``, the same numbers): the trade behind that module.
 
-    python -m benchmarks.bench_random_compile [--rounds 5] [--only TEXT[,TEXT]] [--out DIR]
+    python -m benchmarks.bench_random_compile [--rounds 5] [--slot 0.5] [--only TEXT[,TEXT]] [--out DIR]
 
 Rows: a dropout mask (``bernoulli``) and a normal draw of 960 elements at ranks 1 to 4; and
 three programs of fundl's that draw, built with each form (``flat_random``'s draws replaced
 by JAX's shaped ones for "shaped"): a transformer block's training forward (dropout 0.1), the
 benchmark CNN's initialisation (``create_train_state``'s program: LeCun-normal kernels) and a
 dropout MLP's training step.  Each cell is ``jit(f).lower(...).compile()`` with no persistent
-cache, in interleaved rounds; medians, and shaped over flat (> 1: flat compiles quicker).
+cache, in interleaved rounds; medians, and shaped over flat (> 1: flat compiles quicker).  Then
+each compiled program runs for ``--slot`` seconds per round, in as many interleaved rounds
+(0: none): ms per call, and shaped over flat (> 1: flat runs quicker; 1: the draws cost the same).
 ``--only``: the rows whose name contains one of the texts.
 The runs are in docs/benchmarks.md, "Random draws".
 """
@@ -88,6 +90,7 @@ def programs() -> dict:
 def main(argv=None) -> int:
     parser = harness.parser(__doc__, __spec__.name)
     harness.add_rounds(parser, 5)
+    parser.add_argument("--slot", type=float, default=0.5, help="seconds of calls per program per round (0: none)")
     parser.add_argument("--only", default="", help="comma-separated texts: the rows whose name contains one")
     harness.add_out(parser)
     args = parser.parse_args(argv)
@@ -100,28 +103,47 @@ def main(argv=None) -> int:
     if not built:
         parser.error(f"--only {args.only!r} names no row; rows: {', '.join(programs())}")
 
+    compiled = {}  # (name, form) -> (executable, arguments), from the last compile round
+
     def measure(name, which):
         def run():
             with form(which):
                 fn, fargs = built[name]()
                 lowered = fn.lower(*fargs)
             t = time.perf_counter()
-            lowered.compile()
+            compiled[(name, which)] = (lowered.compile(), fargs)
             return time.perf_counter() - t
         return run
 
-    cells = {(n, w): measure(n, w) for n in built for w in ("shaped", "flat")}
-    figures = harness.interleaved(cells, args.rounds, on_round=lambda r, f: print(f"round {r + 1}", file=sys.stderr))
+    def per_call(cell):
+        exe, fargs = compiled[cell]
+        jax.block_until_ready(exe(*fargs))  # warm
+        return lambda: harness.seconds_per_call(lambda: exe(*fargs), args.slot, jax.block_until_ready)
+
+    cells = [(n, w) for n in built for w in ("shaped", "flat")]
+    figures = harness.interleaved({c: measure(*c) for c in cells}, args.rounds,
+                                  on_round=lambda r, f: print(f"compile round {r + 1}", file=sys.stderr))
+    runs = harness.interleaved({c: per_call(c) for c in cells}, args.rounds if args.slot > 0 else 0,
+                               on_round=lambda r, f: print(f"run round {r + 1}", file=sys.stderr))
     rows, record = [], {}
     for name in built:
         shaped, flat = figures[(name, "shaped")], figures[(name, "flat")]
         ratio = harness.median_ratio(shaped, flat)
-        record[name] = {"shaped_s": shaped, "flat_s": flat, "shaped_over_flat": ratio}
-        rows.append([name, f"{statistics.median(shaped):.3f}", f"{statistics.median(flat):.3f}", f"{ratio:.2f}"])
+        record[name] = {"shaped_s": shaped, "flat_s": flat, "shaped_over_flat": ratio,
+                        "shaped_call_s": runs[(name, "shaped")], "flat_call_s": runs[(name, "flat")]}
+        row = [name, f"{statistics.median(shaped):.3f}", f"{statistics.median(flat):.3f}", f"{ratio:.2f}"]
+        if args.slot > 0:
+            calls = runs[(name, "shaped")], runs[(name, "flat")]
+            record[name]["shaped_over_flat_call"] = harness.median_ratio(*calls)
+            row += [f"{1e3 * statistics.median(calls[0]):.3f}", f"{1e3 * statistics.median(calls[1]):.3f}",
+                    f"{record[name]['shaped_over_flat_call']:.2f}"]
+        rows.append(row)
     result = harness.finish(started, __spec__.name, argv)
-    result.update(rounds=args.rounds, only=args.only, programs=record)
-    md = "\n".join([harness.header(result), "", harness.markdown_table(
-        ["program", "shaped compile s", "flat compile s", "shaped / flat"], rows, "lrrr")])
+    result.update(rounds=args.rounds, slot=args.slot, only=args.only, programs=record)
+    head = ["program", "shaped compile s", "flat compile s", "shaped / flat"]
+    if args.slot > 0:
+        head += ["shaped ms per call", "flat ms per call", "shaped / flat (run)"]
+    md = "\n".join([harness.header(result), "", harness.markdown_table(head, rows, "l" + "r" * (len(head) - 1))])
     print(md)
     harness.write_result(args.out, "random_compile", result, md)
     return 0
