@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import optax
 
 from fundl.losses import softmax_cross_entropy
-from fundl.nn import flat_random
 from fundl.metrics import classification_metrics
+from fundl.nn import flat_random
 from fundl.train.step import base_key, forward, resolve_dtype
 from fundl.transforms.per_example import global_norms, per_example_grads
 
