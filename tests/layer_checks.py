@@ -7,6 +7,10 @@
 * ``apply`` under ``vmap`` over an extra leading axis equals a Python loop;
 * ``grad`` of a scalar of the output w.r.t. params (and float inputs) is finite;
 * a second jitted call with new inputs of the same shape does not recompile.
+
+Only ``apply`` runs eagerly (for the jit-equals-eager check): ``init`` and the vmapped ``apply``
+run under ``jit``, one program each, where eagerly every primitive would compile on its own
+(eager ``init`` is what the layers' own tests call).
 """
 
 import jax
@@ -32,11 +36,25 @@ def _out_shapes(y):
     return jax.tree.map(lambda a: tuple(a.shape), y)
 
 
+def _jitted_init(layer: nn.Layer, key, input_shape):
+    """``layer.init`` under ``jit``: params and state computed, the output shape (static) returned as is.
+    Compiled as ``create_train_state`` compiles it on CPU, without LLVM's optimisations (run once)."""
+    box = {}
+
+    def arrays(key):
+        params, state, box["out"] = layer.init(key, input_shape)
+        return params, state
+
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    params, state = jax.jit(arrays, compiler_options=options)(key)
+    return params, state, box["out"]
+
+
 def check_layer(layer: nn.Layer, input_shape, *, dtype=jnp.float32, maxval=None,
                 train=False, needs_key=False, rtol=1e-5, atol=1e-5, vmap_size=2):
     key = jax.random.key(0)
     k_init, k_apply = jax.random.split(key)
-    params, state, out_shape = layer.init(k_init, input_shape)
+    params, state, out_shape = _jitted_init(layer, k_init, input_shape)
     call_key = k_apply if (train or needs_key) else None
 
     # abstract init agrees with concrete init
@@ -61,7 +79,7 @@ def check_layer(layer: nn.Layer, input_shape, *, dtype=jnp.float32, maxval=None,
 
     # vmap over an extra leading axis equals a loop
     xs = jnp.stack([x, x2][:vmap_size])
-    yv, _ = jax.vmap(lambda x: layer.apply(params, state, x, key=call_key, train=train))(xs)
+    yv, _ = jax.jit(jax.vmap(lambda x: layer.apply(params, state, x, key=call_key, train=train)))(xs)
     for i in range(xs.shape[0]):
         yi, _ = f(params, state, xs[i])  # compiled above for this shape
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=rtol, atol=atol), yv, yi)
