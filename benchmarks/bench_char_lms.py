@@ -47,18 +47,11 @@ def main(argv=None) -> int:
     harness.add_out(p)
     args = p.parse_args(argv)
 
-    import jax
-
     started = harness.start()
     calls, steps = {}, {}
     for name, path in CONFIGS.items():
         calls[name], steps[name] = step_of(path, args.set if name == "gpt" else [])
-    measures = {name: (lambda c=c: harness.seconds_per_call(c, args.seconds, jax.block_until_ready))
-                for name, c in calls.items()}
-    figures = harness.interleaved(measures, args.rounds,
-                                  lambda r, f: print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms"
-                                                                               for k, v in f.items()),
-                                                     file=sys.stderr))
+    figures = harness.calls_per_round(calls, args.rounds, args.seconds, progress=True)
     step_ratio = harness.median_ratio(figures["gpt"], figures["lstm"])
     time_ratio = step_ratio * steps["gpt"] / steps["lstm"]
     record = harness.finish(started, MODULE, argv)

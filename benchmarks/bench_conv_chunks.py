@@ -69,13 +69,13 @@ def build(shapes, chunk_sizes):
 
 
 def measure(fns, rounds: int, slot: float) -> dict:
-    """Seconds per call of every variant, per round (``harness.interleaved``, ``slot`` seconds each)."""
+    """Seconds per call of every variant, per round (``harness.calls_per_round``, ``slot`` seconds each)."""
     import jax
 
     for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
-    return harness.interleaved({key: (lambda fn=fn, args=args: harness.seconds_per_call(
-        lambda: fn(*args), slot, jax.block_until_ready)) for key, (fn, args) in fns.items()}, rounds)
+    return harness.calls_per_round({key: (lambda fn=fn, args=args: fn(*args)) for key, (fn, args) in fns.items()},
+                                   rounds, slot)
 
 
 def table(times, picks, chunk_sizes) -> str:

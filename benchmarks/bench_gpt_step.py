@@ -116,19 +116,12 @@ def main(argv=None) -> int:
     harness.add_out(p)
     args = p.parse_args(argv)
 
-    import jax
-
     started = harness.start()
     config = _config(args.set)
     calls = {"fundl": fundl_step(config, False), "fundl_before": fundl_step(config, True)}
     if args.nanogpt:
         calls["nanogpt"] = torch_step(config, args.nanogpt, args.torch_threads)
-    measures = {name: (lambda c=c: harness.seconds_per_call(c, args.seconds, jax.block_until_ready))
-                for name, c in calls.items()}
-    figures = harness.interleaved(measures, args.rounds,
-                                  lambda r, f: print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms"
-                                                                               for k, v in f.items()),
-                                                     file=sys.stderr))
+    figures = harness.calls_per_round(calls, args.rounds, args.seconds, progress=True)
     ratios = {name: harness.median_ratio(figures[name], figures["fundl"]) for name in calls if name != "fundl"}
     record = harness.finish(started, MODULE, argv)
     record.update(overrides=args.set, seconds_per_step=figures, ratios_over_fundl=ratios)

@@ -4,10 +4,11 @@
     python -m benchmarks.bench_random_compile [--rounds 5] [--slot 0.5] [--only TEXT[,TEXT]] [--out DIR]
 
 Rows: a dropout mask (``bernoulli``) and a normal draw of 960 elements at ranks 1 to 4; and
-three programs of fundl's that draw, built with each form (``flat_random``'s draws replaced
-by JAX's shaped ones for "shaped"): a transformer block's training forward (dropout 0.1), the
-benchmark CNN's initialisation (``create_train_state``'s program: LeCun-normal kernels) and a
-dropout MLP's training step.  Each cell is ``jit(f).lower(...).compile()`` with no persistent
+programs of fundl's that draw, built with each form (``flat_random``'s draws replaced by JAX's
+shaped ones for "shaped"): a transformer block's training forward (dropout 0.1), the benchmark
+CNN's initialisation (LeCun-normal kernels) compiled as ``create_train_state`` compiles it (LLVM
+level 0) and at LLVM's default level (a user's own ``jit`` of ``model.init``), and a dropout
+MLP's training step.  Each cell is ``jit(f).lower(...).compile()`` with no persistent
 cache, in interleaved rounds; medians, and shaped over flat (> 1: flat compiles quicker).  Then
 each compiled program runs for ``--slot`` seconds per round, in as many interleaved rounds
 (0: none): ms per call, and shaped over flat (> 1: flat runs quicker; 1: the draws cost the same).
@@ -70,10 +71,10 @@ def programs() -> dict:
         x = jnp.ones((8, 32, 64))
         return jax.jit(lambda p, x, k: layer.apply(p, state, x, key=k, train=True)[0]), (params, x, key)
 
-    def cnn_init():  # as create_train_state compiles it: on XLA:CPU at LLVM optimisation level 0
+    def cnn_init(level0: bool):  # level 0: as create_train_state compiles it; else as a user's own jit does
         spec = peers.SPECS["cnn"]
         model, shape = peers.fundl_model(spec), (peers.BATCH,) + tuple(spec["x"])
-        options = {"xla_backend_optimization_level": 0}
+        options = {"xla_backend_optimization_level": 0} if level0 else None
         return jax.jit(lambda k: model.init(k, shape)[:2], compiler_options=options), (key,)
 
     def mlp_dropout_step():
@@ -82,7 +83,9 @@ def programs() -> dict:
         batch = {"x": np.zeros((128, 784), np.float32), "y": np.zeros((128,), np.int32)}
         return jax.jit(make_train_step(model, opt)), (state, batch)
 
-    out.update({"transformer block, training forward": block, "CNN initialisation": cnn_init,
+    out.update({"transformer block, training forward": block,
+                "CNN initialisation": lambda: cnn_init(True),
+                "CNN initialisation, LLVM's default level": lambda: cnn_init(False),
                 "MLP with dropout, training step": mlp_dropout_step})
     return out
 
@@ -115,16 +118,13 @@ def main(argv=None) -> int:
             return time.perf_counter() - t
         return run
 
-    def per_call(cell):
-        exe, fargs = compiled[cell]
-        jax.block_until_ready(exe(*fargs))  # warm
-        return lambda: harness.seconds_per_call(lambda: exe(*fargs), args.slot, jax.block_until_ready)
-
     cells = [(n, w) for n in built for w in ("shaped", "flat")]
     figures = harness.interleaved({c: measure(*c) for c in cells}, args.rounds,
                                   on_round=lambda r, f: print(f"compile round {r + 1}", file=sys.stderr))
-    runs = harness.interleaved({c: per_call(c) for c in cells}, args.rounds if args.slot > 0 else 0,
-                               on_round=lambda r, f: print(f"run round {r + 1}", file=sys.stderr))
+    for exe, fargs in compiled.values():
+        jax.block_until_ready(exe(*fargs))  # warm
+    runs = harness.calls_per_round({c: (lambda e=compiled[c]: e[0](*e[1])) for c in cells},
+                                   args.rounds if args.slot > 0 else 0, args.slot)
     rows, record = [], {}
     for name in built:
         shaped, flat = figures[(name, "shaped")], figures[(name, "flat")]

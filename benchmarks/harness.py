@@ -204,6 +204,20 @@ def seconds_per_call(fn: Callable[[], object], seconds: float, wait: Callable[[o
     return (time.perf_counter() - start_) / n
 
 
+def calls_per_round(calls: dict, rounds: int, seconds: float, progress: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls`` (name -> a no-argument function returning JAX arrays),
+    ``seconds`` of calls per name per round (``seconds_per_call``, the last result waited for with
+    ``jax.block_until_ready``), in ``rounds`` interleaved rounds; ``progress``: a line per round on
+    stderr, each name's latest ms per call."""
+    import jax
+
+    def report(r, figures):
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.1f} ms" for k, v in figures.items()), file=sys.stderr)
+
+    measures = {name: (lambda c=c: seconds_per_call(c, seconds, jax.block_until_ready)) for name, c in calls.items()}
+    return interleaved(measures, rounds, report if progress else None)
+
+
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """The median over rounds of ``a[i] / b[i]``: drift within a round hits both sides alike."""
     return statistics.median(x / y for x, y in zip(a, b, strict=True))

@@ -67,6 +67,20 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def spy_platform_default(monkeypatch, module) -> dict:
+    """Record the ``default`` branch (what every platform but CPU lowers) that ``module`` hands to
+    ``lax.platform_dependent``: after a trace, ``seen["default"]`` is that function."""
+    seen = {}
+    real = module.lax.platform_dependent
+
+    def spy(*args, cpu, default):
+        seen["default"] = default
+        return real(*args, cpu=cpu, default=default)
+
+    monkeypatch.setattr(module.lax, "platform_dependent", spy)
+    return seen
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a connection fails the test."""

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from fundl.nn import attention_lowering
 from fundl.nn.attention_lowering import attend, batched_attention
+from conftest import spy_platform_default
 
 B, T, S, N, D = 2, 5, 7, 4, 8
 RNG = np.random.default_rng(0)
@@ -95,14 +95,7 @@ def test_bfloat16_matches_the_library_to_bfloat16_rounding():
 def test_other_platforms_get_jax_nn_dot_product_attention(monkeypatch):
     """The 3-D form is the ``cpu`` branch of ``lax.platform_dependent``; the default branch, which every
     other platform lowers, is ``jax.nn.dot_product_attention`` (a GPU's fused kernel where it applies)."""
-    seen = {}
-    real = lax.platform_dependent
-
-    def spy(*args, cpu, default):
-        seen["default"] = default
-        return real(*args, cpu=cpu, default=default)
-
-    monkeypatch.setattr(attention_lowering.lax, "platform_dependent", spy)
+    seen = spy_platform_default(monkeypatch, attention_lowering)
     q, k, v, kw = _inputs("lengths")
     jax.eval_shape(lambda: attend(q, k, v, **kw))
     ours, ref = jax.jit(lambda: (seen["default"](q, k, v),

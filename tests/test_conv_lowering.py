@@ -16,7 +16,7 @@ from jax import lax
 from fundl import nn
 from fundl.nn import conv_lowering
 from fundl.nn.conv_lowering import convolve, cpu_chunks, in_chunks
-from conftest import ROOT
+from conftest import ROOT, spy_platform_default
 
 MiB = 2**20
 ARGS_2D = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -158,14 +158,7 @@ def test_small_convolutions_lower_to_one_convolution():
 def test_other_platforms_get_the_whole_convolution(monkeypatch):
     """The chunked weight gradient is the ``cpu`` branch of ``lax.platform_dependent``; every
     other platform lowers the default branch: one convolution."""
-    seen = {}
-    real = lax.platform_dependent
-
-    def spy(*args, cpu, default):
-        seen["default"] = default
-        return real(*args, cpu=cpu, default=default)
-
-    monkeypatch.setattr(conv_lowering.lax, "platform_dependent", spy)
+    seen = spy_platform_default(monkeypatch, conv_lowering)
     x, w = _data(batch=8, size=6)
     jax.grad(lambda b: convolve(x, b, chunks=4, **ARGS_2D).sum())(w)
     assert _convolutions_in(seen["default"], x, w) == 1

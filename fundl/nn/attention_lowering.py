@@ -36,7 +36,7 @@ def _large_negative():
     return jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, jnp.float32)
 
 
-def _allowed(mask, causal: bool, lengths, b: int, k: int, g: int, t: int, s: int):
+def _allowed(mask, causal: bool, lengths, k: int, g: int, t: int, s: int):
     """The combined boolean mask, 5-D and broadcastable to (B, K, G, T, S); None if nothing is masked."""
     allowed = None
 
@@ -68,7 +68,7 @@ def batched_attention(q, k, v, *, mask=None, causal: bool = False, lengths=None,
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     logits = lax.dot_general(q3, k3, (((2,), (2,)), ((0,), (0,))), preferred_element_type=logits_dtype)
     logits = (logits * jnp.asarray(1.0 / math.sqrt(d), logits_dtype)).astype(jnp.float32).reshape(b, kh, g, t, s)
-    allowed = _allowed(mask, causal, lengths, b, kh, g, t, s)
+    allowed = _allowed(mask, causal, lengths, kh, g, t, s)
     if allowed is not None:  # selected, not added: a query that sees no key then has no gradient, as in jax.nn
         logits = jnp.where(allowed, logits, _large_negative())
     probs = jax.nn.softmax(logits.reshape(-1, s), axis=-1).reshape(b, kh, g, t, s)  # rows: faster reductions
