@@ -10,6 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from fundl import nn
+from fundl.nn import flat_random
 from fundl.nn.conv import (
     avg_pool1d, avg_pool2d, conv1d, conv2d, global_avg_pool, global_max_pool,
     max_pool1d, max_pool2d,
@@ -414,15 +415,15 @@ def test_tiling_max_pool_equals_reduce_window_values_gradient_and_ties(make, sha
     gradients and forward-mode tangents equal ``reduce_window``'s, and a tie sends the whole
     gradient to the first maximum in row-major window order (as PyTorch does), not split."""
     layer = make(window if len(window) > 1 else window[0])
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = flat_random.normal(jax.random.key(0), shape)
     x = x.at[0, 0, 0].set(9.0).at[0, 1, 0].set(9.0)  # a tie inside one window
     x = x.at[1].set(0.0)                              # whole windows of ties (relu zeros)
     pool = lambda a: layer.apply({}, {}, a)[0]
     np.testing.assert_array_equal(pool(x), _reduce_window_max(x, window))
-    r = jax.random.normal(jax.random.key(1), pool(x).shape)
+    r = flat_random.normal(jax.random.key(1), pool(x).shape)
     grad = lambda f: jax.grad(lambda a: jnp.vdot(f(a), r))(x)
     np.testing.assert_array_equal(grad(pool), grad(lambda a: _reduce_window_max(a, window)))
-    t = jax.random.normal(jax.random.key(2), shape)
+    t = flat_random.normal(jax.random.key(2), shape)
     np.testing.assert_array_equal(jax.jvp(pool, (x,), (t,))[1],
                                   jax.jvp(lambda a: _reduce_window_max(a, window), (x,), (t,))[1])
 

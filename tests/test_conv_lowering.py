@@ -15,6 +15,7 @@ from jax import lax
 
 from fundl import nn
 from fundl.nn import conv_lowering
+from fundl.nn import flat_random
 from fundl.nn.conv_lowering import convolve, cpu_chunks, in_chunks
 from conftest import ROOT, spy_platform_default
 
@@ -24,7 +25,7 @@ ARGS_2D = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC",
 
 def _data(batch=32, size=12, cin=4, cout=6, seed=0):
     kx, kw = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(kx, (batch, size, size, cin)), jax.random.normal(kw, (3, 3, cin, cout)) / 6
+    return flat_random.normal(kx, (batch, size, size, cin)), flat_random.normal(kw, (3, 3, cin, cout)) / 6
 
 
 def _close(got, want, rel=2e-6):
@@ -75,7 +76,7 @@ def test_chunks_equal_one_convolution_forward_and_gradients(args):
     y_whole, vjp_whole = jax.vjp(lambda a, b: _whole(a, b, **args), x, w)
     y_chunk, vjp_chunk = jax.vjp(lambda a, b: convolve(a, b, chunks=4, **args), x, w)
     np.testing.assert_allclose(y_chunk, y_whole, rtol=1e-6, atol=1e-6)
-    dy = jax.random.normal(jax.random.key(3), y_whole.shape)
+    dy = flat_random.normal(jax.random.key(3), y_whole.shape)
     for got, want in zip(vjp_chunk(dy), vjp_whole(dy)):
         _close(got, want)
 
@@ -91,12 +92,12 @@ def test_the_bias_is_added_with_and_without_chunks():
 @pytest.mark.slow
 def test_grouped_convolution_in_chunks():
     x, _ = _data(cin=4)
-    w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
+    w = flat_random.normal(jax.random.key(1), (3, 3, 2, 6))
     args = dict(ARGS_2D, feature_group_count=2)
     y_chunk, vjp_chunk = jax.vjp(lambda a, b: convolve(a, b, chunks=8, **args), x, w)
     y_whole, vjp_whole = jax.vjp(lambda a, b: _whole(a, b, **args), x, w)
     np.testing.assert_allclose(y_chunk, y_whole, rtol=1e-6, atol=1e-6)
-    dy = jax.random.normal(jax.random.key(3), y_whole.shape)
+    dy = flat_random.normal(jax.random.key(3), y_whole.shape)
     for got, want in zip(vjp_chunk(dy), vjp_whole(dy)):
         _close(got, want)
 
@@ -173,7 +174,7 @@ def test_jit_vmap_grad_jvp_and_hessian_vector_compose_with_chunks():
     whole = lambda b, a: jnp.sum(jnp.tanh(_whole(a, b)) ** 2)
     chunk = lambda b, a: jnp.sum(jnp.tanh(convolve(a, b, chunks=4, **ARGS_2D)) ** 2)
     _close(jax.jit(jax.grad(chunk))(w, x), jax.grad(whole)(w, x))
-    v = jax.random.normal(jax.random.key(7), w.shape)
+    v = flat_random.normal(jax.random.key(7), w.shape)
     _close(jax.jvp(lambda b: chunk(b, x), (w,), (v,))[1], jax.jvp(lambda b: whole(b, x), (w,), (v,))[1])
     hvp = lambda f: jax.jvp(jax.grad(lambda b: f(b, x)), (w,), (v,))[1]  # forward over reverse
     _close(hvp(chunk), hvp(whole), rel=1e-5)
@@ -197,11 +198,12 @@ import jax, jax.numpy as jnp, numpy as np
 jax.config.update('jax_num_cpu_devices', 2)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax import lax
+from fundl.nn import flat_random
 from fundl.nn.conv_lowering import convolve
 args = dict(window_strides=(1, 1), padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 mesh = Mesh(np.array(jax.devices()), ('data',))
-x = jax.device_put(jax.random.normal(jax.random.key(0), (32, 12, 12, 4)), NamedSharding(mesh, P('data')))
-w = jax.device_put(jax.random.normal(jax.random.key(1), (3, 3, 4, 6)), NamedSharding(mesh, P()))
+x = jax.device_put(flat_random.normal(jax.random.key(0), (32, 12, 12, 4)), NamedSharding(mesh, P('data')))
+w = jax.device_put(flat_random.normal(jax.random.key(1), (3, 3, 4, 6)), NamedSharding(mesh, P()))
 loss = lambda c: lambda a, b: jnp.sum(jnp.tanh(c(a, b)) ** 2)
 f = jax.jit(jax.value_and_grad(loss(lambda a, b: convolve(a, b, chunks=4, **args)), argnums=(0, 1)),
             out_shardings=(NamedSharding(mesh, P()), (NamedSharding(mesh, P('data')), NamedSharding(mesh, P()))))
@@ -230,7 +232,7 @@ def test_values_gradients_tangents_and_second_derivatives_equal_lax_with_a_bias(
     _close(chunk(*args), whole(*args))
     for got, want in zip(jax.grad(chunk, (0, 1, 2))(*args), jax.grad(whole, (0, 1, 2))(*args)):
         _close(got, want, rel=1e-5)
-    tangents = tuple(jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(args))
+    tangents = tuple(flat_random.normal(jax.random.key(i), a.shape) for i, a in enumerate(args))
     _close(jax.jvp(chunk, args, tangents)[1], jax.jvp(whole, args, tangents)[1], rel=1e-5)
     for argnum in (0, 1):  # Hessian-vector products in x and in w, both ways round
         fwd_rev = lambda f: jax.jvp(lambda a: jax.grad(f, argnum)(*args[:argnum], a, *args[argnum + 1:]),

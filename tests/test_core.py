@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fundl import nn
+from fundl.nn import flat_random
 from layer_checks import check_layer
 
 
@@ -25,7 +26,7 @@ def test_serial_names_children_per_kind():
 
 def test_serial_matches_manual_composition():
     params, _, _ = mlp().init(KEY, (2, 5))
-    x = jax.random.normal(KEY, (4, 5))
+    x = flat_random.normal(KEY, (4, 5))
     y, _ = mlp().apply(params, {}, x)
     d0, d1 = params["dense_0"], params["dense_1"]
     ref = np.maximum(np.asarray(x) @ d0["w"] + d0["b"], 0) @ d1["w"] + d1["b"]

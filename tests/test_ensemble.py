@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fundl.nn import flat_random
 from fundl.run import config as cfg
 from fundl.run import experiment, sweeps
 from fundl.run.build import placement_from_config
@@ -78,7 +79,7 @@ def test_the_ensemble_prediction_is_the_mean_of_member_probabilities(tmp_path):
     model = models.mlp([4], 3)
     keys = jax.random.split(jax.random.key(0), 2)
     params = jax.vmap(lambda k: model.init(k, (1, 5))[0])(keys)
-    x, y = jax.random.normal(jax.random.key(1), (6, 5)), jnp.array([0, 1, 2, 0, 1, 2])
+    x, y = flat_random.normal(jax.random.key(1), (6, 5)), jnp.array([0, 1, 2, 0, 1, 2])
     sums = make_ensemble_eval_step(model, softmax_cross_entropy, classification_metrics())(params, {}, {"x": x, "y": y})
     probs = jnp.mean(jnp.stack([jax.nn.softmax(model.apply(jax.tree.map(lambda p: p[i], params), {}, x)[0])
                                 for i in range(2)]), axis=0)

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 from fundl import models
+from fundl.nn import flat_random
 from fundl.train.optim import make_optimizer
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
@@ -33,7 +34,7 @@ def random_adapters(adapters, seed=3):
     """Adapters with B non-zero too (init's B is zero: the adapted model would equal the base)."""
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) * 0.3 for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(treedef, [flat_random.normal(k, x.shape, x.dtype) * 0.3 for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_adapted_model_is_lora_by_hand(mlp):
     assert np.abs(adapters["dense_0"]["w"]["a"]).max() <= 1 / np.sqrt(8)
     adapters = random_adapters(adapters)
     lstate = lora.set_base(lstate, params)
-    x = jax.random.normal(jax.random.key(2), (5, 8))
+    x = flat_random.normal(jax.random.key(2), (5, 8))
     a, b = (np.asarray(adapters["dense_0"]["w"][k], np.float64) for k in "ab")
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
     xn = np.asarray(x, np.float64)
@@ -74,7 +75,7 @@ def test_gradients_reach_the_adapters_alone_as_by_hand(mlp):
     model, params, _, adapted, _ = mlp
     adapters, lstate = init(adapted, (1, 8), seed=1)
     adapters, lstate = random_adapters(adapters), lora.set_base(lstate, params)
-    x = jax.random.normal(jax.random.key(2), (5, 8))
+    x = flat_random.normal(jax.random.key(2), (5, 8))
     got = jax.jit(jax.grad(lambda ad: jnp.sum(adapted.apply(ad, lstate, x)[0] ** 2)))(adapters)
 
     def by_hand(ab):
@@ -114,7 +115,7 @@ def trained(mlp):
     state = state.replace(model_state=lora.set_base(state.model_state, params))
     start = state
     step = jax.jit(make_train_step(adapted, opt))
-    batch = {"x": jax.random.normal(jax.random.key(6), (32, 8)), "y": jnp.arange(32) % 3}
+    batch = {"x": flat_random.normal(jax.random.key(6), (32, 8)), "y": jnp.arange(32) % 3}
     losses = []
     for _ in range(3):
         state, m = step(state, batch)
@@ -138,7 +139,7 @@ def test_training_moves_the_adapters_alone(trained):
 def test_merged_params_predict_as_the_adapted_model(trained, mlp):
     model, params, state0, _, _ = mlp
     adapted, _, _, state, _ = trained
-    x = jax.random.normal(jax.random.key(7), (4, 8))
+    x = flat_random.normal(jax.random.key(7), (4, 8))
     y, _ = jax.jit(adapted.apply)(state.params, state.model_state, x)
     merged = lora.merge(params, state.params, alpha=ALPHA)
     plain = jax.jit(model.apply)

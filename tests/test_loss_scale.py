@@ -9,6 +9,7 @@ import pytest
 from fundl import models, nn
 from fundl.data import load_dataset
 from fundl.losses import mse
+from fundl.nn import flat_random
 from fundl.train import checkpoint as ckpt
 from fundl.train.fusion import make_multi_step
 from fundl.train.loss_scale import LossScale, update
@@ -16,8 +17,8 @@ from fundl.train.state import create_train_state, is_prng_key
 from fundl.train.step import make_train_step
 
 NO_METRICS = lambda out, y: {}
-X = jax.random.normal(jax.random.key(1), (8, 4))
-Y = jax.random.normal(jax.random.key(2), (8, 4))
+X = flat_random.normal(jax.random.key(1), (8, 4))
+Y = flat_random.normal(jax.random.key(2), (8, 4))
 BATCH = {"x": X, "y": Y}
 OVERFLOW = {"x": X, "y": Y.at[0, 0].set(1e4)}  # finite loss, but 2**15 * dloss/dout > 65504 in float16
 

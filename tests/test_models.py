@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fundl import models, nn
+from fundl.nn import flat_random
 from fundl.nn.children import record_shapes
 
 KEY = jax.random.key(0)
@@ -23,7 +24,7 @@ def test_mlp_dropout_acts_after_hidden_activations_not_on_inputs():
     model = models.mlp([16], 16, dropout=0.5)
     params, state = _init(model, (1, 12))
     params["dense_1"] = {"w": jnp.eye(16), "b": jnp.zeros(16)}
-    x = jax.random.normal(jax.random.key(1), (8, 12))
+    x = flat_random.normal(jax.random.key(1), (8, 12))
     y, _ = model.apply(params, state, x, key=jax.random.key(2), train=True)
     h = jax.nn.relu(x @ params["dense_0"]["w"] + params["dense_0"]["b"])
     dropped = y == 0
@@ -36,7 +37,7 @@ def test_mlp_input_dropout_drops_flattened_inputs_only_when_asked():
     model = models.mlp([], 12, input_dropout=0.5)  # one dense layer, set to the identity
     params, state = _init(model, (1, 3, 4))
     params["dense_0"] = {"w": jnp.eye(12), "b": jnp.zeros(12)}
-    x = jax.random.normal(jax.random.key(1), (8, 3, 4)) + 5.0  # no zeros of its own
+    x = flat_random.normal(jax.random.key(1), (8, 3, 4)) + 5.0  # no zeros of its own
     flat = x.reshape(8, 12)
     y, _ = model.apply(params, state, x, key=jax.random.key(2), train=True)
     kept = y != 0
@@ -63,9 +64,9 @@ def test_cnn_dropout_acts_on_features_never_on_raw_inputs():
 @pytest.mark.slow
 @pytest.mark.parametrize("make,shape,x", [
     (lambda d: models.rnn_classifier("lstm", 16, 10, num_layers=1, dropout=d), (1, 6, 4),
-     jax.random.normal(KEY, (3, 6, 4))),
+     flat_random.normal(KEY, (3, 6, 4))),
     (lambda d: models.rnn_classifier("gru", 16, 10, readout="mean", dropout=d), (1, 6, 4),
-     jax.random.normal(KEY, (3, 6, 4))),
+     flat_random.normal(KEY, (3, 6, 4))),
     (lambda d: models.char_lm(11, embed_dim=8, hidden=16, dropout=d), (1, 6),
      jnp.arange(18).reshape(3, 6) % 11),
 ], ids=["rnn_lstm_last", "rnn_gru_mean", "char_lm"])

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from fundl.nn import flat_random
 from fundl.run.config import OPTIMIZERS, ConfigError, validate
 from fundl.run.optimizer import optimizer_from_config
 from fundl.train.optim import OptimizerError, make_optimizer, make_schedule
@@ -34,12 +35,12 @@ def config(name, **optimizer):
 
 def params0():
     k1, k2 = jax.random.split(jax.random.key(0))
-    return {"w": jax.random.normal(k1, (3, 4)), "b": jax.random.normal(k2, (4,))}
+    return {"w": flat_random.normal(k1, (3, 4)), "b": flat_random.normal(k2, (4,))}
 
 
 def grads(n, seed=1):
     keys = jax.random.split(jax.random.key(seed), n)
-    return [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.fold_in(k, p.size), p.shape), params0())
+    return [jax.tree.map(lambda p, k=k: flat_random.normal(jax.random.fold_in(k, p.size), p.shape), params0())
             for k in keys]
 
 

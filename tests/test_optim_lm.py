@@ -10,11 +10,11 @@ import inspect
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from fundl.nn import flat_random
 from fundl.run.config import OPTIMIZERS, ConfigError, validate
 from fundl.run.optimizer import optimizer_from_config
 from fundl.train.optim import make_optimizer, matrices_only
@@ -30,12 +30,12 @@ def config(name, **optimizer):
 
 def params0():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    return {"w": jax.random.normal(k1, (3, 4)), "b": jax.random.normal(k2, (4,)), "e": jax.random.normal(k3, (2, 2, 3))}
+    return {"w": flat_random.normal(k1, (3, 4)), "b": flat_random.normal(k2, (4,)), "e": flat_random.normal(k3, (2, 2, 3))}
 
 
 def grads(n=4):
     keys = jax.random.split(jax.random.key(1), n)
-    return [jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.fold_in(k, p.size), p.shape), params0())
+    return [jax.tree.map(lambda p, k=k: flat_random.normal(jax.random.fold_in(k, p.size), p.shape), params0())
             for k in keys]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fundl import models, nn
+from fundl.nn import flat_random
 from fundl.nn.remat import compiled_memory, remat, remat_cell, remat_serial
 from layer_checks import check_layer
 
@@ -64,7 +65,7 @@ def test_remat_keeps_name_params_and_values(mode):
     block = nn.serial(nn.dense(8), nn.relu, nn.dropout(0.5), name="block")
     r = remat(block, mode=mode)
     assert (r.name, r.auto_name, r.init) == (block.name, block.auto_name, block.init)
-    x = jax.random.normal(jax.random.key(1), (4, 5))
+    x = flat_random.normal(jax.random.key(1), (4, 5))
     assert_same_model(block, r, (1, 5), x, eager=True)
     # train is a static Python bool inside the checkpoint: eval mode is the identity dropout
     p, s, _ = r.init(KEY, (1, 5))
@@ -105,14 +106,14 @@ def test_remat_serial_has_serials_params_names_and_keys():
     ls = layers()
     rs = remat_serial(ls[0], ls[1:4], ls[4:6], ls[6])
     assert nn.summary(plain, (1, 2, 3)) == nn.summary(rs, (1, 2, 3))
-    assert_same_model(plain, rs, (1, 2, 3), jax.random.normal(jax.random.key(1), (4, 2, 3)), eager=True)
+    assert_same_model(plain, rs, (1, 2, 3), flat_random.normal(jax.random.key(1), (4, 2, 3)), eager=True)
 
 
 @pytest.mark.slow
 def test_remat_under_vmap_of_grad():
     model, rmodel = models.mlp([8, 8], 3), models.mlp([8, 8], 3, remat=True)
     p, s, _ = model.init(KEY, (1, 4))
-    xs = jax.random.normal(jax.random.key(1), (5, 2, 4))
+    xs = flat_random.normal(jax.random.key(1), (5, 2, 4))
 
     def per_example_grads(m):
         def loss(p, x):
@@ -133,11 +134,11 @@ def test_remat_under_vmap_of_grad():
 def test_model_remat_switch_changes_nothing(kind, kw):
     if kind == "mlp":
         make = lambda r: models.mlp([16, 16, 16], 5, remat=r, **kw)
-        shape, x = (1, 12), jax.random.normal(jax.random.key(1), (8, 12))
+        shape, x = (1, 12), flat_random.normal(jax.random.key(1), (8, 12))
     elif kind == "rnn":
         cell = kw.pop("cell", "lstm")
         make = lambda r: models.rnn_classifier(cell, 8, 3, remat=r, **kw)
-        shape, x = (1, 6, 4), jax.random.normal(jax.random.key(1), (3, 6, 4))
+        shape, x = (1, 6, 4), flat_random.normal(jax.random.key(1), (3, 6, 4))
     else:
         make = lambda r: models.char_lm(7, embed_dim=4, hidden=8, remat=r, **kw)
         shape, x = (1, 6), jnp.arange(18).reshape(3, 6) % 7

@@ -9,6 +9,7 @@ import pytest
 from fundl import models, nn
 from fundl.data import load_dataset
 from fundl.losses import softmax_cross_entropy
+from fundl.nn import flat_random
 from fundl.train.ensemble import stack_states
 from fundl.train.fusion import AUTO_STEPS_PER_CALL, AUTO_UNROLL, Fusion, make_multi_step, resolve, step_family
 from fundl.train.optim import make_optimizer, make_schedule
@@ -154,7 +155,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 @pytest.mark.slow
 def test_per_example_gradients_with_vmap():
     model, _, state = setup()
-    x = jax.random.normal(KEY, (5, 8))
+    x = flat_random.normal(KEY, (5, 8))
     y = jnp.array([0, 1, 2, 0, 1])
 
     def loss(p, xi, yi):

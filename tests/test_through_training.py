@@ -19,6 +19,7 @@ import optax
 import pytest
 
 from fundl import models
+from fundl.nn import flat_random
 from fundl.nn.remat import compiled_memory
 from fundl.train.state import create_train_state
 from fundl.train.step import make_train_step
@@ -37,9 +38,9 @@ def problem(opt_name="adam", lr=0.05, k=K, hidden=(16,), dropout=0.1):
     model = models.mlp(list(hidden), 3, activation="tanh", dropout=dropout)  # smooth; dropout uses step keys
     opt = optax.inject_hyperparams(getattr(optax, opt_name))(learning_rate=lr)
     kx, kw, kv = jax.random.split(jax.random.key(0), 3)
-    w = jax.random.normal(kw, (6, 3), f64)
-    x = jax.random.normal(kx, (k, B, 6), f64)
-    x_val = jax.random.normal(kv, (64, 6), f64)
+    w = flat_random.normal(kw, (6, 3), f64)
+    x = flat_random.normal(kx, (k, B, 6), f64)
+    x_val = flat_random.normal(kv, (64, 6), f64)
     batches = {"x": x, "y": jnp.argmax(x @ w, -1)}
     val = {"x": x_val, "y": jnp.argmax(x_val @ w, -1)}
     state = create_train_state(model, opt, jax.random.key(1), (1, 6))
@@ -116,7 +117,7 @@ def test_meta_gradient_wrt_per_example_weights_matches_finite_differences():
         g = jax.grad(f)(w)
         assert g.shape == (K, B) and float(jnp.max(jnp.abs(g))) > 1e-3
         eps = 1e-2
-        d = jax.random.normal(jax.random.key(5), (K, B), jnp.float64)  # a random direction
+        d = flat_random.normal(jax.random.key(5), (K, B), jnp.float64)  # a random direction
         fd_dir = float((f(w + eps * d) - f(w - eps * d)) / (2 * eps))
         assert float(jnp.vdot(g, d)) == pytest.approx(fd_dir, rel=1e-5)  # measured: 1e-6
         for i, j in [(0, 0), (K - 1, 7)]:  # single examples, first and last step
@@ -242,7 +243,7 @@ def test_meta_gradient_through_adam_needs_eps_root_when_a_gradient_is_exactly_ze
     (inside the square root) is the documented cure.  Here input feature 0 is always 0, so the first
     layer's weights from it get exactly zero gradients."""
     model = models.mlp([8], 3, activation="tanh")
-    x = jax.random.normal(jax.random.key(0), (3, 16, 4)).at[..., 0].set(0.0)
+    x = flat_random.normal(jax.random.key(0), (3, 16, 4)).at[..., 0].set(0.0)
     batches = {"x": x, "y": jnp.zeros((3, 16), jnp.int32)}
 
     def meta_grad(**adam_kw):
