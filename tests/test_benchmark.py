@@ -152,3 +152,30 @@ def test_random_compile_shaped_form_draws_as_jax_random_does():
 
     assert reshapes("flat") == 1 and reshapes("shaped") == 0
 
+
+
+@pytest.mark.slow
+def test_suite_profile_charges_each_compile_to_its_test_and_to_the_process_it_started(tmp_path):
+    """A two-test suite: one compiles in pytest's process, one starts a process that compiles."""
+    (tmp_path / "test_tiny.py").write_text(
+        "import subprocess, sys\n"
+        "import jax, jax.numpy as jnp\n\n"
+        "def double(x):\n    return 2 * x\n\n"
+        "def test_here():\n    assert float(jax.jit(double)(jnp.ones(3)).sum()) == 6.0\n\n"
+        "def test_in_a_process():\n"
+        "    code = 'import jax, jax.numpy as jnp\\ndef halve(x):\\n    return x / 2\\nprint(jax.jit(halve)(jnp.ones(5)))'\n"
+        "    subprocess.run([sys.executable, '-c', code], check=True)\n")
+    out = _run_ok("suite_profile", "--out", tmp_path / "out", "--", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                  "--rootdir", tmp_path, tmp_path / "test_tiny.py")
+    assert "2 passed" in out, out
+    record = json.loads((tmp_path / "out" / "suite_profile.json").read_text())
+    assert record["run"]["returncode"] == 0 and record["run"]["cpu_s"] > 0
+    pytest_side, started = record["kinds"]["pytest"], record["kinds"]["started by tests"]
+    assert started["processes"] == 1 and started["compiles"] >= 1 and started["cpu_s"] > 0
+    assert pytest_side["compiles"] >= 1
+    compiles = {p["name"]: p["compiles"] for p in record["programs"]}
+    assert compiles["jit(double)"] == compiles["jit(halve)"] == 1, compiles  # each counted once
+    assert sum(b["compiles"] for b in record["bins"].values()) == pytest_side["compiles"] + started["compiles"]
+    (tiny,) = [f for f in record["files"] if f["file"].endswith("test_tiny.py")]
+    assert tiny["tests"] == 2 and tiny["compiles"] == pytest_side["compiles"] + started["compiles"] - sum(
+        f["compiles"] for f in record["files"] if f is not tiny)
