@@ -25,6 +25,7 @@ import collections
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,6 @@ from pathlib import Path
 from benchmarks import harness
 
 DEFAULT_PYTEST_ARGS = ["-q", "-n", "auto", "--dist", "loadgroup"]
-ENV_DIR = "FUNDL_SUITE_PROFILE_DIR"
 COMPILE = "/jax/core/compile/backend_compile_duration"
 LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
@@ -47,7 +47,7 @@ BINS = [(0.02, "< 20 ms"), (0.05, "20–50 ms"), (0.1, "50–100 ms"), (0.3, "0.
 SITECUSTOMIZE = '''
 import builtins, json, os, resource, sys, time
 
-_DIR = os.environ["FUNDL_SUITE_PROFILE_DIR"]
+_DIR = {records!r}  # not an environment variable: tests start processes in cleaned environments
 _STARTED_BY = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
 _T0 = time.time()
 RECORD = {"argv": sys.argv[:4], "started_by": _STARTED_BY, "durations": {}, "events": {}, "programs": {},
@@ -118,14 +118,17 @@ def pytest_unconfigure(config):
 def run_suite(pytest_args: list[str], records: Path) -> dict:
     """Run pytest with the listeners in place; its exit code, wall time, CPU and last line."""
     hooks = Path(tempfile.mkdtemp(prefix="fundl-suite-profile-"))
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("{records!r}", repr(str(records))))
     (hooks / "fundl_suite_profile_plugin.py").write_text(PLUGIN)
-    env = {**os.environ, ENV_DIR: str(records),
+    env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(p for p in [str(hooks), os.environ.get("PYTHONPATH", "")] if p)}
     env.pop("PYTEST_CURRENT_TEST", None)  # run from inside a test: the suite's processes are its own
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "fundl_suite_profile_plugin", *pytest_args],
-                          env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "fundl_suite_profile_plugin", *pytest_args],
+                              env=env, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(hooks, ignore_errors=True)
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]

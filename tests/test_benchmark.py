@@ -158,13 +158,14 @@ def test_random_compile_shaped_form_draws_as_jax_random_does():
 def test_suite_profile_charges_each_compile_to_its_test_and_to_the_process_it_started(tmp_path):
     """A two-test suite: one compiles in pytest's process, one starts a process that compiles."""
     (tmp_path / "test_tiny.py").write_text(
-        "import subprocess, sys\n"
+        "import os, subprocess, sys\n"
         "import jax, jax.numpy as jnp\n\n"
         "def double(x):\n    return 2 * x\n\n"
         "def test_here():\n    assert float(jax.jit(double)(jnp.ones(3)).sum()) == 6.0\n\n"
         "def test_in_a_process():\n"
         "    code = 'import jax, jax.numpy as jnp\\ndef halve(x):\\n    return x / 2\\nprint(jax.jit(halve)(jnp.ones(5)))'\n"
-        "    subprocess.run([sys.executable, '-c', code], check=True)\n")
+        "    env = {k: v for k, v in os.environ.items() if not k.startswith('FUNDL_')}  # as tests clean theirs\n"
+        "    subprocess.run([sys.executable, '-c', code], check=True, env=env)\n")
     out = _run_ok("suite_profile", "--out", tmp_path / "out", "--", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                   "--rootdir", tmp_path, tmp_path / "test_tiny.py")
     assert "2 passed" in out, out
