@@ -9,9 +9,9 @@ deeply started, loads it (a ``sitecustomize`` of the environment's own is hidden
 Once a process has imported JAX it listens to JAX's monitoring events: each backend compilation
 (with its program's name and duration), lowering, tracing, and the persistent cache's hits and
 misses, charged to the test running (``PYTEST_CURRENT_TEST``: in a process a test started, the test
-that started it). Each process writes its record when it exits; the xdist workers, which exit
-without running ``atexit``, write theirs when pytest unconfigures them. A pytest plugin adds each
-test's wall and CPU time.
+that started it). Each process writes its record when it exits (one killed by a signal, as the fault
+tests kill theirs, writes none); the xdist workers, which exit without running ``atexit``, write
+theirs when pytest unconfigures them. A pytest plugin adds each test's wall and CPU time.
 
 Reports: the run's wall time and the CPU of all its processes; JAX's compilation, lowering and
 tracing in pytest's own processes and in those the tests started; compilations by duration; the
