@@ -25,6 +25,20 @@ def test_readme_example_runs_and_prints_what_it_claims():
     assert "'dense_0': {'b': (128,), 'w': (784, 128)}" in out
 
 
+def test_readme_is_a_front_page_of_at_most_200_lines_with_one_results_and_one_speed_table():
+    """The README points to the guides and docs/benchmarks.md for details; it has grown past its
+    bound once already (a second results table, 216 lines)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; at most 200 (details go to docs/)"
+    tables, section = {}, None
+    for line in lines:
+        if line.startswith("## "):
+            section = line[3:]
+        elif re.match(r"\|-+", line):  # a table's separator row
+            tables[section] = tables.get(section, 0) + 1
+    assert tables == {"Results": 1, "Speed": 1}, tables
+
+
 def test_public_api_is_small_and_importable():
     import fundl
 
