@@ -56,7 +56,7 @@ def programs() -> dict:
     from benchmarks import peers
     from fundl import models, nn
     from fundl.nn import flat_random
-    from fundl.train.state import create_train_state
+    from fundl.train.state import create_train_state, init_compiler_options
     from fundl.train.step import make_train_step
 
     key = jax.random.key(0)
@@ -74,7 +74,7 @@ def programs() -> dict:
     def cnn_init(level0: bool):  # level 0: as create_train_state compiles it; else as a user's own jit does
         spec = peers.SPECS["cnn"]
         model, shape = peers.fundl_model(spec), (peers.BATCH,) + tuple(spec["x"])
-        options = {"xla_backend_optimization_level": 0} if level0 else None
+        options = init_compiler_options() if level0 else None
         return jax.jit(lambda k: model.init(k, shape)[:2], compiler_options=options), (key,)
 
     def mlp_dropout_step():

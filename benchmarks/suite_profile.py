@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 HITS = "/jax/compilation_cache/cache_hits"
 MISSES = "/jax/compilation_cache/cache_misses"
+SECONDS = {COMPILE: "compile_s", LOWER: "lower_s", TRACE: "trace_s"}  # event -> the report's key
 BINS = [(0.02, "< 20 ms"), (0.05, "20–50 ms"), (0.1, "50–100 ms"), (0.3, "0.1–0.3 s"), (1.0, "0.3–1 s"),
         (float("inf"), "≥ 1 s")]
 
@@ -125,8 +125,7 @@ def run_suite(pytest_args: list[str], records: Path) -> dict:
     env.pop("PYTEST_CURRENT_TEST", None)  # run from inside a test: the suite's processes are its own
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "fundl_suite_profile_plugin", *pytest_args],
-                              env=env, capture_output=True, text=True)
+        proc = harness.run_module("pytest", ["-p", "fundl_suite_profile_plugin", *pytest_args], env=env)
     finally:
         shutil.rmtree(hooks, ignore_errors=True)
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -155,10 +154,10 @@ def summarise(records: list[dict], top: int) -> dict:
             files[_file(r["started_by"])]["cpu_s"] += r["cpu"]
         for test, sums in r["durations"].items():
             for event, (n, s) in sums.items():
-                for name, key in ((COMPILE, "compile_s"), (LOWER, "lower_s"), (TRACE, "trace_s")):
-                    if event == name:
-                        kind[key] += s
-                        files[_file(test)][key] += s
+                key = SECONDS.get(event)
+                if key:
+                    kind[key] += s
+                    files[_file(test)][key] += s
                 if event == COMPILE:
                     kind["compiles"] += n
                     files[_file(test)]["compiles"] += n

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fundl import nn
+from fundl.train.state import init_compiler_options
 
 
 def example_input(seed, shape, dtype=jnp.float32, maxval=None):
@@ -38,15 +39,14 @@ def _out_shapes(y):
 
 def _jitted_init(layer: nn.Layer, key, input_shape):
     """``layer.init`` under ``jit``: params and state computed, the output shape (static) returned as is.
-    Compiled as ``create_train_state`` compiles it on CPU, without LLVM's optimisations (run once)."""
+    Compiled as ``create_train_state`` compiles it (``init_compiler_options``: run once)."""
     box = {}
 
     def arrays(key):
         params, state, box["out"] = layer.init(key, input_shape)
         return params, state
 
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    params, state = jax.jit(arrays, compiler_options=options)(key)
+    params, state = jax.jit(arrays, compiler_options=init_compiler_options())(key)
     return params, state, box["out"]
 
 

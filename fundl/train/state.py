@@ -97,10 +97,10 @@ def create_train_state(model: Layer, optimizer: optax.GradientTransformation, ke
     static = (model, optimizer, tuple(input_shape), dynamic)
     if isinstance(key, jax.core.Tracer):
         return _build(key, *static)
-    cpu = jax.default_backend() == "cpu"
+    arg, backend = key if seed is None else seed, jax.default_backend()
     if _hashable(static):
-        return _shared_init_program(cpu)(key if seed is None else seed, *static)
-    return jax.jit(lambda k: _build(k, *static), compiler_options=_init_options(cpu))(key if seed is None else seed)
+        return _shared_init_program(backend)(arg, *static)
+    return jax.jit(lambda k: _build(k, *static), compiler_options=init_compiler_options(backend))(arg)
 
 
 def _int32_seed(key) -> np.int32 | None:
@@ -135,15 +135,18 @@ def _hashable(value) -> bool:
     return True
 
 
-def _init_options(cpu: bool) -> dict | None:
-    return {"xla_backend_optimization_level": 0} if cpu else None
+def init_compiler_options(backend: str | None = None) -> dict | None:
+    """The compiler options of a run-once init program on ``backend`` (JAX's default one if None):
+    on XLA:CPU, LLVM's optimisations off, which cost more than such code saves (docs/benchmarks.md,
+    "Start-up"); None elsewhere."""
+    return {"xla_backend_optimization_level": 0} if (backend or jax.default_backend()) == "cpu" else None
 
 
 @functools.cache
-def _shared_init_program(cpu: bool):
+def _shared_init_program(backend: str):
     """``_build`` jitted once per process, the model, optimiser and shape static: calls with the
     same three (an ensemble's members) share one compiled program."""
-    return jax.jit(_build, static_argnums=(1, 2, 3, 4), compiler_options=_init_options(cpu))
+    return jax.jit(_build, static_argnums=(1, 2, 3, 4), compiler_options=init_compiler_options(backend))
 
 
 def uses_dynamic_loss_scale(compute_dtype, loss_scale: float | None) -> bool:
